@@ -1,0 +1,345 @@
+"""The BLUR update: combine the forget and retain gradients into one descent direction.
+
+BLUR (Reisizadeh et al., arXiv 2506.08164) treats unlearning as a bi-level problem. With
+g_f and g_r the forget and retain gradients of ALL trainable parameters, and the global sums
+
+    s_rf = <g_r, g_f>,   s_ff = ||g_f||^2,   s_rr = ||g_r||^2,
+
+every mode writes a direction of the form d = retain_coef * g_r + forget_coef * g_f:
+
+    mode            retain_coef                 forget_coef                  guard (denominator <= eps)
+    forget_lower    1                           gamma - s_rf / s_ff          forget_coef = 0
+    forget_upper    gamma - s_rf / s_rr         1                            retain_coef = 0
+    penalty         gamma                       1                            (none)
+    rmu             alpha                       1 - alpha * s_rf / s_ff      forget_coef = 1
+
+`forget_lower` is the paper's default: <d, g_f> = gamma * s_ff, i.e. the retain gradient
+with its component along g_f replaced by gamma * g_f. `rmu` is the authors' WMDP form
+d = g_f + alpha * (g_r - s_rf / s_ff * g_f); `penalty` is the weighted-sum baseline.
+
+The work is two memory-bound passes over the gradients: one reads g_f and g_r to form the
+three sums, one reads them again and writes d into the retain buffer in place. Nothing here
+moves a value to the host: the coefficients stay 0-dim device tensors and the eps guard is a
+`torch.where`, so a step costs no synchronisation. On CUDA the two passes run as Triton
+kernels (`blur_lightning.kernels`); the PyTorch path below is the CPU path and the reference.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+MODES = ("forget_lower", "forget_upper", "penalty", "rmu")
+BACKENDS = ("auto", "torch", "triton")
+BACKEND_ENV = "BLUR_BACKEND"  # overrides backend="auto" (tests force "triton" on CPU this way)
+
+
+@dataclass(frozen=True)
+class BLURStats:
+    """What one projection computed; every field is a 0-dim float32 tensor on the gradients' device.
+
+    Attributes:
+        dot_rf: <g_r, g_f> over all tensors (and all ranks of the group).
+        sq_forget: ||g_f||^2.
+        sq_retain: ||g_r||^2.
+        coef: the mode's varying coefficient (forget_coef for forget_lower and rmu,
+            retain_coef for forget_upper, gamma for penalty).
+        retain_coef: the factor on g_r in d.
+        forget_coef: the factor on g_f in d.
+    """
+
+    dot_rf: torch.Tensor
+    sq_forget: torch.Tensor
+    sq_retain: torch.Tensor
+    coef: torch.Tensor
+    retain_coef: torch.Tensor
+    forget_coef: torch.Tensor
+
+    @property
+    def cosine(self) -> torch.Tensor:
+        """cos(g_r, g_f); 0 when either gradient is zero."""
+        denom = torch.sqrt(self.sq_forget * self.sq_retain)
+        return torch.where(denom > 0, self.dot_rf / denom.clamp_min(1e-30), torch.zeros_like(denom))
+
+    @property
+    def retain_part_norm(self) -> torch.Tensor:
+        """||retain_coef * g_r||: the size of d's retain part."""
+        return self.retain_coef.abs() * self.sq_retain.sqrt()
+
+    @property
+    def forget_part_norm(self) -> torch.Tensor:
+        """||forget_coef * g_f||: the size of d's forget part (the coefficient alone swings widely)."""
+        return self.forget_coef.abs() * self.sq_forget.sqrt()
+
+    @property
+    def direction_norm(self) -> torch.Tensor:
+        """||d||, from the three sums: a^2 s_rr + 2ab s_rf + b^2 s_ff, no extra pass."""
+        a, b = self.retain_coef, self.forget_coef
+        sq = a * a * self.sq_retain + 2 * a * b * self.dot_rf + b * b * self.sq_forget
+        return sq.clamp_min(0).sqrt()
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            "dot_rf": self.dot_rf,
+            "sq_forget": self.sq_forget,
+            "sq_retain": self.sq_retain,
+            "coef": self.coef,
+            "cosine": self.cosine,
+            "retain_part_norm": self.retain_part_norm,
+            "forget_part_norm": self.forget_part_norm,
+            "direction_norm": self.direction_norm,
+        }
+
+
+def check_inputs(forget_grads: Sequence[torch.Tensor], retain_grads: Sequence[torch.Tensor]) -> None:
+    """Raise ValueError when the two lists cannot be paired element by element."""
+    if len(forget_grads) != len(retain_grads):
+        raise ValueError(
+            f"length mismatch: forget_grads has {len(forget_grads)} tensors, retain_grads has {len(retain_grads)}"
+        )
+    for i, (f, r) in enumerate(zip(forget_grads, retain_grads)):
+        if f.shape != r.shape:
+            raise ValueError(
+                f"shape mismatch at index {i}: forget_grads[{i}] is {tuple(f.shape)}, "
+                f"retain_grads[{i}] is {tuple(r.shape)}"
+            )
+        if f.device != r.device:
+            raise ValueError(f"device mismatch at index {i}: forget on {f.device}, retain on {r.device}")
+
+
+def resolve_backend(backend: str, tensors: Sequence[torch.Tensor]) -> str:
+    """'auto' picks Triton for CUDA tensors when it imports, else PyTorch; BLUR_BACKEND overrides 'auto'."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
+    if backend == "auto":
+        backend = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV}={backend!r}: expected one of {BACKENDS}")
+    if backend != "auto":
+        return backend
+    if tensors and all(t.is_cuda for t in tensors) and _triton_available():
+        return "triton"
+    return "torch"
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+
+        from blur_lightning import kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# pass 1: the three sums
+# --------------------------------------------------------------------------------------------
+def partial_sums_torch(
+    forget_grads: Sequence[torch.Tensor], retain_grads: Sequence[torch.Tensor], device: torch.device
+) -> torch.Tensor:
+    """[s_rf, s_ff, s_rr] over the local tensors as a float64 tensor of shape (3,).
+
+    Each tensor's products are formed in float32 (a bf16 product rounded to bf16 before the sum
+    loses ~3 significant digits) and summed by torch's pairwise reduction; the per-tensor
+    partials are then added in float64, so hundreds of tensors do not lose bits either.
+    """
+    if not forget_grads:
+        return torch.zeros(3, dtype=torch.float64, device=device)
+    partials = []
+    for f, r in zip(forget_grads, retain_grads):
+        f32 = f.reshape(-1).float()
+        r32 = r.reshape(-1).float()
+        partials.append(torch.stack([torch.dot(r32, f32), torch.dot(f32, f32), torch.dot(r32, r32)]))
+    return torch.stack(partials).to(torch.float64).sum(dim=0)
+
+
+def partial_sums(
+    forget_grads: Sequence[torch.Tensor],
+    retain_grads: Sequence[torch.Tensor],
+    *,
+    backend: str = "auto",
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """[s_rf, s_ff, s_rr] over the given (local) tensors, float64, shape (3,)."""
+    check_inputs(forget_grads, retain_grads)
+    device = device or (retain_grads[0].device if retain_grads else torch.device("cpu"))
+    if resolve_backend(backend, retain_grads) == "triton" and retain_grads:
+        from blur_lightning.kernels import multi_tensor_dots
+
+        return multi_tensor_dots(forget_grads, retain_grads)
+    return partial_sums_torch(forget_grads, retain_grads, device)
+
+
+def all_reduce_sums(sums: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum the (3,) partials over `group` in place; a no-op without one (or without a process group)."""
+    if group is None:
+        return sums
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("group was given but torch.distributed is not initialized")
+    groups = group if isinstance(group, (list, tuple)) else [group]
+    for g in groups:
+        # One all-reduce of 3 float64 values per group: 24 bytes, whatever the model size.
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=g)
+    return sums
+
+
+# --------------------------------------------------------------------------------------------
+# the coefficients (a few 0-dim ops on the device)
+# --------------------------------------------------------------------------------------------
+def direction_coefs(
+    sums: torch.Tensor, *, mode: str, gamma: float, alpha: float = 1.0, eps: float = 1e-12
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(retain_coef, forget_coef, coef) as 0-dim float32 tensors, from sums = [s_rf, s_ff, s_rr]."""
+    check_mode_args(mode, gamma, alpha, eps)
+    s_rf, s_ff, s_rr = sums[0], sums[1], sums[2]
+    one = torch.ones((), dtype=sums.dtype, device=sums.device)
+    zero = torch.zeros((), dtype=sums.dtype, device=sums.device)
+    if mode == "forget_lower":
+        ratio = s_rf / torch.where(s_ff > eps, s_ff, one)
+        forget_coef = torch.where(s_ff > eps, gamma - ratio, zero)
+        retain_coef, coef = one, forget_coef
+    elif mode == "forget_upper":
+        ratio = s_rf / torch.where(s_rr > eps, s_rr, one)
+        retain_coef = torch.where(s_rr > eps, gamma - ratio, zero)
+        forget_coef, coef = one, retain_coef
+    elif mode == "penalty":
+        retain_coef = one * gamma
+        forget_coef, coef = one, retain_coef
+    else:  # rmu
+        ratio = s_rf / torch.where(s_ff > eps, s_ff, one)
+        forget_coef = torch.where(s_ff > eps, 1.0 - alpha * ratio, one)
+        retain_coef, coef = one * alpha, forget_coef
+    return retain_coef.float(), forget_coef.float(), coef.float()
+
+
+def check_mode_args(mode: str, gamma: float, alpha: float, eps: float) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: expected one of {MODES}")
+    for name, value in (("gamma", gamma), ("alpha", alpha), ("eps", eps)):
+        if isinstance(value, torch.Tensor) or not math.isfinite(float(value)):
+            raise ValueError(f"{name} must be a finite Python number, got {value!r}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+
+
+# --------------------------------------------------------------------------------------------
+# pass 2: d = retain_coef * g_r + forget_coef * g_f, written into g_r
+# --------------------------------------------------------------------------------------------
+def combine_torch_(
+    retain_grads: Sequence[torch.Tensor],
+    forget_grads: Sequence[torch.Tensor],
+    retain_coef: torch.Tensor | None,
+    forget_coef: torch.Tensor,
+) -> None:
+    """In place, no allocation of gradient size: mul_ then addcmul_ with 0-dim device factors.
+
+    retain_coef None means 1 (forget_lower): the mul_ pass is skipped, a third of the bytes.
+    """
+    if not retain_grads:
+        return
+    if retain_coef is not None:
+        torch._foreach_mul_(list(retain_grads), retain_coef)
+    for r, f in zip(retain_grads, forget_grads):
+        # addcmul_ with a 0-dim tensor factor: r += f * forget_coef, computed in r's dtype's
+        # opmath (float32 for bf16), no temporary, no host read of the coefficient.
+        r.addcmul_(f, forget_coef)
+
+
+def combine_(
+    retain_grads: Sequence[torch.Tensor],
+    forget_grads: Sequence[torch.Tensor],
+    retain_coef: torch.Tensor,
+    forget_coef: torch.Tensor,
+    *,
+    mode: str = "",
+    backend: str = "auto",
+) -> None:
+    """d = retain_coef * g_r + forget_coef * g_f into retain_grads (coefficients: 0-dim device tensors)."""
+    if resolve_backend(backend, retain_grads) == "triton" and retain_grads:
+        from blur_lightning.kernels import multi_tensor_combine_
+
+        multi_tensor_combine_(retain_grads, forget_grads, retain_coef, forget_coef)
+        return
+    combine_torch_(retain_grads, forget_grads, None if mode == "forget_lower" else retain_coef, forget_coef)
+
+
+# --------------------------------------------------------------------------------------------
+# the public function
+# --------------------------------------------------------------------------------------------
+def compute_stats(
+    forget_grads: Sequence[torch.Tensor],
+    retain_grads: Sequence[torch.Tensor],
+    *,
+    gamma: float,
+    mode: str = "forget_lower",
+    alpha: float = 1.0,
+    eps: float = 1e-12,
+    group=None,
+    backend: str = "auto",
+    device: torch.device | None = None,
+) -> BLURStats:
+    """Pass 1 plus the coefficients, without touching the gradients (the fused optimizer uses this)."""
+    check_mode_args(mode, gamma, alpha, eps)
+    forget_grads, retain_grads = _local(forget_grads), _local(retain_grads)
+    sums = partial_sums(forget_grads, retain_grads, backend=backend, device=device)
+    sums = all_reduce_sums(sums, group)
+    retain_coef, forget_coef, coef = direction_coefs(sums, mode=mode, gamma=gamma, alpha=alpha, eps=eps)
+    s = sums.float()
+    return BLURStats(s[0], s[1], s[2], coef, retain_coef, forget_coef)
+
+
+def blur_direction_(
+    forget_grads: Sequence[torch.Tensor],
+    retain_grads: Sequence[torch.Tensor],
+    *,
+    gamma: float,
+    mode: str = "forget_lower",
+    alpha: float = 1.0,
+    eps: float = 1e-12,
+    group=None,
+    backend: str = "auto",
+) -> BLURStats:
+    """Write the BLUR direction into `retain_grads`, in place.
+
+    Args:
+        forget_grads: per-parameter forget gradients g_f (any shapes; fp32, bf16 or fp16). Not modified.
+        retain_grads: per-parameter retain gradients g_r, same shapes in the same order, usually
+            the `.grad` tensors after the retain backward. Overwritten with d.
+        gamma: the forget-lower target <d, g_f> = gamma * ||g_f||^2 (penalty: the retain weight).
+        mode: one of "forget_lower" (default), "forget_upper", "penalty", "rmu" (see module doc).
+        alpha: the retain weight of the "rmu" mode.
+        eps: a squared norm at or below eps counts as zero (the guard of each mode).
+        group: a process group (or a list of groups, summed in turn) over which the three partial
+            sums are all-reduced, so the inner products cover every shard on every rank. None:
+            the lists hold the whole model. DTensors are reduced over their local shards.
+        backend: "auto" (Triton on CUDA, else PyTorch; env BLUR_BACKEND overrides), "torch", "triton".
+
+    Returns:
+        BLURStats of 0-dim float32 tensors on the gradients' device. No host synchronisation.
+
+    Raises:
+        ValueError: unknown mode or backend, length/shape/device mismatch, non-finite gamma/alpha.
+    """
+    stats = compute_stats(
+        forget_grads, retain_grads, gamma=gamma, mode=mode, alpha=alpha, eps=eps, group=group, backend=backend
+    )
+    combine_(
+        _local(retain_grads), _local(forget_grads), stats.retain_coef, stats.forget_coef, mode=mode, backend=backend
+    )
+    return stats
+
+
+def _local(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """DTensor shards -> their local tensors (views: writing them writes the DTensor)."""
+    out = []
+    for t in tensors:
+        to_local = getattr(t, "to_local", None)
+        out.append(to_local() if to_local is not None else t)
+    return out

@@ -1,0 +1,1 @@
+"""Triton kernels for the BLUR projection (imported as blur_lightning.kernels)."""
