@@ -40,7 +40,10 @@ BACKEND_ENV = "BLUR_BACKEND"  # overrides backend="auto" (tests force "triton" o
 
 @dataclass(frozen=True)
 class BLURStats:
-    """What one projection computed; every field is a 0-dim float32 tensor on the gradients' device.
+    """What one projection computed: 0-dim tensors on the gradients' device.
+
+    The sums and `coef` are float32; `retain_coef` and `forget_coef` (the factors the combine
+    pass reads) are float32, or float64 when a gradient is float64.
 
     Attributes:
         dot_rf: <g_r, g_f> over all tensors (and all ranks of the group).
@@ -152,8 +155,9 @@ def partial_sums_torch(
         return torch.zeros(3, dtype=torch.float64, device=device)
     partials = []
     for f, r in zip(forget_grads, retain_grads):
-        f32 = f.reshape(-1).float()
-        r32 = r.reshape(-1).float()
+        wide = torch.promote_types(f.dtype, torch.float32)  # float64 gradients stay float64
+        f32 = f.reshape(-1).to(wide)
+        r32 = r.reshape(-1).to(wide)
         partials.append(torch.stack([torch.dot(r32, f32), torch.dot(f32, f32), torch.dot(r32, r32)]))
     return torch.stack(partials).to(torch.float64).sum(dim=0)
 
@@ -196,7 +200,7 @@ def all_reduce_sums(sums: torch.Tensor, group=None) -> torch.Tensor:
 def direction_coefs(
     sums: torch.Tensor, *, mode: str, gamma: float, alpha: float = 1.0, eps: float = 1e-12
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(retain_coef, forget_coef, coef) as 0-dim float32 tensors, from sums = [s_rf, s_ff, s_rr]."""
+    """(retain_coef, forget_coef, coef) as 0-dim float64 tensors, from sums = [s_rf, s_ff, s_rr]."""
     check_mode_args(mode, gamma, alpha, eps)
     s_rf, s_ff, s_rr = sums[0], sums[1], sums[2]
     one = torch.ones((), dtype=sums.dtype, device=sums.device)
@@ -216,7 +220,7 @@ def direction_coefs(
         ratio = s_rf / torch.where(s_ff > eps, s_ff, one)
         forget_coef = torch.where(s_ff > eps, 1.0 - alpha * ratio, one)
         retain_coef, coef = one * alpha, forget_coef
-    return retain_coef.float(), forget_coef.float(), coef.float()
+    return retain_coef, forget_coef, coef
 
 
 def check_mode_args(mode: str, gamma: float, alpha: float, eps: float) -> None:
@@ -291,8 +295,13 @@ def compute_stats(
     sums = partial_sums(forget_grads, retain_grads, backend=backend, device=device)
     sums = all_reduce_sums(sums, group)
     retain_coef, forget_coef, coef = direction_coefs(sums, mode=mode, gamma=gamma, alpha=alpha, eps=eps)
+    # float32 coefficients for float32/bf16/fp16 gradients (what the kernels read); float64 ones
+    # only when a gradient is float64, so a float64 oracle test sees float64 arithmetic.
+    coef_dtype = torch.float64 if any(t.dtype == torch.float64 for t in retain_grads) else torch.float32
     s = sums.float()
-    return BLURStats(s[0], s[1], s[2], coef, retain_coef, forget_coef)
+    return BLURStats(
+        s[0], s[1], s[2], coef.float(), retain_coef.to(coef_dtype), forget_coef.to(coef_dtype)
+    )
 
 
 def blur_direction_(

