@@ -27,12 +27,9 @@ from torch import nn
 from blur_lightning import losses
 from blur_lightning.projection import MODES, BLURStats, blur_direction_
 
+# The CLI's injectable optimizer and scheduler: callables taking the parameters / the optimizer.
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
-
-
-def _default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
 
 
 class BLURUnlearner(pl.LightningModule):
@@ -84,7 +81,7 @@ class BLURUnlearner(pl.LightningModule):
         projection_backend: str = "auto",
         trainable_params: str | None = None,
         export_dir: str | None = "auto",
-        optimizer: OptimizerFactory = _default_optimizer,
+        optimizer: OptimizerFactory = torch.optim.AdamW,
         scheduler: SchedulerFactory | None = None,
     ) -> None:
         super().__init__()
@@ -282,14 +279,14 @@ class BLURUnlearner(pl.LightningModule):
         self._micro_step = 0
         self._loss_sums = {}
         self._log_step(loss_forget, loss_retain, stats, optimizer)
-        return {"stats": stats}
+        return {"stats": stats, "step_forget_loss": loss_forget, "step_retain_loss": loss_retain}
 
     def _log_step(self, loss_forget, loss_retain, stats: BLURStats, optimizer) -> None:
         values = {"train/forget_loss": loss_forget, "train/retain_loss": loss_retain}
         values.update({f"train/{k}": v for k, v in stats.as_dict().items()})
         values["train/skipped_steps"] = self.skipped_steps.float()
-        values["train/lr"] = torch.tensor(optimizer.param_groups[0]["lr"])
         self.log_dict(values, on_step=True, on_epoch=False, prog_bar=False, batch_size=1)
+        self.log("train/lr", float(optimizer.param_groups[0]["lr"]), on_step=True, batch_size=1)
         self.log("train/coef_pbar", stats.coef, on_step=True, prog_bar=True, logger=False, batch_size=1)
 
     # ------------------------------------------------------------------ optimizers, export
@@ -300,14 +297,16 @@ class BLURUnlearner(pl.LightningModule):
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def validation_step(self, batch, batch_idx):
-        side_losses = {}
-        for side in ("forget", "retain"):
-            if side in batch:
-                logits = self(batch[side]["input_ids"], batch[side]["attention_mask"])
-                side_losses[f"val/{side}_nll"] = losses.nll_loss(logits, batch[side]["labels"])
-        self.log_dict(side_losses, on_epoch=True, batch_size=batch["forget"]["input_ids"].shape[0])
-        return side_losses
+    VAL_SET_NAMES = ("forget", "eval")  # the data module's val loaders, in order
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
+        """Mean answer NLL per val set: it should rise on the forget set and hold on the eval set."""
+        name = self.VAL_SET_NAMES[dataloader_idx] if dataloader_idx < len(self.VAL_SET_NAMES) else str(dataloader_idx)
+        logits = self(batch["input_ids"], batch.get("attention_mask"))
+        loss = losses.nll_loss(logits, batch["labels"])
+        self.log(f"val/{name}_nll", loss, on_epoch=True, batch_size=batch["input_ids"].shape[0],
+                 add_dataloader_idx=False, sync_dist=True)
+        return loss
 
     test_step = validation_step
 

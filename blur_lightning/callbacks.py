@@ -1,0 +1,199 @@
+"""Callbacks of the main job: before/after QA evaluation and per-step training curves."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import lightning.pytorch as pl
+import torch
+
+from blur_lightning.assets import resolve
+
+
+def read_jsonl(path: str, limit: int | None = None) -> list[dict]:
+    """Rows of a JSONL file ("embedded:NAME" resolves to the package's assets)."""
+    full = resolve(path)
+    if not os.path.isfile(full):
+        raise FileNotFoundError(f"QA evaluation file not found: {full}")
+    rows = []
+    with open(full, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{full}:{lineno}: not valid JSON ({e.msg})") from e
+    if not rows:
+        raise ValueError(f"QA evaluation file {full} has no rows")
+    return rows[:limit] if limit else rows
+
+
+def _log_dir(trainer: pl.Trainer) -> str:
+    return trainer.log_dir or trainer.default_root_dir
+
+
+class QAEvalCallback(pl.Callback):
+    """Measure QA accuracy (greedy decoding) and answer probability before and after unlearning.
+
+    Args:
+        sets: eval set name -> JSONL path with question/answer rows, e.g.
+            {"forget": "embedded:qa_forget.jsonl", "retain_holdout": "embedded:qa_holdout.jsonl"}.
+        max_questions: at most this many rows per set (None: all).
+        max_new_tokens: greedy decoding length for the accuracy check.
+        batch_size: evaluation batch size.
+    """
+
+    def __init__(
+        self,
+        sets: dict[str, str],
+        max_questions: int | None = None,
+        max_new_tokens: int = 16,
+        batch_size: int = 32,
+    ) -> None:
+        self.sets = dict(sets)
+        self.max_questions = max_questions
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.results: dict[str, dict[str, dict[str, float]]] = {}
+        self._rows = {name: read_jsonl(path, max_questions) for name, path in self.sets.items()}
+
+    def _evaluate(self, pl_module) -> dict[str, dict[str, float]]:
+        from blur_lightning.evaluation import evaluate_qa
+
+        model, tokenizer = pl_module.model, pl_module.tokenizer
+        if tokenizer is None:
+            raise ValueError("QAEvalCallback needs the module's tokenizer (load the model by name)")
+        was_training = model.training
+        model.eval()
+        try:
+            out = {}
+            for name, rows in self._rows.items():
+                res = evaluate_qa(
+                    model, tokenizer, rows, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size
+                )
+                out[name] = {"accuracy": float(res["accuracy"]), "answer_prob": float(res["answer_prob"])}
+            return out
+        finally:
+            model.train(was_training)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if "before" in self.results:  # resumed run: the "before" numbers came back with the checkpoint
+            return
+        t0 = time.perf_counter()
+        self.results["before"] = self._evaluate(pl_module)
+        self._print(f"QA evaluation before unlearning ({time.perf_counter() - t0:.0f} s)", self.results["before"])
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        t0 = time.perf_counter()
+        self.results["after"] = self._evaluate(pl_module)
+        table = self.table()
+        if trainer.is_global_zero:
+            print(f"\nQA evaluation after unlearning ({time.perf_counter() - t0:.0f} s)\n{table}", flush=True)
+            out_dir = _log_dir(trainer)
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, "qa_eval.json"), "w") as f:
+                json.dump({**self.results, "sizes": {k: len(v) for k, v in self._rows.items()}}, f, indent=2)
+            with open(os.path.join(out_dir, "qa_eval.md"), "w") as f:
+                f.write(table + "\n")
+
+    def table(self) -> str:
+        before, after = self.results.get("before", {}), self.results.get("after", {})
+        lines = [
+            "| set | n | accuracy before | accuracy after | answer prob before | answer prob after |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for name, rows in self._rows.items():
+            b, a = before.get(name, {}), after.get(name, {})
+            lines.append(
+                f"| {name} | {len(rows)} | {b.get('accuracy', float('nan')):.1%} | {a.get('accuracy', float('nan')):.1%}"
+                f" | {b.get('answer_prob', float('nan')):.3f} | {a.get('answer_prob', float('nan')):.3f} |"
+            )
+        return "\n".join(lines)
+
+    @staticmethod
+    def _print(title: str, results: dict) -> None:
+        print(f"\n{title}", flush=True)
+        for name, r in results.items():
+            print(f"  {name}: accuracy {r['accuracy']:.1%}, answer prob {r['answer_prob']:.3f}", flush=True)
+
+    def state_dict(self) -> dict:
+        return {"results": self.results}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.results = dict(state_dict.get("results", {}))
+
+
+class TrainingCurves(pl.Callback):
+    """Per-optimizer-step losses, coefficient and the norms of d's two parts: a CSV and a PNG at fit end.
+
+    Values are kept as device tensors during training and read to the host once at the end (and
+    at each checkpoint), so the curves add no host sync to the step.
+    """
+
+    KEYS = ("forget_loss", "retain_loss", "coef", "cosine", "retain_part_norm", "forget_part_norm", "sq_forget")
+
+    def __init__(self, filename: str = "training_curves") -> None:
+        self.filename = filename
+        self.history: list[dict[str, float | torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not outputs or "stats" not in outputs:
+            return
+        stats = outputs["stats"].as_dict()
+        row = {"step": trainer.global_step}
+        row.update({k: stats[k].detach() for k in self.KEYS if k in stats})
+        row["forget_loss"] = outputs["step_forget_loss"]
+        row["retain_loss"] = outputs["step_retain_loss"]
+        self.history.append(row)
+
+    def _host_history(self) -> list[dict[str, float]]:
+        return [{k: float(v) for k, v in row.items()} for row in self.history]
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero or not self.history:
+            return
+        rows = self._host_history()
+        out_dir = _log_dir(trainer)
+        os.makedirs(out_dir, exist_ok=True)
+        keys = list(rows[0])
+        with open(os.path.join(out_dir, f"{self.filename}.csv"), "w") as f:
+            f.write(",".join(keys) + "\n")
+            for r in rows:
+                f.write(",".join(f"{r[k]:.6g}" for k in keys) + "\n")
+        plot_curves(rows, os.path.join(out_dir, f"{self.filename}.png"))
+
+    def state_dict(self) -> dict:
+        return {"history": self._host_history()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict.get("history", []))
+
+
+def plot_curves(rows: list[dict[str, float]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    axes[0].plot(steps, [r["forget_loss"] for r in rows], label="forget loss")
+    axes[0].plot(steps, [r["retain_loss"] for r in rows], label="retain loss")
+    axes[0].set_title("losses")
+    axes[1].plot(steps, [r["coef"] for r in rows], color="tab:red")
+    axes[1].set_title("BLUR coefficient (gamma - <g_r,g_f>/||g_f||^2)")
+    axes[2].semilogy(steps, [max(r["retain_part_norm"], 1e-12) for r in rows], label="||retain part of d||")
+    axes[2].semilogy(steps, [max(r["forget_part_norm"], 1e-12) for r in rows], label="||forget part of d||")
+    axes[2].semilogy(steps, [max(r["sq_forget"], 1e-24) ** 0.5 for r in rows], "--", label="||g_f||")
+    axes[2].set_title("norms")
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,43 @@
+"""`blur-lightning fit|validate|test --config X.yaml`: LightningCLI over BLURUnlearner and the data module."""
+
+from __future__ import annotations
+
+
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+from blur_lightning.checkpoint import AtomicCheckpointIO
+
+
+class BLURCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # One model name serves both: the module loads the weights, the data module its tokenizer.
+        parser.link_arguments("model.model", "data.tokenizer", apply_on="parse")
+
+    def _attach_atomic_checkpoints(self) -> None:
+        strategy = self.trainer.strategy
+        # Single-file checkpoints (one device, DDP) go through an atomic temp-file-and-rename;
+        # sharded strategies write directories through torch.distributed.checkpoint.
+        if isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+            strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def before_fit(self) -> None:
+        self._attach_atomic_checkpoints()
+
+
+def main(args: list[str] | None = None, run: bool = True) -> BLURCLI:
+    from blur_lightning.data import ForgetRetainDataModule
+    from blur_lightning.module import BLURUnlearner
+
+    return BLURCLI(
+        BLURUnlearner,
+        ForgetRetainDataModule,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+        auto_configure_optimizers=False,
+    )
+
+
+if __name__ == "__main__":
+    main()
