@@ -1,0 +1,301 @@
+"""One full BLUR optimizer step against a weighted-sum step and the authors' step: time and peak memory.
+
+    python benchmarks/bench_step.py --out OUT_DIR            (GPU: a ~1B random-init Llama)
+    python benchmarks/bench_step.py --out OUT_DIR --size small   (what a CPU runs: a tiny Llama)
+
+Three providers, each a full step of the same model on the same batches (forward and backward of
+both losses, the update, AdamW), run through Lightning exactly as a user's fit runs them:
+
+    blur          BLURUnlearner's step: forget fwd+bwd, stash by pointer swap, retain fwd+bwd, the
+                  projection on device (Triton on CUDA), AdamW. One activation graph alive at a time;
+                  two gradient buffers.
+    weighted_sum  the baseline: one backward of gamma * forget + retain (both graphs alive, one
+                  gradient buffer, no projection).
+    authors       the reference implementation's way: both forwards, forget backward with
+                  retain_graph=True, both gradients cloned, the sums read per parameter with .item().
+
+Goals (GPU): blur time <= 1.10x weighted_sum; blur peak <= weighted_sum peak + one gradient buffer.
+Rows (median ms/step with p20/p80, peak memory, ratios to weighted_sum) are appended to
+OUT/bench_step.csv with the device, date, torch version and commit; OUT/bench_step.md holds this
+run's table, which is also printed. Needs no `datasets`; about a minute on an H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import gc
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# name: (hidden, layers, heads, kv_heads, intermediate, vocab, batch, seq_len)
+SIZES = {
+    "1b": (2048, 22, 32, 4, 5632, 32000, 4, 512),  # TinyLlama-1.1B's shape: 1.10e9 parameters
+    "small": (128, 2, 4, 2, 256, 1000, 4, 64),  # CPU: seconds, for a smoke check of the script
+}
+PROVIDERS = ("weighted_sum", "blur", "authors")
+
+
+def llama_config(size: str):
+    from transformers import LlamaConfig
+
+    hidden, layers, heads, kv, inter, vocab, _, seq = SIZES[size]
+    return LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv, intermediate_size=inter, max_position_embeddings=max(seq, 64),
+        tie_word_embeddings=False,
+    )
+
+
+def make_batches(size: str, n: int, seed: int = 0) -> list[dict]:
+    """n random-token batches {forget, retain}, each side (batch, seq_len) with labels on every token."""
+    _, _, _, _, _, vocab, batch, seq = SIZES[size]
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        sides = {}
+        for side in ("forget", "retain"):
+            ids = torch.randint(0, vocab, (batch, seq), generator=g)
+            sides[side] = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        out.append(sides)
+    return out
+
+
+def _modules():
+    """The three providers as BLURUnlearner subclasses, so all run under the same Trainer loop."""
+    from blur_lightning.module import BLURUnlearner
+
+    class WeightedSumStep(BLURUnlearner):
+        def training_step(self, batch, batch_idx):
+            optimizer = self.optimizers()
+            loss = self.hparams.gamma * self.forget_loss(batch["forget"]) + self.retain_loss(batch["retain"])
+            self.manual_backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    class AuthorsStep(BLURUnlearner):
+        def training_step(self, batch, batch_idx):
+            optimizer = self.optimizers()
+            params = self.trainable_parameters()
+            loss_forget = self.forget_loss(batch["forget"])
+            loss_retain = self.retain_loss(batch["retain"])
+            self.manual_backward(loss_forget, retain_graph=True)
+            forget_grads = [p.grad.clone() for p in params]
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss_retain)
+            retain_grads = [p.grad.clone() for p in params]
+            dot = sq_forget = 0.0
+            for f, r in zip(forget_grads, retain_grads):  # one host sync per parameter and sum
+                dot += (r.float() * f.float()).sum().item()
+                sq_forget += (f.float() * f.float()).sum().item()
+            coef = self.hparams.gamma - dot / sq_forget if sq_forget > 0 else 0.0
+            for p, f, r in zip(params, forget_grads, retain_grads):
+                p.grad = r + coef * f
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return {"weighted_sum": WeightedSumStep, "blur": BLURUnlearner, "authors": AuthorsStep}
+
+
+def run_provider(
+    name: str, size: str, dtype: torch.dtype, device: str, steps: int, warmup: int, profile: bool = False
+) -> dict:
+    """Build a fresh model, fit warmup + steps optimizer steps; per-step wall times and peak memory."""
+    import functools
+
+    import lightning.pytorch as pl
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(llama_config(size)).to(dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    module = _modules()[name](
+        model, forget_loss="ga", retain_loss="nll", mode="forget_lower", gamma=1.0, export_dir=None,
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-5, weight_decay=0.0, foreach=True),
+        attn_implementation="sdpa",
+    )
+    times: list[float] = []
+    cuda = device == "cuda"
+    profiler = None
+
+    class Timer(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            nonlocal profiler
+            if profile and batch_idx == warmup:
+                profiler = torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CPU]
+                    + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+                )
+                profiler.__enter__()
+            if cuda:
+                torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t0)
+            if profiler is not None and batch_idx == warmup + 1:  # two profiled steps
+                profiler.__exit__(None, None, None)
+                sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+                print(f"--- {name}: two steps, top ops by {sort}")
+                print(profiler.key_averages().table(sort_by=sort, row_limit=15))
+
+    if cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    trainer = pl.Trainer(
+        accelerator="gpu" if cuda else "cpu", devices=1, max_steps=warmup + steps, max_epochs=-1,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[Timer()], num_sanity_val_steps=0,
+    )
+    trainer.fit(module, train_dataloaders=_Batches(make_batches(size, warmup + steps)))
+    peak = torch.cuda.max_memory_allocated() if cuda else float("nan")
+    timed = sorted(times[warmup:])
+    result = {
+        "provider": name,
+        "ms_median": 1e3 * statistics.median(timed),
+        "ms_p20": 1e3 * timed[int(0.2 * (len(timed) - 1))],
+        "ms_p80": 1e3 * timed[int(0.8 * (len(timed) - 1))],
+        "peak_gib": peak / 2**30,
+        "model_gib": (base / 2**30) if cuda else float("nan"),
+        "grad_buffer_gib": grad_bytes / 2**30,
+        "params": n_params,
+    }
+    del trainer, module, model
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+class _Batches:
+    """A sized list of batches (no DataLoader workers, no sampler)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5
+        ).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="benchmarks/results", help="directory for bench_step.csv / .md")
+    parser.add_argument("--size", choices=tuple(SIZES), default=None,
+                        help="default: 1b on CUDA, small on CPU")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                        help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed optimizer steps (default: 10 on CUDA, 3 on CPU)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (Triton compiles here)")
+    parser.add_argument("--profile", action="store_true", help="print the top ops of two steps per provider")
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS),
+                        help="which to run (weighted_sum is always run: it is the baseline of the ratios)")
+    args = parser.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    size = args.size or ("1b" if cuda else "small")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    steps = args.steps or (10 if cuda else 3)
+    if not cuda:
+        torch.set_num_threads(min(4, os.cpu_count() or 1))
+        print(f"no CUDA device: running on CPU at size {size!r} (a smoke check, not the ~1B benchmark); "
+              "peak memory is not measured on CPU")
+    device_name = torch.cuda.get_device_name() if cuda else "cpu"
+
+    start = time.perf_counter()
+    names = [p for p in PROVIDERS if p == "weighted_sum" or p in args.providers]
+    results = [run_provider(n, size, dtype, device, steps, args.warmup, args.profile) for n in names]
+    print(f"benchmark wall time {time.perf_counter() - start:.0f}s (three providers, model builds included)")
+    ws = next(r for r in results if r["provider"] == "weighted_sum")
+    for r in results:
+        r["time_ratio"] = r["ms_median"] / ws["ms_median"]
+        r["peak_ratio"] = r["peak_gib"] / ws["peak_gib"] if cuda else float("nan")
+        # extra peak over the weighted-sum step, in gradient buffers (the goal for blur: <= 1)
+        extra = (r["peak_gib"] - ws["peak_gib"]) / r["grad_buffer_gib"]
+        r["extra_peak_in_grad_buffers"] = extra if cuda else float("nan")
+    blur = next((r for r in results if r["provider"] == "blur"), ws)
+    goals = {
+        "time <= 1.10x weighted_sum": blur["time_ratio"] <= 1.10,
+        "peak <= weighted_sum + 1 gradient buffer": (
+            (blur["extra_peak_in_grad_buffers"] <= 1.0) if cuda else None
+        ),
+    }
+
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "device": device_name, "torch": torch.__version__, "commit": _commit(), "size": size,
+        "dtype": str(dtype).replace("torch.", ""), "params": results[0]["params"],
+        "batch": f"{SIZES[size][6]}x{SIZES[size][7]} per side",
+    }
+    table = _markdown(results, meta, goals)
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_step.md"), "w") as f:
+        f.write(table + "\n")
+    csv_path = os.path.join(args.out, "bench_step.csv")
+    fields = [*meta, "provider", "ms_median", "ms_p20", "ms_p80", "time_ratio", "peak_gib", "peak_ratio",
+              "extra_peak_in_grad_buffers", "grad_buffer_gib"]
+    new = not os.path.exists(csv_path)
+    with open(csv_path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        for r in results:
+            writer.writerow({**meta, **r})
+    return results
+
+
+def _markdown(results: list[dict], meta: dict, goals: dict) -> str:
+    lines = [
+        f"BLUR step benchmark: {meta['device']}, torch {meta['torch']}, commit {meta['commit']}, "
+        f"{meta['date']}",
+        f"model: random-init Llama '{meta['size']}' ({meta['params'] / 1e9:.3f}B params, {meta['dtype']}), "
+        f"batch {meta['batch']}, AdamW",
+        "",
+        "| provider | ms/step (median) | p20 | p80 | time / weighted_sum | peak GiB | peak / weighted_sum "
+        "| extra peak (grad buffers) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['provider']} | {r['ms_median']:.1f} | {r['ms_p20']:.1f} | {r['ms_p80']:.1f} | "
+            f"{r['time_ratio']:.3f} | {r['peak_gib']:.2f} | {r['peak_ratio']:.3f} | "
+            f"{r['extra_peak_in_grad_buffers']:+.2f} |"
+        )
+    lines.append("")
+    for goal, ok in goals.items():
+        lines.append(f"- blur {goal}: {'n/a on CPU' if ok is None else ('met' if ok else 'NOT met')}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Plain-PyTorch references of the kernels: the oracles of the tests and the baselines of the benchmarks.
+
+They are written for clarity, not speed: one tensor at a time, temporaries allowed. Given float64
+tensors they compute in float64 (the tests' oracle); given fp32/bf16/fp16 they compute in float32
+and round once on the way out, as the kernels do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def multi_tensor_dots_ref(
+    forget_grads: Sequence[torch.Tensor], retain_grads: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """[<g_r, g_f>, ||g_f||^2, ||g_r||^2] in float64 throughout: shape (3,), float64."""
+    device = retain_grads[0].device if retain_grads else torch.device("cpu")
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for f, r in zip(forget_grads, retain_grads):
+        f64, r64 = f.reshape(-1).double(), r.reshape(-1).double()
+        sums += torch.stack([torch.dot(r64, f64), torch.dot(f64, f64), torch.dot(r64, r64)])
+    return sums
+
+
+def combine_ref(
+    retain_grads: Sequence[torch.Tensor],
+    forget_grads: Sequence[torch.Tensor],
+    retain_coef: torch.Tensor | float,
+    forget_coef: torch.Tensor | float,
+) -> list[torch.Tensor]:
+    """New float64 tensors d_i = retain_coef * g_r_i + forget_coef * g_f_i (inputs untouched)."""
+    a = torch.as_tensor(retain_coef, dtype=torch.float64)
+    b = torch.as_tensor(forget_coef, dtype=torch.float64)
+    return [
+        a.to(r.device) * r.double() + b.to(r.device) * f.double() for r, f in zip(retain_grads, forget_grads)
+    ]
+
+
+def blur_adamw_step_ref_(
+    params: Sequence[torch.Tensor],
+    forget_grads: Sequence[torch.Tensor] | None,
+    retain_grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    *,
+    retain_coef: torch.Tensor | float,
+    forget_coef: torch.Tensor | float,
+    lr: torch.Tensor | float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: torch.Tensor | float | Sequence[torch.Tensor],
+) -> None:
+    """The fused step, one tensor at a time: AdamW (torch.optim.AdamW's math) on d, in place.
+
+    d = retain_coef * g_r + forget_coef * g_f, rounded to g_r's dtype (what blur_direction_ would
+    have stored in the retain buffer); then, with t = step (already incremented, 1 for the first):
+
+        p <- p * (1 - lr * weight_decay)
+        m <- beta1 * m + (1 - beta1) * d
+        v <- beta2 * v + (1 - beta2) * d^2
+        p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+    forget_grads None: plain AdamW on g_r (the coefficients are ignored). retain_grads untouched.
+    """
+    steps = list(step) if isinstance(step, (list, tuple)) else [step] * len(params)
+    for i, (p, r, m, v) in enumerate(zip(params, retain_grads, exp_avgs, exp_avg_sqs)):
+        opmath = _opmath(p.dtype)
+        lr_t = torch.as_tensor(lr, dtype=opmath, device=p.device)
+        t = torch.as_tensor(steps[i], dtype=opmath, device=p.device)
+        if forget_grads is None:
+            d = r.to(opmath)
+        else:
+            a = torch.as_tensor(retain_coef, dtype=opmath, device=p.device)
+            b = torch.as_tensor(forget_coef, dtype=opmath, device=p.device)
+            d = (a * r.to(opmath) + b * forget_grads[i].to(opmath)).to(r.dtype).to(opmath)
+        p32, m32, v32 = p.to(opmath), m.to(opmath), v.to(opmath)
+        p32 = p32 * (1 - lr_t * weight_decay)
+        m32 = beta1 * m32 + (1 - beta1) * d
+        v32 = beta2 * v32 + (1 - beta2) * d * d
+        bias_correction1 = 1 - torch.pow(beta1, t)
+        bias_correction2 = 1 - torch.pow(beta2, t)
+        denom = v32.sqrt() / bias_correction2.sqrt() + eps
+        p32 = p32 - (lr_t / bias_correction1) * m32 / denom
+        p.copy_(p32)
+        m.copy_(m32)
+        v.copy_(v32)
+
+
+def authors_projection(
+    forget_grads: Sequence[torch.Tensor],
+    retain_grads: Sequence[torch.Tensor],
+    *,
+    gamma: float,
+    eps: float = 1e-12,
+) -> list[torch.Tensor]:
+    """forget_lower the way the paper's code does it: the `reference` provider of the benchmark.
+
+    Clones both gradients, one Python loop with three `.item()` host syncs per parameter, the
+    coefficient as a host float, and a new tensor for each d (the caller would assign it to .grad).
+    Kept here so the benchmark measures the habit we replace, not a straw man of our own making.
+    """
+    forget = [f.detach().clone() for f in forget_grads]
+    retain = [r.detach().clone() for r in retain_grads]
+    s_rf = s_ff = s_rr = 0.0
+    for f, r in zip(forget, retain):
+        s_rf += (r * f).sum().item()
+        s_ff += (f * f).sum().item()
+        s_rr += (r * r).sum().item()  # logged as ||g_r|| in their code; we report it too
+    forget_coef = gamma - s_rf / s_ff if s_ff > eps else 0.0
+    directions = []
+    while retain:  # free each clone once its d exists: the peak stays at two copies, not three
+        r, f = retain.pop(0), forget.pop(0)
+        directions.append(r + forget_coef * f)
+    return directions
