@@ -139,8 +139,6 @@ class BLURUnlearner(pl.LightningModule):
             # Built on the meta device, sharded layer by layer, filled from rank 0 (distributed.py).
             distributed.configure_fsdp2(self, strategy)
             return
-        if distributed.is_fsdp1(strategy):
-            distributed.install_fsdp1_hooks(self)  # Lightning wraps the model after this hook
         if self.model is None:
             from blur_lightning.models import load_causal_lm, load_tokenizer
 
@@ -151,6 +149,10 @@ class BLURUnlearner(pl.LightningModule):
         self._apply_trainable_filter()
         if self.needs_reference and not self._reference:
             self._reference.append(self._make_reference(self.model))
+        if distributed.is_fsdp1(strategy):
+            # The policy (and reference) become their own FSDP1 roots (why: distributed.wrap_fsdp1).
+            distributed.wrap_fsdp1(self)
+            distributed.install_hooks(self)
 
     def _make_reference(self, model: nn.Module) -> nn.Module:
         reference = copy.deepcopy(model)

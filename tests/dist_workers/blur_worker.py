@@ -1,0 +1,186 @@
+"""Run BLUR fits of a tiny Llama under FSDP2, HSDP or DDP (or in one process) and save what they end with.
+
+Usage (one process per rank; the launcher sets LOCAL_RANK/NODE_RANK/MASTER_* or torchrun does):
+
+    python tests/dist_workers/blur_worker.py SPEC.json
+
+SPEC is {"out": DIR, "cases": [CASE, ...]}; every case writes DIR/<name>.rank<R>.pt with the full
+(gathered) state dict, the per-step BLUR sums and the global step. tests/test_fsdp.py imports this
+file too, to run the single-process reference of a case on the ranks' batches concatenated.
+
+A case (all keys but name and layout optional):
+    name, layout ("single", "fsdp2", "hsdp", "ddp"), world (ranks whose data a "single" run
+    concatenates), shard_size (hsdp), num_nodes, mode, forget_loss, retain_loss, gamma, alpha,
+    vocab, rows (sequences per rank per micro-batch), micro_batches (per rank), accumulate,
+    optimizer ("adamw" or "sgd"), lr, clip, model_path (load by name: the lazy meta-device build),
+    export_dir, save_at (micro-batch counts after which a checkpoint is saved, into ckpt_dir),
+    ckpt_path (resume from it).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # tests/: conftest's tiny model and batch builders
+
+from conftest import build_tiny_llama, make_side  # noqa: E402
+
+DEFAULTS = dict(
+    world=1, shard_size=2, num_nodes=1, mode="forget_lower", forget_loss="npo", retain_loss="nll", gamma=0.7,
+    alpha=2.0, vocab=101, rows=2, length=12, micro_batches=6, accumulate=2, optimizer="adamw", lr=1e-3,
+    clip=None, model_path=None, export_dir=None, save_at=(), ckpt_dir=None, ckpt_path=None,
+    accelerator="cpu", backend="torch", param_dtype=None, reduce_dtype=None,
+)
+
+
+def rank_batches(case: dict, rank: int) -> list[dict]:
+    """Rank `rank`'s micro-batches: `rows` sequences each, seeds fixed by (micro-batch, rank)."""
+    out = []
+    for j in range(case["micro_batches"]):
+        out.append({
+            side: make_side(case["rows"], case["length"], seed=base + 16 * j + rank, vocab_size=case["vocab"])
+            for side, base in (("forget", 1000), ("retain", 5000))
+        })
+    return out
+
+
+def concatenated_batches(case: dict) -> list[dict]:
+    """What one process sees when it replaces `world` ranks: each micro-batch of all ranks, concatenated."""
+    per_rank = [rank_batches(case, r) for r in range(case["world"])]
+    return [
+        {side: {k: torch.cat([b[j][side][k] for b in per_rank]) for k in per_rank[0][j][side]}
+         for side in ("forget", "retain")}
+        for j in range(case["micro_batches"])
+    ]
+
+
+class ResumableBatches:
+    """A fixed list of batches that Lightning can checkpoint and resume mid-epoch (state_dict protocol).
+
+    Sized, so Lightning does not prefetch: after batch b ends, b + 1 batches have been served.
+    """
+
+    def __init__(self, batches: list[dict]) -> None:
+        self.batches = batches
+        self.served = 0
+        self.start = 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        start, self.start = self.start, 0
+        for i in range(start, len(self.batches)):
+            self.served = i + 1
+            yield self.batches[i]
+
+    def state_dict(self) -> dict:
+        return {"served": self.served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start = self.served = state["served"]
+
+
+def make_strategy(case: dict):
+    layout = case["layout"]
+    if layout == "single":
+        return "auto"
+    if layout == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(process_group_backend="gloo" if case["accelerator"] == "cpu" else None)
+    from blur_lightning.distributed import FSDP2Strategy
+
+    precision = dict(param_dtype=case["param_dtype"], reduce_dtype=case["reduce_dtype"])
+    if layout == "fsdp2":
+        return FSDP2Strategy(sharding="full", **precision)
+    return FSDP2Strategy(sharding="hybrid", shard_size=case["shard_size"], **precision)
+
+
+def build_module(case: dict):
+    from blur_lightning.module import BLURUnlearner
+
+    if case["optimizer"] == "sgd":
+        optimizer = functools.partial(torch.optim.SGD, lr=case["lr"])
+    else:
+        optimizer = functools.partial(torch.optim.AdamW, lr=case["lr"], weight_decay=0.01)
+    model = case["model_path"] or build_tiny_llama(vocab_size=case["vocab"], seed=0)
+    return BLURUnlearner(
+        model, mode=case["mode"], forget_loss=case["forget_loss"], retain_loss=case["retain_loss"],
+        gamma=case["gamma"], alpha=case["alpha"], accumulate_grad_batches=case["accumulate"],
+        gradient_clip_val=case["clip"], optimizer=optimizer, export_dir=case["export_dir"],
+        projection_backend=case["backend"], attn_implementation="eager",
+    )
+
+
+def run_case(case: dict, rank: int) -> dict:
+    """Fit one case on this rank; returns {"state", "stats", "global_step"} (full tensors on the CPU)."""
+    import lightning.pytorch as pl
+
+    case = {**DEFAULTS, **case}
+    torch.manual_seed(0)
+    stats: list[dict[str, float]] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if outputs and "stats" in outputs:
+                s = outputs["stats"]
+                stats.append({k: float(getattr(s, k)) for k in ("dot_rf", "sq_forget", "sq_retain", "coef")})
+            if batch_idx + 1 in case["save_at"]:
+                path = os.path.join(case["ckpt_dir"], f"{case['name']}.micro{batch_idx + 1}.ckpt")
+                trainer.save_checkpoint(path)
+
+    module = build_module(case)
+    batches = rank_batches(case, rank) if case["layout"] != "single" else concatenated_batches(case)
+    single = case["layout"] == "single"
+    trainer = pl.Trainer(
+        accelerator=case["accelerator"], devices=1 if single else case["world"] // case["num_nodes"],
+        num_nodes=1 if single else case["num_nodes"],
+        strategy=make_strategy(case), max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+        callbacks=[Record()],
+    )
+    trainer.fit(module, train_dataloaders=ResumableBatches(batches), ckpt_path=case["ckpt_path"])
+    return {"state": full_state_dict(module.model), "stats": stats, "global_step": trainer.global_step}
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Whole tensors on every rank (DTensor shards gathered), cloned to the CPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    else:
+        state = model.state_dict()
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def main() -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # two cores shared by all ranks (and other jobs)
+    with open(sys.argv[1]) as f:
+        spec = json.load(f)
+    if "RANK" in os.environ:  # torchrun
+        rank = int(os.environ["RANK"])
+    else:  # tests/test_fsdp.py's launcher, like Lightning's: NODE_RANK, LOCAL_RANK, LOCAL_WORLD_SIZE
+        env = os.environ
+        rank = int(env["NODE_RANK"]) * int(env["LOCAL_WORLD_SIZE"]) + int(env["LOCAL_RANK"])
+    for case in spec["cases"]:
+        result = run_case(case, rank)
+        torch.save(result, os.path.join(spec["out"], f"{case['name']}.rank{rank}.pt"))
+    if dist.is_initialized():
+        # A rank that leaves before the others finish their last collective has been seen to abort.
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

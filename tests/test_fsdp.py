@@ -1,0 +1,383 @@
+"""BLUR across processes on CPU (gloo): FSDP2, HSDP, DDP and a 2-node torchrun give one process's weights.
+
+Each launch runs tests/dist_workers/blur_worker.py in N processes; every rank saves its gathered
+weights and the per-step BLUR sums, which are compared with ONE process fitting the same
+micro-batches of all ranks concatenated (the sharded/replicated gradient is the mean over ranks,
+which is the gradient of the concatenated batch for per-sequence mean losses).
+
+    launch                                         cases
+    2 processes (one launch, module fixture)        FSDP2 forget_lower (vocab 101: uneven shards, AdamW,
+                                                    export), FSDP2 rmu (vocab 100, loaded by path on the
+                                                    meta device, SGD, clipping), DDP, sharded checkpoint
+                                                    at step 2 and inside window 3, and both resumes
+    4 processes                                     HSDP on a 2x2 mesh
+    torchrun --nnodes 2 --nproc-per-node 1          HSDP across two "nodes" on 127.0.0.1
+
+The fast reduction-group and FSDP1 bookkeeping tests are in test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "dist_workers", "blur_worker.py")
+sys.path.insert(0, os.path.join(HERE, "dist_workers"))
+
+import blur_worker  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+ATOL = 1e-6  # fp32 weights after 3 BLUR steps, sharded vs one process
+LAUNCH_TIMEOUT = 240  # seconds for one multi-process launch; pytest-timeout is set above it
+
+
+# --------------------------------------------------------------------------------------------
+# launching
+# --------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_all(commands: list[tuple[list[str], dict]], log_dir: str, timeout: float) -> None:
+    """Start every command in its own session; wait; on failure or timeout kill them all and show logs."""
+    procs, logs = [], []
+    for i, (cmd, env) in enumerate(commands):
+        log = open(os.path.join(log_dir, f"proc{i}.log"), "w")
+        logs.append(log)
+        procs.append(
+            subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        )
+    deadline = time.monotonic() + timeout
+    failed = None
+    try:
+        for i, p in enumerate(procs):
+            try:
+                rc = p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                failed = f"process {i} still running after {timeout:.0f}s"
+                break
+            if rc != 0:
+                failed = f"process {i} exited with {rc}"
+                break
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)  # the session we started: the worker and its children
+                p.wait()
+        for log in logs:
+            log.close()
+    if failed:
+        tails = []
+        for i in range(len(procs)):
+            with open(os.path.join(log_dir, f"proc{i}.log")) as f:
+                tails.append(f"--- process {i} ---\n" + "".join(f.readlines()[-25:]))
+        pytest.fail(f"{failed}\n" + "\n".join(tails))
+
+
+_LAUNCH_VARS = (
+    "RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+)
+
+
+def _base_env() -> dict:
+    """The test's environment without any rank variables (torchrun or our launcher sets them)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for key in _LAUNCH_VARS:
+        env.pop(key, None)
+    return env
+
+
+def launch(cases: list[dict], nproc: int, out: str) -> None:
+    """nproc worker processes on one node, ranks given by LOCAL_RANK (Lightning's own launcher does this)."""
+    spec = os.path.join(out, "spec.json")
+    with open(spec, "w") as f:
+        json.dump({"out": out, "cases": cases}, f)
+    port = str(free_port())
+    commands = []
+    for rank in range(nproc):
+        env = _base_env()
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE=str(nproc),
+                   LOCAL_WORLD_SIZE=str(nproc), NODE_RANK="0", LOCAL_RANK=str(rank))
+        commands.append(([sys.executable, WORKER, spec], env))
+    _run_all(commands, out, LAUNCH_TIMEOUT)
+
+
+def launch_torchrun_nodes(cases: list[dict], nnodes: int, out: str) -> None:
+    """`torchrun --nnodes N --nproc-per-node 1 --node-rank i` for each i, all on 127.0.0.1."""
+    spec = os.path.join(out, "spec.json")
+    with open(spec, "w") as f:
+        json.dump({"out": out, "cases": cases}, f)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    port = str(free_port())
+    commands = []
+    for node in range(nnodes):
+        cmd = [torchrun, "--nnodes", str(nnodes), "--nproc-per-node", "1", "--node-rank", str(node),
+               "--master-addr", "127.0.0.1", "--master-port", port, WORKER, spec]
+        commands.append((cmd, _base_env()))
+    _run_all(commands, out, LAUNCH_TIMEOUT)
+
+
+def distcp_files(checkpoint_dir: str) -> list[str]:
+    """A sharded checkpoint's per-rank files."""
+    return sorted(f for f in os.listdir(checkpoint_dir) if f.endswith(".distcp"))
+
+
+def load(out: str, name: str, rank: int) -> dict:
+    return torch.load(os.path.join(out, f"{name}.rank{rank}.pt"), weights_only=False)
+
+
+# --------------------------------------------------------------------------------------------
+# comparing
+# --------------------------------------------------------------------------------------------
+_references: dict[str, dict] = {}
+
+
+def single_process(case: dict) -> dict:
+    """The case fitted by one process on all ranks' micro-batches concatenated (cached per case)."""
+    if case["name"] not in _references:
+        # no side effects on the sharded run's files: no export, no checkpoints
+        single = {**case, "layout": "single", "export_dir": None, "save_at": (), "ckpt_path": None}
+        _references[case["name"]] = blur_worker.run_case(single, 0)
+    return _references[case["name"]]
+
+
+def max_abs_diff(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> tuple[float, str]:
+    """(max |got - want| over all tensors, where: 'key[index] got=.. want=..')."""
+    assert got.keys() == want.keys(), sorted(set(got) ^ set(want))
+    worst, where = 0.0, ""
+    for key, w in want.items():
+        d = (got[key].double() - w.double()).abs()
+        if d.numel() and d.max().item() > worst:
+            i = int(d.argmax())
+            idx = tuple(int(x) for x in torch.unravel_index(torch.tensor(i), d.shape))
+            worst = d.max().item()
+            got_i, want_i = got[key].flatten()[i].item(), w.flatten()[i].item()
+            where = f"{key}{list(idx)} got={got_i:.9g} want={want_i:.9g}"
+    return worst, where
+
+
+def assert_same_weights(got: dict, want: dict, atol: float, label: str) -> float:
+    diff, where = max_abs_diff(got, want)
+    assert diff <= atol, f"{label}: max abs diff {diff:.3g} > {atol:g} at {where}"
+    return diff
+
+
+def assert_moved(state: dict, case: dict, at_least: float = 1e-4) -> None:
+    """The comparison means something only if the weights moved well beyond the tolerance."""
+    init = blur_worker.build_tiny_llama(vocab_size=case.get("vocab", 101), seed=0).state_dict()
+    moved = max((state[k] - init[k]).abs().max().item() for k in state if k in init and "rotary" not in k)
+    assert moved > at_least, f"weights moved only {moved:.3g}"
+
+
+def assert_same_sums(got: list[dict], want: list[dict], rtol: float = 1e-5) -> None:
+    """The BLUR sums of each step: counted once (a double count would be exactly 2x or 4x)."""
+    assert len(got) == len(want) > 0
+    for step, (g, w) in enumerate(zip(got, want)):
+        for key in ("sq_forget", "sq_retain"):
+            assert g[key] == pytest.approx(w[key], rel=rtol, abs=1e-12), (step, key, g[key], w[key])
+        # <g_r, g_f> cancels: its error is relative to ||g_r|| ||g_f||, not to itself
+        scale = (g["sq_forget"] * g["sq_retain"]) ** 0.5
+        assert g["dot_rf"] == pytest.approx(w["dot_rf"], rel=1e-3, abs=1e-6 * scale), (step, g, w)
+
+
+# --------------------------------------------------------------------------------------------
+# the 2-process launch
+# --------------------------------------------------------------------------------------------
+def two_rank_cases(out: str, model_dir: str) -> dict[str, dict]:
+    ckpt_dir = os.path.join(out, "ckpt")
+    os.makedirs(ckpt_dir, exist_ok=True)
+    common = dict(world=2, micro_batches=6, accumulate=2)  # 3 BLUR steps per run
+    cases = [
+        dict(name="fsdp2_forget_lower", layout="fsdp2", mode="forget_lower", forget_loss="npo",
+             retain_loss="nll", vocab=101, optimizer="adamw", lr=1e-3,
+             export_dir=os.path.join(out, "export"), **common),
+        dict(name="fsdp2_rmu", layout="fsdp2", mode="rmu", forget_loss="ga", retain_loss="kl", vocab=100,
+             model_path=model_dir, optimizer="sgd", lr=0.05, clip=0.3, **common),
+        dict(name="ddp_forget_lower", layout="ddp", mode="forget_lower", forget_loss="npo", retain_loss="nll",
+             vocab=101, optimizer="sgd", lr=0.05, **common),
+        # 4 steps uninterrupted, checkpoints after micro-batch 4 (step 2) and 5 (inside window 3)
+        dict(name="ckpt_full_run", layout="fsdp2", world=2, micro_batches=8, accumulate=2, save_at=[4, 5],
+             ckpt_dir=ckpt_dir),
+        dict(name="ckpt_resume_step2", layout="fsdp2", world=2, micro_batches=8, accumulate=2,
+             ckpt_path=os.path.join(ckpt_dir, "ckpt_full_run.micro4.ckpt")),
+        dict(name="ckpt_resume_mid_window", layout="fsdp2", world=2, micro_batches=8, accumulate=2,
+             ckpt_path=os.path.join(ckpt_dir, "ckpt_full_run.micro5.ckpt")),
+    ]
+    return {c["name"]: c for c in cases}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama (vocab 100) and tokenizer on disk, for the load-by-name (meta device) path."""
+    from blur_lightning.models import tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny100")
+    blur_worker.build_tiny_llama(vocab_size=100, seed=0).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory, model_dir):
+    out = str(tmp_path_factory.mktemp("two_rank"))
+    cases = two_rank_cases(out, model_dir)
+    start = time.monotonic()
+    launch(list(cases.values()), nproc=2, out=out)
+    print(f"2-process launch: {time.monotonic() - start:.1f}s for {len(cases)} fits")
+    return out, cases
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("name", ["fsdp2_forget_lower", "fsdp2_rmu"])
+def test_fsdp2_two_ranks_equal_one_process(two_rank_run, name):
+    out, cases = two_rank_run
+    case = cases[name]
+    want = single_process(case)
+    for rank in range(2):
+        got = load(out, name, rank)
+        assert got["global_step"] == want["global_step"] == 3
+        diff = assert_same_weights(got["state"], want["state"], ATOL, f"{name} rank {rank}")
+        assert_same_sums(got["stats"], want["stats"])
+    assert_moved(want["state"], case)
+    print(f"{name}: max abs diff {diff:.3g}")
+
+
+@pytest.mark.timeout(400)
+def test_fsdp2_rmu_clipping_was_active(two_rank_run):
+    """The rmu case clips at 0.3: the global norm of d exceeds it, so the shard-aware clip mattered."""
+    out, cases = two_rank_run
+    stats = load(out, "fsdp2_rmu", 0)["stats"]
+    # d = g_f + alpha (g_r - s_rf/s_ff g_f): its norm is at least ~||g_f|| for a small s_rf.
+    assert max(s["sq_forget"] for s in stats) ** 0.5 > 3 * cases["fsdp2_rmu"]["clip"]
+
+
+@pytest.mark.timeout(400)
+def test_ddp_two_ranks_equal_one_process_sums_counted_once(two_rank_run):
+    out, cases = two_rank_run
+    case = cases["ddp_forget_lower"]
+    want = single_process(case)
+    for rank in range(2):
+        got = load(out, "ddp_forget_lower", rank)
+        diff = assert_same_weights(got["state"], want["state"], ATOL, f"ddp rank {rank}")
+        # DDP gradients are already all-reduced: the local sums are the global ones, not 2x.
+        assert_same_sums(got["stats"], want["stats"])
+    assert_moved(want["state"], case)
+    print(f"ddp: max abs diff {diff:.3g}")
+
+
+@pytest.mark.timeout(400)
+def test_sharded_checkpoint_resume_reaches_same_weights(two_rank_run):
+    out, cases = two_rank_run
+    ckpt_dir = cases["ckpt_full_run"]["ckpt_dir"]
+    at_step2 = os.path.join(ckpt_dir, "ckpt_full_run.micro4.ckpt")
+    mid_window = os.path.join(ckpt_dir, "ckpt_full_run.micro5.ckpt")
+    # Sharded: a directory with one .distcp file per rank and Lightning's meta.pt.
+    assert distcp_files(at_step2) == ["__0_0.distcp", "__1_0.distcp"]
+    meta_step2 = torch.load(os.path.join(at_step2, "meta.pt"), weights_only=False)
+    meta_mid = torch.load(os.path.join(mid_window, "meta.pt"), weights_only=False)
+    assert meta_step2["global_step"] == 2 and "blur_accumulation" not in meta_step2
+    assert meta_mid["global_step"] == 2 and meta_mid["blur_accumulation"]["micro_step"] == 1
+    full = load(out, "ckpt_full_run", 0)
+    assert full["global_step"] == 4
+    for name in ("ckpt_resume_step2", "ckpt_resume_mid_window"):
+        for rank in range(2):
+            got = load(out, name, rank)
+            assert got["global_step"] == 4
+            diff = assert_same_weights(got["state"], full["state"], 1e-7, f"{name} rank {rank}")
+            assert got["stats"] == full["stats"][-len(got["stats"]):]
+        print(f"{name}: max abs diff {diff:.3g}")
+
+
+@pytest.mark.timeout(400)
+def test_export_is_consolidated_hf_model(two_rank_run):
+    from transformers import AutoModelForCausalLM
+
+    out, cases = two_rank_run
+    exported = AutoModelForCausalLM.from_pretrained(cases["fsdp2_forget_lower"]["export_dir"])
+    assert type(exported).__name__ == "LlamaForCausalLM"
+    trained = load(out, "fsdp2_forget_lower", 0)["state"]
+    state = exported.state_dict()
+    for key, value in trained.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
+
+
+# --------------------------------------------------------------------------------------------
+# 4 processes: HSDP on a 2x2 mesh
+# --------------------------------------------------------------------------------------------
+@pytest.mark.timeout(400)
+def test_hsdp_2x2_equals_one_process(tmp_path):
+    case = dict(name="hsdp_2x2", layout="hsdp", world=4, shard_size=2, micro_batches=4, accumulate=2,
+                optimizer="sgd", lr=0.05)
+    launch([case], nproc=4, out=str(tmp_path))
+    want = single_process(case)
+    for rank in range(4):
+        got = load(str(tmp_path), "hsdp_2x2", rank)
+        assert got["global_step"] == 2
+        diff = assert_same_weights(got["state"], want["state"], ATOL, f"hsdp rank {rank}")
+        # Sums over the shard dim only: reducing over the replicas too would double them.
+        assert_same_sums(got["stats"], want["stats"])
+    assert_moved(want["state"], case)
+    print(f"hsdp 2x2: max abs diff {diff:.3g}")
+
+
+# --------------------------------------------------------------------------------------------
+# two nodes on loopback, launched by torchrun
+# --------------------------------------------------------------------------------------------
+@pytest.mark.timeout(400)
+def test_torchrun_two_nodes_loopback(tmp_path):
+    # HSDP across nodes: each node holds a whole replica; gradients are all-reduced between them.
+    case = dict(name="two_nodes", layout="hsdp", world=2, num_nodes=2, shard_size=1, micro_batches=2,
+                accumulate=1, optimizer="adamw", lr=1e-3)
+    launch_torchrun_nodes([case], nnodes=2, out=str(tmp_path))
+    node0, node1 = load(str(tmp_path), "two_nodes", 0), load(str(tmp_path), "two_nodes", 1)
+    assert node0["global_step"] == node1["global_step"] == 2
+    assert_same_weights(node1["state"], node0["state"], 0.0, "node 1 vs node 0")
+    want = single_process(case)
+    diff = assert_same_weights(node0["state"], want["state"], ATOL, "two nodes vs one process")
+    assert_same_sums(node0["stats"], want["stats"])
+    print(f"two nodes: identical replicas, max abs diff to one process {diff:.3g}")
+
+
+# --------------------------------------------------------------------------------------------
+# the CLI with configs/fsdp/cpu_2proc.yaml under torchrun
+# --------------------------------------------------------------------------------------------
+@pytest.mark.timeout(300)
+def test_cli_fsdp2_config_under_torchrun(tmp_path):
+    """YAML -> FSDP2Strategy -> data module on 2 ranks -> sharded checkpoints -> consolidated export."""
+    from transformers import AutoModelForCausalLM
+
+    from blur_lightning.models import tiny_llama, tiny_tokenizer
+
+    model_dir, run_dir = str(tmp_path / "model"), str(tmp_path / "run")
+    tokenizer = tiny_tokenizer()
+    initial = tiny_llama(vocab_size=len(tokenizer))
+    initial.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    root = os.path.dirname(HERE)
+    cmd = [torchrun, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           "-m", "blur_lightning.cli", "fit",
+           "--config", os.path.join(root, "configs", "fsdp", "cpu_2proc.yaml"),
+           "--model.model", model_dir,
+           "--data.forget_path", os.path.join(HERE, "fixtures", "qa", "forget.jsonl"),
+           "--data.retain_path", os.path.join(HERE, "fixtures", "qa", "retain.jsonl"),
+           "--trainer.default_root_dir", run_dir, "--trainer.logger.init_args.save_dir", run_dir]
+    _run_all([(cmd, _base_env())], str(tmp_path), LAUNCH_TIMEOUT)
+    last = os.path.join(run_dir, "checkpoints", "last.ckpt")
+    assert distcp_files(last) == ["__0_0.distcp", "__1_0.distcp"]
+    assert torch.load(os.path.join(last, "meta.pt"), weights_only=False)["global_step"] == 2
+    exported = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "hf_model")).state_dict()
+    moved = max((exported[k] - v).abs().max().item() for k, v in initial.state_dict().items())
+    assert moved > 1e-4, f"the exported weights moved only {moved:.3g}"
