@@ -106,11 +106,12 @@ class QAEvalCallback(pl.Callback):
             "| set | n | accuracy before | accuracy after | answer prob before | answer prob after |",
             "|---|---:|---:|---:|---:|---:|",
         ]
+        nan = {"accuracy": float("nan"), "answer_prob": float("nan")}
         for name, rows in self._rows.items():
-            b, a = before.get(name, {}), after.get(name, {})
+            b, a = before.get(name, nan), after.get(name, nan)
             lines.append(
-                f"| {name} | {len(rows)} | {b.get('accuracy', float('nan')):.1%} | {a.get('accuracy', float('nan')):.1%}"
-                f" | {b.get('answer_prob', float('nan')):.3f} | {a.get('answer_prob', float('nan')):.3f} |"
+                f"| {name} | {len(rows)} | {b['accuracy']:.1%} | {a['accuracy']:.1%}"
+                f" | {b['answer_prob']:.3f} | {a['answer_prob']:.3f} |"
             )
         return "\n".join(lines)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 

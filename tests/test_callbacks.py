@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from test_module import fit, sgd
+from test_module import sgd
 
 from blur_lightning.callbacks import QAEvalCallback, TrainingCurves, read_jsonl
 from blur_lightning.checkpoint import AtomicCheckpointIO, atomic_torch_save
