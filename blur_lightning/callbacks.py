@@ -43,8 +43,12 @@ class QAEvalCallback(pl.Callback):
         sets: eval set name -> JSONL path with question/answer rows, e.g.
             {"forget": "embedded:qa_forget.jsonl", "retain_holdout": "embedded:qa_holdout.jsonl"}.
         max_questions: at most this many rows per set (None: all).
-        max_new_tokens: greedy decoding length for the accuracy check.
+        max_new_tokens: greedy decoding length for the accuracy check (16: what the embedded
+            QA set was curated with).
         batch_size: evaluation batch size.
+        prob_column: the text whose probability is reported ("response": the model's own
+            full-sentence answer, which it gives with probability 0.2-0.7, where the bare
+            answer right after the prompt gets 1e-4 to 1e-2); rows without it use "answer".
     """
 
     def __init__(
@@ -53,11 +57,13 @@ class QAEvalCallback(pl.Callback):
         max_questions: int | None = None,
         max_new_tokens: int = 16,
         batch_size: int = 32,
+        prob_column: str | None = "response",
     ) -> None:
         self.sets = dict(sets)
         self.max_questions = max_questions
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
+        self.prob_column = prob_column
         self.results: dict[str, dict[str, dict[str, float]]] = {}
         self._rows = {name: read_jsonl(path, max_questions) for name, path in self.sets.items()}
 
@@ -72,8 +78,11 @@ class QAEvalCallback(pl.Callback):
         try:
             out = {}
             for name, rows in self._rows.items():
+                has_column = self.prob_column is not None and all(self.prob_column in r for r in rows)
+                prob_column = self.prob_column if has_column else None
                 res = evaluate_qa(
-                    model, tokenizer, rows, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size
+                    model, tokenizer, rows, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+                    prob_column=prob_column,
                 )
                 out[name] = {"accuracy": float(res["accuracy"]), "answer_prob": float(res["answer_prob"])}
             return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
@@ -25,6 +27,10 @@ class BLURCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None, run: bool = True) -> BLURCLI:
+    # Lightning warns that a checkpoint saved under manual optimization holds the state after
+    # the step: exactly what resuming needs. And a deprecation inside Lightning itself.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     from blur_lightning.data import ForgetRetainDataModule
     from blur_lightning.module import BLURUnlearner
 

@@ -298,10 +298,14 @@ class BLURUnlearner(pl.LightningModule):
         )
         loss_forget, loss_retain = self._loss_sums["forget_loss"], self._loss_sums["retain_loss"]
         checks = torch.stack([loss_forget.float(), loss_retain.float(), stats.sq_forget, stats.sq_retain])
-        # The one host read of the step: skipping must not touch parameters or optimizer state.
-        finite = bool(torch.isfinite(checks).all())
+        finite_on_device = torch.isfinite(checks).all()
+        self.skipped_steps += (~finite_on_device).long()  # counted on the device, no read
         optimizer = self.optimizers()
-        if finite:
+        # Logging costs ~0.6 ms of host time per value (13 values: ~8 ms a step); done here, before
+        # the host read below, it overlaps the GPU still finishing the backward and the projection.
+        self._log_step(loss_forget, loss_retain, stats, optimizer)
+        # The one host read of the step: skipping must not touch parameters or optimizer state.
+        if bool(finite_on_device):
             if self.hparams.gradient_clip_val is not None:
                 self.clip_gradients(
                     optimizer,
@@ -312,24 +316,32 @@ class BLURUnlearner(pl.LightningModule):
             scheduler = self.lr_schedulers()
             if scheduler is not None:
                 scheduler.step()
-        else:
-            self.skipped_steps += 1
-            if not self._warned_nonfinite:
-                warnings.warn(
-                    "non-finite forget/retain loss or gradient: the step was skipped (parameters and "
-                    "optimizer state untouched); see train/skipped_steps",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                self._warned_nonfinite = True
+        elif not self._warned_nonfinite:
+            warnings.warn(
+                "non-finite forget/retain loss or gradient: the step was skipped (parameters and "
+                "optimizer state untouched); see train/skipped_steps",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._warned_nonfinite = True
         optimizer.zero_grad(set_to_none=True)
         self._forget_stash = None
         self._micro_step = 0
         self._loss_sums = {}
-        self._log_step(loss_forget, loss_retain, stats, optimizer)
         return {"stats": stats, "step_forget_loss": loss_forget, "step_retain_loss": loss_retain}
 
+    def _should_log_step(self) -> bool:
+        """Whether Lightning keeps this step's logged values (every log_every_n_steps-th step).
+
+        Values logged on other steps are dropped by Lightning anyway; skipping the calls saves their
+        host time. Falls back to logging every step if the trainer does not expose the decision.
+        """
+        connector = getattr(self._trainer, "_logger_connector", None) if self._trainer is not None else None
+        return bool(getattr(connector, "should_update_logs", True))
+
     def _log_step(self, loss_forget, loss_retain, stats: BLURStats, optimizer) -> None:
+        if not self._should_log_step():
+            return
         values = {"train/forget_loss": loss_forget, "train/retain_loss": loss_retain}
         values.update({f"train/{k}": v for k, v in stats.as_dict().items()})
         values["train/skipped_steps"] = self.skipped_steps.float()
