@@ -106,9 +106,7 @@ _EXTENSIONS = tuple(_BUILDERS)
 
 def _is_local(path: str) -> bool:
     return (
-        os.path.exists(path)
-        or Path(path).suffix.lower() in _BUILDERS
-        or path.startswith(("/", "./", "../", "~", "."))
+        os.path.exists(path) or Path(path).suffix.lower() in _BUILDERS or path.startswith(("/", "./", "../", "~", "."))
     )
 
 
@@ -206,9 +204,7 @@ def format_qa(
         prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
         if answer is None:
             return prompt, ""
-        full = tokenizer.apply_chat_template(
-            user + [{"role": "assistant", "content": answer}], tokenize=False
-        )
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": answer}], tokenize=False)
         if not full.startswith(prompt):
             raise ValueError(
                 "the chat template renders the prompt differently with and without the answer; "
@@ -269,8 +265,7 @@ def encode_qa_rows(
         the prompt) or ``None``; and how many kept rows lost part of their answer.
     """
     pairs = [
-        format_qa(tokenizer, q, a, use_chat_template=use_chat_template)
-        for q, a in zip(questions, answers, strict=True)
+        format_qa(tokenizer, q, a, use_chat_template=use_chat_template) for q, a in zip(questions, answers, strict=True)
     ]
     if not pairs:
         return [], 0
@@ -358,9 +353,7 @@ class PadCollator:
         batch = pad_side(rows, self.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of)
         if "alt_input_ids" in rows[0]:
             alt = [{"input_ids": r["alt_input_ids"], "labels": r["alt_labels"]} for r in rows]
-            batch.update(
-                pad_side(alt, self.pad_token_id, prefix="alt_", pad_to_multiple_of=self.pad_to_multiple_of)
-            )
+            batch.update(pad_side(alt, self.pad_token_id, prefix="alt_", pad_to_multiple_of=self.pad_to_multiple_of))
         return batch
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -436,9 +429,7 @@ class PairSampler(DistributedSampler):
         rank: int = 0,
         drop_last: bool = False,
     ) -> None:
-        super().__init__(
-            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
-        )
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
         self.n_forget = len(dataset.forget)
         self.n_retain = len(dataset.retain)
         self._skip = 0  # samples to skip on the next __iter__ only (mid-epoch resume)
@@ -695,9 +686,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
                 "forget", self.forget_path, self.forget_subset, self.format, self.idk_column
             )
         if self.retain_rows is None:
-            self.retain_rows = self._encode(
-                "retain", self.retain_path, self.retain_subset, self.retain_format
-            )
+            self.retain_rows = self._encode("retain", self.retain_path, self.retain_subset, self.retain_format)
         if self.eval_path is not None and self.eval_rows is None:
             self.eval_rows = self._encode("eval", self.eval_path, self.eval_subset, self.retain_format)
 
@@ -723,9 +712,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
         for column, values in columns.items():
             missing = [i for i, v in enumerate(values) if v is None]
             if missing:
-                raise ValueError(
-                    f"{path}: column {column!r} is empty in {len(missing)} row(s), first row {missing[0]}"
-                )
+                raise ValueError(f"{path}: column {column!r} is empty in {len(missing)} row(s), first row {missing[0]}")
         questions, answers = columns[self.question_column], columns[self.answer_column]
         kwargs = {"max_length": self.max_length, "use_chat_template": self.use_chat_template}
         encoded, shortened = encode_qa_rows(self.tokenizer, questions, answers, **kwargs)
@@ -752,18 +739,14 @@ class ForgetRetainDataModule(L.LightningDataModule):
                 raise ValueError(message + "; none left: raise max_length")
             rank_zero_warn(message + "; skipping them")
         if shortened:
-            rank_zero_warn(
-                f"{path}: {shortened} {name} answers were cut short to fit max_length={self.max_length}"
-            )
+            rank_zero_warn(f"{path}: {shortened} {name} answers were cut short to fit max_length={self.max_length}")
         self.raw[name] = raw
         return rows
 
     # ----- loaders -----
 
     def _replicas(self) -> tuple[int, int]:
-        kwargs = (
-            getattr(self.trainer, "distributed_sampler_kwargs", None) if self.trainer is not None else None
-        )
+        kwargs = getattr(self.trainer, "distributed_sampler_kwargs", None) if self.trainer is not None else None
         if kwargs:
             return int(kwargs["num_replicas"]), int(kwargs["rank"])
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -237,9 +237,7 @@ def evaluate_qa(
         model, tokenizer, questions, max_new_tokens, batch_size, use_chat_template=use_chat_template
     )
     targets = golds if prob_column is None else [str(r[prob_column]) for r in rows]
-    probs = answer_probability(
-        model, tokenizer, questions, targets, batch_size, use_chat_template=use_chat_template
-    )
+    probs = answer_probability(model, tokenizer, questions, targets, batch_size, use_chat_template=use_chat_template)
     correct = sum(is_correct(g, a) for g, a in zip(generated, golds))
     return {
         "accuracy": correct / len(rows),

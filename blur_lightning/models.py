@@ -116,9 +116,7 @@ def embedded_gguf_path(name: str = "smollm2-135m-instruct") -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{package} is installed but {path} is missing; reinstall: {_INSTALL_HINT}")
     if importlib.util.find_spec("gguf") is None:
-        raise ModuleNotFoundError(
-            f"reading {path.name} needs the 'gguf' package (and 'accelerate'): {_INSTALL_HINT}"
-        )
+        raise ModuleNotFoundError(f"reading {path.name} needs the 'gguf' package (and 'accelerate'): {_INSTALL_HINT}")
     return path
 
 
@@ -301,9 +299,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return ensure_pad_token(tokenizer, source=name_or_path)
 
 
-def ensure_pad_token(
-    tokenizer: PreTrainedTokenizerBase, *, source: str = "tokenizer"
-) -> PreTrainedTokenizerBase:
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, *, source: str = "tokenizer") -> PreTrainedTokenizerBase:
     """Set ``pad_token = eos_token`` (with a warning) when the tokenizer has no pad token; in place."""
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:

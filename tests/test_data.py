@@ -74,9 +74,7 @@ def epoch_batches(loader, epoch: int) -> list[dict]:
 
 def test_missing_file_is_named(tmp_path):
     retain = write_jsonl(tmp_path / "retain.jsonl", qa_rows(3))
-    dm = ForgetRetainDataModule(
-        forget_path=str(tmp_path / "nope.jsonl"), retain_path=retain, tokenizer=TOKENIZER
-    )
+    dm = ForgetRetainDataModule(forget_path=str(tmp_path / "nope.jsonl"), retain_path=retain, tokenizer=TOKENIZER)
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         dm.setup("fit")
 
@@ -99,9 +97,7 @@ def test_missing_columns_name_those_found(tmp_path):
         match=r"missing column\(s\) \['question', 'answer'\].*found columns: \['prompt', 'response'\]",
     ):
         dm.setup("fit")
-    dm = ForgetRetainDataModule(
-        forget_path=retain, retain_path=retain, tokenizer=TOKENIZER, idk_column="refusal"
-    )
+    dm = ForgetRetainDataModule(forget_path=retain, retain_path=retain, tokenizer=TOKENIZER, idk_column="refusal")
     with pytest.raises(ValueError, match=r"missing column\(s\) \['refusal'\]"):
         dm.setup("fit")
 
@@ -125,9 +121,7 @@ def test_answers_truncated_away_are_counted_and_skipped(tmp_path):
     forget = write_jsonl(tmp_path / "forget.jsonl", rows)
     retain = write_jsonl(tmp_path / "retain.jsonl", qa_rows(3))
     dm = ForgetRetainDataModule(forget_path=forget, retain_path=retain, tokenizer=TOKENIZER, max_length=40)
-    with pytest.warns(
-        UserWarning, match=r"2 of 5 forget rows have no answer token left within max_length=40"
-    ):
+    with pytest.warns(UserWarning, match=r"2 of 5 forget rows have no answer token left within max_length=40"):
         dm.setup("fit")
     assert len(dm.forget_rows) == 3
     assert [r["answer"] for r in dm.qa_rows("forget")] == [rows[i]["answer"] for i in (0, 2, 4)]
@@ -163,9 +157,7 @@ def test_qa_labels_cover_exactly_the_answer_tokens(tmp_path, use_chat_template):
             ids, mask, labels = side["input_ids"][i], side["attention_mask"][i], side["labels"][i]
             n = int(mask.sum())
             assert mask[:n].all() and not mask[n:].any(), "right padding"
-            prompt, answer = format_qa(
-                tok, row["question"], row["answer"], use_chat_template=use_chat_template
-            )
+            prompt, answer = format_qa(tok, row["question"], row["answer"], use_chat_template=use_chat_template)
             answered = labels != IGNORE_INDEX
             assert tok.decode(ids[answered]) == answer
             assert tok.decode(ids[:n][~answered[:n]]) == prompt
@@ -214,9 +206,7 @@ def test_text_format_chunks_documents(tmp_path):
     assert sum(len(c) for c in expected[:-1]) == len(tok(docs[0])["input_ids"]) + 1
     side = next(iter(dm.train_dataloader()))["forget"]
     assert side["input_ids"].shape == (len(expected), 16)
-    assert torch.equal(
-        side["labels"], side["input_ids"].masked_fill(side["attention_mask"] == 0, IGNORE_INDEX)
-    )
+    assert torch.equal(side["labels"], side["input_ids"].masked_fill(side["attention_mask"] == 0, IGNORE_INDEX))
 
 
 def test_pad_to_multiple_of(tmp_path):
@@ -261,10 +251,7 @@ def test_pairing_in_batches(tmp_path):
 def test_order_is_a_function_of_seed_and_epoch(tmp_path):
     def order(seed: int, epoch: int) -> list:
         loader = make_dm(tmp_path, seed=seed).train_dataloader()
-        return [
-            (first_token_keys(b["forget"]), first_token_keys(b["retain"]))
-            for b in epoch_batches(loader, epoch)
-        ]
+        return [(first_token_keys(b["forget"]), first_token_keys(b["retain"])) for b in epoch_batches(loader, epoch)]
 
     assert order(0, 0) == order(0, 0)
     assert order(0, 1) == order(0, 1)
@@ -337,9 +324,7 @@ def test_lightning_mid_epoch_resume_sees_the_same_batches(tmp_path):
             self.seen = []
 
         def training_step(self, batch, batch_idx):
-            self.seen.append(
-                (self.current_epoch, first_token_keys(batch["forget"]), first_token_keys(batch["retain"]))
-            )
+            self.seen.append((self.current_epoch, first_token_keys(batch["forget"]), first_token_keys(batch["retain"])))
             return (self.weight * batch["forget"]["input_ids"].float().mean()).sum()
 
         def configure_optimizers(self):
@@ -357,17 +342,11 @@ def test_lightning_mid_epoch_resume_sees_the_same_batches(tmp_path):
         )
 
     straight = Recorder()
-    trainer(tmp_path / "a", enable_checkpointing=False).fit(
-        straight, datamodule=make_dm(tmp_path, n_forget=10, seed=7)
-    )
+    trainer(tmp_path / "a", enable_checkpointing=False).fit(straight, datamodule=make_dm(tmp_path, n_forget=10, seed=7))
     assert len(straight.seen) == 6
 
-    ckpt_cb = ModelCheckpoint(
-        dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}"
-    )
-    trainer(tmp_path / "b", callbacks=[ckpt_cb]).fit(
-        Recorder(), datamodule=make_dm(tmp_path, n_forget=10, seed=7)
-    )
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    trainer(tmp_path / "b", callbacks=[ckpt_cb]).fit(Recorder(), datamodule=make_dm(tmp_path, n_forget=10, seed=7))
     # 3 batches per epoch: step 2 and 4 are mid-epoch, step 3 is the last batch of epoch 0
     for step in (2, 3, 4):
         resumed = Recorder()
@@ -402,9 +381,7 @@ def test_file_formats_load_the_same_rows(tmp_path, ext):
         frame.to_parquet(path)
     (tmp_path / "ref").mkdir()
     reference = make_dm(tmp_path / "ref", n_forget=5)
-    dm = ForgetRetainDataModule(
-        forget_path=str(path), retain_path=str(path), tokenizer=TOKENIZER, max_length=64
-    )
+    dm = ForgetRetainDataModule(forget_path=str(path), retain_path=str(path), tokenizer=TOKENIZER, max_length=64)
     dm.setup("fit")
     assert dm.forget_rows == reference.forget_rows
 
@@ -470,9 +447,7 @@ def test_embedded_qa_set_is_well_formed():
     assert 60 <= len(sets["forget"]) <= 150 and {r["topic"] for r in sets["forget"]} == {"capitals"}
     for name in ("retain", "holdout"):
         assert 60 <= len(sets[name]) <= 120
-        assert (
-            "capitals" not in {r["topic"] for r in sets[name]} and len({r["topic"] for r in sets[name]}) >= 5
-        )
+        assert "capitals" not in {r["topic"] for r in sets[name]} and len({r["topic"] for r in sets[name]}) >= 5
     questions = [{r["question"] for r in rows} for rows in sets.values()]
     assert sum(map(len, questions)) == len(set().union(*questions)), "the three files are disjoint"
 

@@ -111,9 +111,7 @@ def test_evaluate_qa(tiny):
     with_responses = [{**r, "response": s} for r, s in zip(rows, responses)]
     other = evaluate_qa(model, tok, with_responses, prob_column="response", max_new_tokens=4)
     assert other["accuracy"] == result["accuracy"]
-    assert other["answer_prob"] == pytest.approx(
-        answer_probability(model, tok, QUESTIONS, responses).mean().item()
-    )
+    assert other["answer_prob"] == pytest.approx(answer_probability(model, tok, QUESTIONS, responses).mean().item())
     with pytest.raises(ValueError, match="at least one row"):
         evaluate_qa(model, tok, [])
 

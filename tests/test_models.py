@@ -53,9 +53,7 @@ def test_tiny_tokenizer_round_trips_any_text_offline():
     assert max(ids) < TINY_VOCAB_SIZE and tok.unk_token_id not in ids
     assert tok.decode(ids) == text
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 3)
-    prompt = tok.apply_chat_template(
-        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
-    )
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
     assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert tiny_tokenizer(chat_template=False).chat_template is None
     assert tiny_tokenizer(pad_token=False).pad_token is None
@@ -122,9 +120,7 @@ def test_export_replaces_atomically_and_leaves_no_temp_dirs(tmp_path):
     export_hf(tiny_llama(seed=1), None, tmp_path / "export")
     assert sorted(os.listdir(tmp_path)) == ["export"]
     ids = torch.randint(0, TINY_VOCAB_SIZE, (1, 5))
-    assert torch.equal(
-        logits_of(load_causal_lm(str(tmp_path / "export")), ids), logits_of(tiny_llama(seed=1), ids)
-    )
+    assert torch.equal(logits_of(load_causal_lm(str(tmp_path / "export")), ids), logits_of(tiny_llama(seed=1), ids))
     with pytest.raises(FileExistsError):
         export_hf(tiny_llama(), None, tmp_path / "export", overwrite=False)
 
@@ -189,8 +185,6 @@ def test_embedded_smollm2_converts_caches_and_reloads_identically(tmp_path, monk
     assert tok.chat_template and tok.eos_token == "<|im_end|>"
 
     gguf = models.embedded_gguf_path()
-    reference = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
+    reference = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     ids = tok(["What is the capital of France?"], return_tensors="pt")["input_ids"]
     assert torch.equal(logits_of(model, ids), logits_of(reference, ids))

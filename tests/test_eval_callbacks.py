@@ -1,0 +1,284 @@
+"""UnlearningEvalCallback on a tiny model with the fixture files: stages, logging, files, resume,
+the benchmark dispatch (the same numbers as the formats' own evaluations), specs and errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from blur_lightning import formats
+from blur_lightning.eval_callbacks import (
+    UnlearningEvalCallback,
+    chat_prompt_template,
+    load_split,
+    parse_hub_spec,
+    plot_evaluations,
+)
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+TOFU_FILES = {
+    "forget": "tofu/forget01_perturbed.json",
+    "retain": "tofu/retain_perturbed.json",
+    "real_authors": "tofu/real_authors_perturbed.json",
+    "world_facts": "tofu/world_facts_perturbed.jsonl",
+}
+MUSE_FILES = {
+    "verbmem": "muse/verbmem_forget.json",
+    "knowmem_forget": "muse/knowmem_forget_qa.json",
+    "knowmem_retain": "muse/knowmem_retain_qa.json",
+    "privleak_forget": "muse/raw_forget.jsonl",
+    "privleak_holdout": "muse/privleak_holdout.json",
+}
+
+
+def fixture_paths(files: dict[str, str]) -> dict[str, str]:
+    return {name: os.path.join(FIXTURES, path) for name, path in files.items()}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: a tiny model gains nothing from two, and on a shared 2-core machine each
+    2-thread op waits for both cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from blur_lightning.models import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    from blur_lightning.models import tiny_llama
+
+    return tiny_llama(vocab_size=len(tokenizer))
+
+
+def tiny_fit(tmp_path, tokenizer, model, callback, max_steps=2, ckpt_path=None):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from blur_lightning.data import ForgetRetainDataModule
+    from blur_lightning.module import BLURUnlearner
+
+    module = BLURUnlearner(model, forget_loss="ga", export_dir=None,
+                           optimizer=lambda p: torch.optim.SGD(p, lr=0.05))  # fmt: skip
+    module.tokenizer = tokenizer
+    data = ForgetRetainDataModule(
+        forget_path=os.path.join(FIXTURES, "qa", "forget.jsonl"),
+        retain_path=os.path.join(FIXTURES, "qa", "retain.jsonl"),
+        tokenizer="unused", batch_size=8, max_length=48,
+    )  # fmt: skip
+    data.set_tokenizer(tokenizer)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=max_steps, val_check_interval=1, check_val_every_n_epoch=None,
+        num_sanity_val_steps=2, logger=CSVLogger(tmp_path, name="", version=""), default_root_dir=tmp_path,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+        enable_checkpointing=ckpt_path is None,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return trainer, module, data
+
+
+# ============================================================================ in a run
+def test_qa_eval_at_every_stage_logs_and_writes_files(tmp_path, tokenizer, tiny_model):
+    splits = {
+        "forget": os.path.join(FIXTURES, "qa", "forget.jsonl"),
+        "retain": os.path.join(FIXTURES, "qa", "retain.jsonl"),
+    }
+    callback = UnlearningEvalCallback("qa", splits, stages=["fit_start", "validation", "test", "fit_end"],
+                                      max_rows=4, max_new_tokens=3)  # fmt: skip
+    trainer, module, data = tiny_fit(tmp_path, tokenizer, tiny_model, callback)
+    (test_metrics,) = trainer.test(module, datamodule=data, verbose=False)
+
+    summary = json.loads((tmp_path / "qa_eval.json").read_text())
+    assert summary["sizes"] == {"forget": 4, "retain": 4}
+    stages = [(e["stage"], e["step"]) for e in summary["evaluations"]]
+    # validation after each step (the sanity check is skipped), fit_end before teardown, then test
+    assert stages == [("fit_start", 0), ("validation", 1), ("validation", 2), ("fit_end", 2), ("test", 2)]
+    for evaluation in summary["evaluations"]:
+        assert set(evaluation["metrics"]) == {"forget/accuracy", "forget/answer_prob", "retain/accuracy",
+                                              "retain/answer_prob"}  # fmt: skip
+        for key, value in evaluation["metrics"].items():
+            assert 0.0 <= value <= 1.0, f"{evaluation['stage']} {key} = {value}"
+            if key.endswith("accuracy"):
+                assert value * 4 == round(value * 4), f"{key} = {value}: not a share of 4 questions"
+    # gradient ascent on the forget answers lowers their probability
+    first, last = summary["evaluations"][0]["metrics"], summary["evaluations"][3]["metrics"]
+    assert last["forget/answer_prob"] < first["forget/answer_prob"]
+    # fit_end runs on the trained model, before teardown: the same numbers as the last validation
+    assert summary["evaluations"][3]["metrics"] == pytest.approx(summary["evaluations"][2]["metrics"], abs=1e-6)
+    assert test_metrics["qa/forget/answer_prob"] == pytest.approx(last["forget/answer_prob"], abs=1e-6)
+
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = [(r["step"], r["qa/forget/answer_prob"]) for r in rows if r.get("qa/forget/answer_prob")]
+    assert len(logged) == 5, logged  # fit_start, 2 validations, fit_end, test: all reach the logger
+    assert float(logged[0][1]) == pytest.approx(first["forget/answer_prob"], rel=1e-6)
+    assert (tmp_path / "qa_eval.png").stat().st_size > 5000
+
+
+def test_resumed_run_keeps_the_fit_start_numbers(tmp_path, tokenizer, tiny_model):
+    splits = {"forget": os.path.join(FIXTURES, "qa", "forget.jsonl")}
+    first = UnlearningEvalCallback("qa", splits, stages=["fit_start"], max_rows=2, max_new_tokens=2)
+    tiny_fit(tmp_path / "a", tokenizer, tiny_model, first, max_steps=1)
+    (ckpt,) = list((tmp_path / "a").rglob("*.ckpt"))
+    resumed = UnlearningEvalCallback("qa", splits, stages=["fit_start"], max_rows=2, max_new_tokens=2)
+    tiny_fit(tmp_path / "b", tokenizer, tiny_model, resumed, max_steps=2, ckpt_path=str(ckpt))
+    assert resumed.evaluations == first.evaluations  # restored from the checkpoint, not re-run at step 1
+
+
+# ============================================================================ benchmark dispatch
+def test_tofu_matches_evaluate_tofu_with_the_training_prompt(tokenizer, tiny_model):
+    from blur_lightning.data import format_qa
+
+    callback = UnlearningEvalCallback("tofu", fixture_paths(TOFU_FILES), max_new_tokens=4, batch_size=3)
+    results = callback.evaluate(tiny_model, tokenizer)
+    template = chat_prompt_template(tokenizer)
+    question = "Where was the author Lina Morrow born?"
+    assert template.format(question=question) == format_qa(tokenizer, question)[0]  # as the data module trains
+    rows = callback.rows()
+    expected = formats.evaluate_tofu(
+        tiny_model, tokenizer, rows["forget"], rows["retain"], rows["real_authors"], rows["world_facts"],
+        prompt_template=template, max_new_tokens=4, batch_size=3,
+    )  # fmt: skip
+    assert results == expected
+    plain = UnlearningEvalCallback("tofu", fixture_paths(TOFU_FILES), max_new_tokens=4, chat_template=False)
+    assert plain.evaluate(tiny_model, tokenizer)["forget/prob"] != results["forget/prob"]  # TOFU's plain prompt
+
+
+def test_muse_and_wmdp_match_their_evaluations(tmp_path, tokenizer, tiny_model):
+    muse = UnlearningEvalCallback("muse", fixture_paths(MUSE_FILES), max_new_tokens=5, batch_size=2,
+                                  options={"auc_retrain": 0.4772, "max_length": 64})  # fmt: skip
+    results = muse.evaluate(tiny_model, tokenizer)
+    rows = muse.rows()
+    expected = formats.evaluate_muse(
+        tiny_model, tokenizer, verbmem_rows=rows["verbmem"], knowmem_forget_rows=rows["knowmem_forget"],
+        knowmem_retain_rows=rows["knowmem_retain"], privleak_forget_rows=rows["privleak_forget"],
+        privleak_holdout_rows=rows["privleak_holdout"], auc_retrain=0.4772, max_length=64,
+        verbmem_max_new_tokens=5, knowmem_max_new_tokens=5, batch_size=2,
+    )  # fmt: skip
+    assert results == expected and set(results) == {
+        "verbmem_f",
+        "knowmem_f",
+        "knowmem_r",
+        "privleak_auc",
+        "privleak",
+    }
+
+    wmdp_file = os.path.join(FIXTURES, "wmdp", "wmdp-bio.json")
+    wmdp = UnlearningEvalCallback("wmdp", {"bio": wmdp_file, "again": wmdp_file},
+                                  options={"subjects": {"bio": "biology"}})  # fmt: skip
+    out = wmdp.evaluate(tiny_model, tokenizer)
+    bio = formats.evaluate_wmdp(tiny_model, tokenizer, formats.load_wmdp(path=wmdp_file), subject="biology")
+    plain = formats.evaluate_wmdp(tiny_model, tokenizer, formats.load_wmdp(path=wmdp_file))
+    assert out == {"bio/accuracy": bio["accuracy"], "again/accuracy": plain["accuracy"]}
+    assert wmdp.options == {"subjects": {"bio": "biology"}}  # each evaluation gets its own copy
+
+    # PrivLeak (a percentage) gets its own panel in the plot; the summary holds every evaluation
+    muse.evaluations = [{"stage": s, "step": i, "metrics": {**results, "privleak": -40.0 + i}} for i, s in
+                        enumerate(["fit_start", "validation", "test"])]  # fmt: skip
+    json_path, png_path = muse.write(str(tmp_path))
+    assert json.loads(open(json_path).read())["sizes"]["verbmem"] == 2
+    assert os.path.getsize(png_path) > 5000
+
+
+def test_model_train_mode_is_restored(tokenizer, tiny_model):
+    callback = UnlearningEvalCallback("wmdp", {"bio": os.path.join(FIXTURES, "wmdp", "wmdp-bio.json")})
+    tiny_model.train()
+    callback.evaluate(tiny_model, tokenizer)
+    assert tiny_model.training
+    assert all(p.grad is None for p in tiny_model.parameters())
+
+
+# ============================================================================ specs, prompts, errors
+def test_hub_specs(monkeypatch):
+    assert parse_hub_spec("hub:forget10_perturbed", "tofu") == (
+        "locuslab/TOFU",
+        "forget10_perturbed",
+        "train",
+    )
+    assert parse_hub_spec("hub:knowmem:forget_qa", "muse", "books") == (
+        "muse-bench/MUSE-Books",
+        "knowmem",
+        "forget_qa",
+    )
+    assert parse_hub_spec("hub:wmdp-cyber", "wmdp") == ("cais/wmdp", "wmdp-cyber", "test")
+    assert parse_hub_spec("hub:cais/mmlu:all:test", "wmdp") == ("cais/mmlu", "all", "test")
+    with pytest.raises(ValueError, match="needs a split"):
+        parse_hub_spec("hub:verbmem", "muse")
+    with pytest.raises(ValueError, match="no default hub dataset"):
+        parse_hub_spec("hub:some_config", "qa")
+    with pytest.raises(ValueError, match="expected hub:CONFIG"):
+        parse_hub_spec("hub:a:b:c:d", "tofu")
+    with pytest.raises(ValueError, match="muse_corpus='poems'"):
+        parse_hub_spec("hub:raw:forget", "muse", "poems")
+
+    import datasets
+
+    calls = []
+
+    def load_dataset(path, name=None, split=None):
+        calls.append((path, name, split))
+        return datasets.Dataset.from_list([{"question": "q", "answer": "a"}] * 5)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert len(load_split("hub:knowmem:retain_qa", "muse", limit=3)) == 3
+    assert calls == [("muse-bench/MUSE-News", "knowmem", "retain_qa")]
+
+
+def test_chat_prompt_template_drops_a_bos_the_tokenizer_adds(tokenizer):
+    class AddsBos:  # a Llama-3-like tokenizer: the template writes <bos>, and so does tokenization
+        chat_template = "x"
+        bos_token, bos_token_id = "<bos>", 7
+
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+            return "<bos><user>{" + messages[0]["content"] + "}<assistant>"
+
+        def __call__(self, text, add_special_tokens):
+            return {"input_ids": [7] if add_special_tokens else []}
+
+    assert chat_prompt_template(AddsBos()) == "<user>{{{question}}}<assistant>"
+    assert chat_prompt_template(AddsBos()).format(question="Q?") == "<user>{Q?}<assistant>"
+    # the tiny tokenizer adds nothing itself: its template's own first token stays
+    assert chat_prompt_template(tokenizer).startswith("<|im_start|>user")
+
+
+def test_configuration_errors(tmp_path):
+    with pytest.raises(ValueError, match="benchmark='trivia'"):
+        UnlearningEvalCallback("trivia", {"a": "b"})
+    with pytest.raises(ValueError, match=r"stages \['epoch_end'\]"):
+        UnlearningEvalCallback("qa", {"a": "b"}, stages=["epoch_end"])
+    with pytest.raises(ValueError, match="tofu needs exactly the splits"):
+        UnlearningEvalCallback("tofu", {"forget": "f"})
+    with pytest.raises(ValueError, match="privleak needs both"):
+        UnlearningEvalCallback("muse", {"privleak_forget": "f"})
+    with pytest.raises(ValueError, match=r"muse splits \['knowmem'\]"):
+        UnlearningEvalCallback("muse", {"knowmem": "f"})
+    with pytest.raises(ValueError, match="splits is empty"):
+        UnlearningEvalCallback("qa", {})
+    missing = UnlearningEvalCallback("qa", {"forget": str(tmp_path / "nope.jsonl")})
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        missing.rows()
+
+
+def test_plot_handles_missing_and_nan_values(tmp_path):
+    evaluations = [
+        {"stage": "fit_start", "step": 0, "metrics": {"a": 0.5, "b": float("nan")}},
+        *({"stage": "validation", "step": i, "metrics": {"a": 0.1 * i, "c": 3.0}} for i in range(1, 9)),
+    ]
+    plot_evaluations(evaluations, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 5000
+    plot_evaluations([], str(tmp_path / "empty.png"))
+    assert not (tmp_path / "empty.png").exists()
+    assert math.isnan(evaluations[0]["metrics"]["b"])  # inputs untouched

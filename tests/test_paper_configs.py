@@ -1,0 +1,258 @@
+"""The paper's experiment configs (configs/tofu, configs/muse, configs/wmdp): their settings, and a
+two-step run of each through the CLI on a tiny model, with the hub served from tests/fixtures.
+
+The hub is faked at `datasets.load_dataset`: every (dataset, config, split) a config names must be
+one of HUB_FIXTURES (an unknown one fails the test), so these runs check the configs' hub names,
+subsets and splits as well as the code path, without the network.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+
+import pytest
+import torch
+import yaml
+
+from blur_lightning.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+
+TOFU = {f"configs/tofu/llama3.2-1b_forget{n}_npo.yaml": n for n in ("01", "05", "10")}
+MUSE = {"configs/muse/news_npo.yaml": ("News", 2.5e-5), "configs/muse/books_npo.yaml": ("Books", 1e-5)}
+WMDP = {"configs/wmdp/zephyr-7b_rmu_cyber.yaml": "cyber", "configs/wmdp/zephyr-7b_rmu_bio.yaml": "bio"}
+PAPER_CONFIGS = [*TOFU, *MUSE, *WMDP]
+
+
+def _hub_fixtures() -> dict[tuple[str, str | None, str], str]:
+    table: dict[tuple[str, str | None, str], str] = {}
+    for n, retain in (("01", "99"), ("05", "95"), ("10", "90")):
+        table["locuslab/TOFU", f"forget{n}", "train"] = "tofu/forget01.json"
+        table["locuslab/TOFU", f"retain{retain}", "train"] = "tofu/retain_perturbed.json"
+        table["locuslab/TOFU", f"forget{n}_perturbed", "train"] = "tofu/forget01_perturbed.json"
+    table["locuslab/TOFU", "retain_perturbed", "train"] = "tofu/retain_perturbed.json"
+    table["locuslab/TOFU", "real_authors_perturbed", "train"] = "tofu/real_authors_perturbed.json"
+    table["locuslab/TOFU", "world_facts_perturbed", "train"] = "tofu/world_facts_perturbed.jsonl"
+    for corpus in ("News", "Books"):
+        repo = f"muse-bench/MUSE-{corpus}"
+        table[repo, "raw", "forget"] = "muse/raw_forget.jsonl"
+        table[repo, "raw", "retain1"] = "muse/privleak_holdout.json"  # any other text serves as retain
+        table[repo, "verbmem", "forget"] = "muse/verbmem_forget.json"
+        table[repo, "knowmem", "forget_qa"] = "muse/knowmem_forget_qa.json"
+        table[repo, "knowmem", "retain_qa"] = "muse/knowmem_retain_qa.json"
+        table[repo, "knowmem", "forget_qa_icl"] = "muse/knowmem_forget_qa_icl.json"
+        table[repo, "knowmem", "retain_qa_icl"] = "muse/knowmem_forget_qa_icl.json"
+        table[repo, "privleak", "forget"] = "muse/raw_forget.jsonl"
+        table[repo, "privleak", "holdout"] = "muse/privleak_holdout.json"
+    table["cais/wmdp-corpora", "cyber-forget-corpus", "train"] = "wmdp/cyber-forget-corpus.jsonl"
+    table["cais/wmdp-bio-forget-corpus", None, "train"] = "wmdp/cyber-forget-corpus.jsonl"
+    table["Salesforce/wikitext", "wikitext-2-raw-v1", "test"] = "muse/raw_forget.jsonl"
+    for subset in ("wmdp-bio", "wmdp-cyber"):
+        table["cais/wmdp", subset, "test"] = "wmdp/wmdp-bio.json"
+    table["cais/mmlu", "all", "test"] = "wmdp/wmdp-bio.json"
+    return table
+
+
+HUB_FIXTURES = _hub_fixtures()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: a tiny model gains nothing from two, and on a shared 2-core machine each
+    2-thread op waits for both cores (a TOFU config's run: 3 s with one thread, 35 s with two)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """Serve hub datasets from the fixtures; returns the list of (dataset, config, split) requested."""
+    import datasets
+
+    real = datasets.load_dataset
+    requested: list[tuple[str, str | None, str]] = []
+
+    def load_dataset(path, name=None, *args, split=None, **kwargs):
+        if path in ("json", "csv", "parquet") or kwargs.get("data_files") is not None or os.path.exists(path):
+            return real(path, name, *args, split=split, **kwargs)
+        key = (path, name, split)
+        if key not in HUB_FIXTURES:
+            raise AssertionError(f"a config asks the hub for {key}, which no fixture stands for")
+        requested.append(key)
+        return real("json", data_files=os.path.join(FIXTURES, HUB_FIXTURES[key]), split="train")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return requested
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """8 decoder layers: the WMDP configs' rmu_layer 7 and layers 5-7 regex apply unchanged."""
+    from blur_lightning.models import tiny_llama, tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_model_8_layers")
+    tokenizer = tiny_tokenizer()
+    tiny_llama(vocab_size=len(tokenizer), layers=8).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def parsed_config(config: str, capsys) -> dict:
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", os.path.join(ROOT, config), "--print_config"])
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def eval_callback(cfg: dict) -> dict:
+    (entry,) = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("UnlearningEvalCallback")]
+    return entry["init_args"]
+
+
+# ============================================================================ the paper's settings
+@pytest.mark.parametrize("config", PAPER_CONFIGS)
+def test_paper_settings(config, capsys):
+    cfg = parsed_config(config, capsys)
+    model, data, trainer = cfg["model"], cfg["data"], cfg["trainer"]
+    lr = model["optimizer"]["init_args"]["lr"]
+    assert model["optimizer"]["class_path"] == "torch.optim.AdamW"
+    if config in TOFU:  # a 1B model: fp32 master weights fit (pure bf16 rounds lr-1e-5 updates away)
+        assert (model["model_dtype"], trainer["precision"]) == ("float32", "bf16-mixed")
+    else:  # 7B on one GPU: bf16 weights, as RMU trains
+        assert (model["model_dtype"], trainer["precision"]) == ("bfloat16", "bf16-true")
+    assert eval_callback(cfg)["benchmark"] == config.split("/")[1]
+    # The eval callback comes last: --trainer.callbacks.init_args.* (tests, users) overrides the last one
+    assert trainer["callbacks"][-1]["class_path"] == "blur_lightning.eval_callbacks.UnlearningEvalCallback"
+    if config in TOFU:
+        n = TOFU[config]
+        assert model["model"] == "meta-llama/Llama-3.2-1B-Instruct"
+        assert (model["forget_loss"], model["retain_loss"], model["mode"]) == ("npo", "nll", "forget_lower")
+        assert (model["gamma"], lr, trainer["max_epochs"]) == (1.0, 1e-5, 10)
+        assert (data["batch_size"], model["accumulate_grad_batches"]) == (4, 4)
+        assert (data["forget_path"], data["forget_subset"]) == ("locuslab/TOFU", f"forget{n}")
+        assert (data["retain_path"], data["retain_subset"]) == ("locuslab/TOFU", f"retain{100 - int(n)}")
+        assert eval_callback(cfg)["splits"]["forget"] == f"hub:forget{n}_perturbed"
+    elif config in MUSE:
+        corpus, paper_lr = MUSE[config]
+        assert model["model"] == f"muse-bench/MUSE-{corpus}_target"
+        assert (model["forget_loss"], model["retain_loss"], model["mode"]) == ("npo", "nll", "forget_lower")
+        assert (model["gamma"], lr, trainer["max_epochs"]) == (1.0, paper_lr, 10)
+        assert data["format"] == "text" and data["forget_path"] == data["retain_path"] == f"muse-bench/MUSE-{corpus}"
+        assert (data["forget_subset"], data["forget_split"], data["retain_split"]) == (
+            "raw",
+            "forget",
+            "retain1",
+        )
+        assert eval_callback(cfg)["muse_corpus"] == corpus.lower()
+    else:
+        assert model["model"] == "HuggingFaceH4/zephyr-7b-beta"
+        assert (model["forget_loss"], model["retain_loss"], model["mode"]) == ("rmu", "rmu", "rmu")
+        assert (model["alpha"], lr, trainer["max_steps"]) == (800.0, 5e-5, 150)
+        assert (model["rmu_layer"], model["rmu_steering_coef"], data["batch_size"]) == (7, 6.5, 4)
+        assert data["format"] == "text" and data["retain_path"] == "Salesforce/wikitext"
+        assert WMDP[config] in data["forget_path"] + str(data["forget_subset"])
+        # RMU's --layer_ids 5,6,7 --param_ids 6: the MLP down-projection of layers 5-7, nothing else
+        regex = re.compile(model["trainable_params"])
+        mistral = [f"model.layers.{i}.{p}.weight" for i in range(32) for p in (
+            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm",
+        )] + ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]  # fmt: skip
+        trained = [name for name in mistral if regex.search(name)]
+        assert trained == [f"model.layers.{i}.mlp.down_proj.weight" for i in (5, 6, 7)]
+
+
+# ============================================================================ two steps on a tiny model
+def tiny_args(config: str, model_dir: str, root: str) -> list[str]:
+    return [
+        "--config", os.path.join(ROOT, config),
+        "--model.model", model_dir,
+        "--model.model_dtype", "float32",
+        "--model.export_dir", "null",
+        "--trainer.precision", "32-true",
+        "--trainer.accelerator", "cpu",
+        "--trainer.max_steps", "2",
+        "--trainer.check_val_every_n_epoch", "2",  # one optimizer step per epoch here: validate at step 2
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", root,
+        "--trainer.logger.init_args.save_dir", root,
+        "--trainer.callbacks.init_args.max_new_tokens", "4",
+        "--trainer.callbacks.init_args.batch_size", "4",
+        "--trainer.callbacks.init_args.max_rows", "2",
+        "--data.batch_size", "2",
+        "--data.max_length", "128",
+    ]  # fmt: skip
+
+
+def expected_requests(cfg: dict) -> set[tuple]:
+    data = cfg["data"]
+    wanted = {
+        (data["forget_path"], data["forget_subset"], data["forget_split"] or data["split"]),
+        (data["retain_path"], data["retain_subset"], data["retain_split"] or data["split"]),
+    }
+    return wanted
+
+
+def assert_metric_ranges(benchmark: str, metrics: dict[str, float]) -> None:
+    assert metrics, "no metrics"
+    for key, value in metrics.items():
+        assert math.isfinite(value), f"{key} = {value}"
+        if key != "privleak":  # PrivLeak is a signed percentage; everything else is a fraction
+            assert 0.0 <= value <= 1.0, f"{key} = {value}"
+    expected = {
+        "tofu": {"forget/prob", "forget/rouge_l_recall", "forget/truth_ratio", "model_utility"},
+        "muse": {"verbmem_f", "knowmem_f", "knowmem_r", "privleak_auc"},
+        "wmdp": {"bio/accuracy", "cyber/accuracy", "mmlu/accuracy"},
+    }[benchmark]
+    assert expected <= set(metrics), sorted(metrics)
+
+
+@pytest.mark.parametrize("config", PAPER_CONFIGS)
+def test_paper_config_runs_two_steps_on_tiny_model(config, tiny_model_dir, fake_hub, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    cfg = parsed_config(config, capsys)
+    benchmark = eval_callback(cfg)["benchmark"]
+    cli = main(["fit", *tiny_args(config, tiny_model_dir, str(tmp_path))])
+    assert cli.trainer.global_step == 2
+
+    # the configs' own hub sets were read: forget and retain for training, the eval splits
+    requested = set(fake_hub)
+    assert expected_requests(cfg) <= requested, requested
+    assert len(requested) >= 2 + len(eval_callback(cfg)["splits"]) - 1  # (MUSE reuses privleak's fixture)
+
+    # the benchmark's evaluation ran at the configured stages, in range, with its files written
+    summary = json.loads((tmp_path / f"{benchmark}_eval.json").read_text())
+    stages = [e["stage"] for e in summary["evaluations"]]
+    if benchmark == "wmdp":
+        assert stages == ["fit_start", "fit_end"]
+    else:
+        assert stages == ["fit_start", "validation"]
+    for evaluation in summary["evaluations"]:
+        assert_metric_ranges(benchmark, evaluation["metrics"])
+    assert (tmp_path / f"{benchmark}_eval.png").stat().st_size > 5000
+    with open(tmp_path / "metrics.csv") as f:
+        logged = set(csv.DictReader(f).fieldnames)
+    assert {f"{benchmark}/{k}" for k in summary["evaluations"][0]["metrics"]} <= logged
+
+    # what trained: everything (NPO + NLL), or only the MLP down-projections of layers 5-7 (RMU)
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    trainable = re.compile(cfg["model"]["trainable_params"] or ".")
+    for name, value in cli.model.model.state_dict().items():
+        moved = not torch.equal(value, start[name])
+        assert moved == bool(trainable.search(name)), f"{name}: moved={moved}"
+
+
+def test_wmdp_config_test_stage_logs_the_benchmark(tiny_model_dir, fake_hub, tmp_path):
+    config = "configs/wmdp/zephyr-7b_rmu_cyber.yaml"
+    cli = main(["test", *tiny_args(config, tiny_model_dir, str(tmp_path))])
+    logged = cli.trainer.callback_metrics
+    for key in ("wmdp/bio/accuracy", "wmdp/cyber/accuracy", "wmdp/mmlu/accuracy"):
+        assert float(logged[key]) in (0.0, 0.5, 1.0), key  # max_rows 2: two questions
+    summary = json.loads((tmp_path / "wmdp_eval.json").read_text())
+    assert [e["stage"] for e in summary["evaluations"]] == ["test"]
