@@ -44,5 +44,10 @@ def main(args: list[str] | None = None, run: bool = True) -> BLURCLI:
     )
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The `blur-lightning` console script (returns nothing: a returned object would be printed)."""
     main()
+
+
+if __name__ == "__main__":
+    console_main()
