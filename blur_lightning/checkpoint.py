@@ -22,6 +22,9 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint reads like any other file
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
