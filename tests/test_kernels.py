@@ -25,12 +25,12 @@ from blur_lightning.kernels import (  # noqa: E402
     multi_tensor_dots,
 )
 from blur_lightning.kernels.reference import (  # noqa: E402
-    authors_projection,
     blur_adamw_step_ref_,
     combine_ref,
     multi_tensor_dots_ref,
 )
 
+from blur_lightning.baselines import authors_projection  # noqa: E402
 from blur_lightning.projection import MODES, blur_direction_, compute_stats  # noqa: E402
 
 CUDA = pytest.param(
