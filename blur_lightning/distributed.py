@@ -46,7 +46,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from torch import nn
 
-from blur_lightning.projection import all_reduce_sums
+from blur_lightning.projection import all_reduce_sums, local_tensor
 
 SHARDINGS = ("full", "hybrid")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -411,10 +411,6 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if _is_dtensor(t) else t
-
-
 # --------------------------------------------------------------------------------------------
 # clipping over shards
 # --------------------------------------------------------------------------------------------
@@ -430,7 +426,7 @@ def clip_gradients_(
     Returns:
         The global norm before clipping (0-dim float64 device tensor) for "norm", else None.
     """
-    local = [_local(g) for g in grads]
+    local = [local_tensor(g) for g in grads]
     if algorithm == "value":
         for g in local:
             g.clamp_(-max_value, max_value)

@@ -336,19 +336,21 @@ def blur_direction_(
     Raises:
         ValueError: unknown mode or backend, length/shape/device mismatch, non-finite gamma/alpha.
     """
+    # Local shards and the backend once per step, shared by both passes.
+    forget_grads, retain_grads = _local(forget_grads), _local(retain_grads)
+    backend = resolve_backend(backend, retain_grads)
     stats = compute_stats(
         forget_grads, retain_grads, gamma=gamma, mode=mode, alpha=alpha, eps=eps, group=group, backend=backend
     )
-    combine_(
-        _local(retain_grads), _local(forget_grads), stats.retain_coef, stats.forget_coef, mode=mode, backend=backend
-    )
+    combine_(retain_grads, forget_grads, stats.retain_coef, stats.forget_coef, mode=mode, backend=backend)
     return stats
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view: writing it writes the DTensor); any other tensor as it is."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
 def _local(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """DTensor shards -> their local tensors (views: writing them writes the DTensor)."""
-    out = []
-    for t in tensors:
-        to_local = getattr(t, "to_local", None)
-        out.append(to_local() if to_local is not None else t)
-    return out
+    return [local_tensor(t) for t in tensors]
