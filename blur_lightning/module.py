@@ -9,14 +9,21 @@ One optimizer step (k = accumulate_grad_batches micro-batches):
 
 Two gradient-sized buffers in all (the stash and .grad), never a copy; one activation graph
 alive at a time (each backward frees its graph before the next forward); both gradients
-accumulate over all k micro-batches. The projection runs on device with no host read; the
-step reads one boolean from the device (is everything finite?) to decide whether to skip.
+accumulate over all k micro-batches. The projection runs on device with no host read.
+
+A step whose losses or gradients are not finite is skipped, parameters and optimizer state
+untouched. With an optimizer that can skip on the device (`BLURFusedAdamW`, or torch's
+Adam/AdamW/SGD with `fused=True`) the decision never leaves the device and the step makes no
+host read at all, so the CPU keeps running ahead of the GPU; any other optimizer costs one
+host read of a boolean per step. With `BLURFusedAdamW` the combine pass is folded into the
+update: d is never written (pass 1, then one pass over g_r, g_f, p, m, v).
 """
 
 from __future__ import annotations
 
 import copy
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -25,7 +32,7 @@ import torch
 from torch import nn
 
 from blur_lightning import losses
-from blur_lightning.projection import MODES, BLURStats, blur_direction_
+from blur_lightning.projection import MODES, BLURStats, blur_direction_, compute_stats
 
 # The CLI's injectable optimizer and scheduler: callables taking the parameters / the optimizer.
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -58,6 +65,12 @@ class BLURUnlearner(pl.LightningModule):
         gradient_clip_val: clip d to this norm (None: no clipping).
         gradient_clip_algorithm: "norm" or "value".
         projection_backend: "auto", "torch" or "triton".
+        nonfinite_skip: where a non-finite step is detected and skipped. "auto": on the device
+            when the optimizer can (BLURFusedAdamW; Adam, AdamW or SGD with fused=True; not
+            under a GradScaler, which skips by itself), else by one host read per step.
+            "device": require the device skip (error otherwise). "host": always read. On the
+            device path the LR scheduler still steps on a skipped step (as with GradScaler),
+            and the warning about it comes up to a step late (read without stalling).
         trainable_params: a regex; only parameters whose names match are trained (None: all).
         export_dir: where on fit end the model and tokenizer are saved with save_pretrained
             ("auto": <log_dir>/hf_model; None: no export).
@@ -86,6 +99,7 @@ class BLURUnlearner(pl.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
         projection_backend: str = "auto",
+        nonfinite_skip: str = "auto",
         trainable_params: str | None = None,
         export_dir: str | None = "auto",
         optimizer: OptimizerFactory = torch.optim.AdamW,
@@ -102,6 +116,8 @@ class BLURUnlearner(pl.LightningModule):
             raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
         if gradient_clip_algorithm not in ("norm", "value"):
             raise ValueError(f"gradient_clip_algorithm={gradient_clip_algorithm!r}: expected 'norm' or 'value'")
+        if nonfinite_skip not in NONFINITE_SKIP:
+            raise ValueError(f"nonfinite_skip={nonfinite_skip!r}: expected one of {NONFINITE_SKIP}")
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
         self.automatic_optimization = False
         self.model_source = model if isinstance(model, str) else None
@@ -116,6 +132,7 @@ class BLURUnlearner(pl.LightningModule):
         self._micro_step = 0
         self._loss_sums: dict[str, torch.Tensor] = {}
         self._warned_nonfinite = False
+        self._skip_watch = _SkipWatch()
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long), persistent=True)
 
     # ------------------------------------------------------------------ model
@@ -285,8 +302,13 @@ class BLURUnlearner(pl.LightningModule):
         return None
 
     def _optimizer_step(self, params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
-        forget_grads, retain_grads = _paired_grads(params, self._forget_stash)
-        stats = blur_direction_(
+        optimizer = self.optimizers()
+        inner = getattr(optimizer, "optimizer", optimizer)  # under the LightningOptimizer wrapper
+        fused = _is_fused_blur_optimizer(inner)
+        kept, forget_grads, retain_grads = _paired_grads(params, self._forget_stash)
+        # With BLURFusedAdamW only pass 1 runs here: the optimizer forms d on the fly.
+        project = compute_stats if fused else blur_direction_
+        stats = project(
             forget_grads,
             retain_grads,
             gamma=self.hparams.gamma,
@@ -300,35 +322,102 @@ class BLURUnlearner(pl.LightningModule):
         checks = torch.stack([loss_forget.float(), loss_retain.float(), stats.sq_forget, stats.sq_retain])
         finite_on_device = torch.isfinite(checks).all()
         self.skipped_steps += (~finite_on_device).long()  # counted on the device, no read
-        optimizer = self.optimizers()
         # Logging costs ~0.6 ms of host time per value (13 values: ~8 ms a step); done here, before
-        # the host read below, it overlaps the GPU still finishing the backward and the projection.
+        # the optimizer launch, it overlaps the GPU still finishing the backward and the projection.
         self._log_step(loss_forget, loss_retain, stats, optimizer)
-        # The one host read of the step: skipping must not touch parameters or optimizer state.
-        if bool(finite_on_device):
-            if self.hparams.gradient_clip_val is not None:
-                self.clip_gradients(
-                    optimizer,
-                    gradient_clip_val=self.hparams.gradient_clip_val,
-                    gradient_clip_algorithm=self.hparams.gradient_clip_algorithm,
-                )
-            optimizer.step()
-            scheduler = self.lr_schedulers()
-            if scheduler is not None:
-                scheduler.step()
-        elif not self._warned_nonfinite:
-            warnings.warn(
-                "non-finite forget/retain loss or gradient: the step was skipped (parameters and "
-                "optimizer state untouched); see train/skipped_steps",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            self._warned_nonfinite = True
+        step_kwargs = {}
+        if fused:
+            retain_coef, forget_coef = self._clipped_coefs(stats)
+            step_kwargs = {
+                "forget_grads": dict(zip(kept, forget_grads)),
+                "retain_coef": retain_coef,
+                "forget_coef": forget_coef,
+            }
+        if self._skips_on_device(inner):
+            self._warn_if_skipped(self._skip_watch.read())  # the previous steps' count: no stall
+            found_inf = (~finite_on_device).float()
+            if not fused:
+                self._clip_direction(optimizer)
+                inner.found_inf = found_inf  # read by torch's fused Adam/AdamW/SGD on the device
+            else:
+                step_kwargs["found_inf"] = found_inf
+            try:
+                optimizer.step(**step_kwargs)
+            finally:
+                if not fused:
+                    del inner.found_inf
+            self._step_scheduler()
+            self._skip_watch.post(self.skipped_steps)
+        elif bool(finite_on_device):  # the one host read of the step: skipping must not touch the state
+            if not fused:
+                self._clip_direction(optimizer)
+            optimizer.step(**step_kwargs)
+            self._step_scheduler()
+        else:
+            self._warn_if_skipped(int(self.skipped_steps))
         optimizer.zero_grad(set_to_none=True)
         self._forget_stash = None
         self._micro_step = 0
         self._loss_sums = {}
         return {"stats": stats, "step_forget_loss": loss_forget, "step_retain_loss": loss_retain}
+
+    def _skips_on_device(self, optimizer: torch.optim.Optimizer) -> bool:
+        choice = self.hparams.nonfinite_skip
+        if choice == "host":
+            return False
+        plugin = getattr(self._trainer, "precision_plugin", None) if self._trainer is not None else None
+        scaler = getattr(plugin, "scaler", None)
+        supported = scaler is None and _skips_on_device(optimizer)
+        if choice == "device" and not supported:
+            why = "a GradScaler (16-mixed precision) skips steps itself" if scaler is not None else (
+                f"{type(optimizer).__name__} cannot skip a step on the device"
+            )
+            raise ValueError(
+                f"nonfinite_skip='device': {why}; use BLURFusedAdamW or torch.optim.Adam/AdamW/SGD "
+                "with fused=True (and no 16-mixed precision), or nonfinite_skip='auto'"
+            )
+        return supported
+
+    def _warn_if_skipped(self, skipped: int | None) -> None:
+        if skipped and not self._warned_nonfinite:
+            warnings.warn(
+                f"non-finite forget/retain loss or gradient: {skipped} step(s) skipped (parameters "
+                "and optimizer state untouched); see train/skipped_steps",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self._warned_nonfinite = True
+
+    def _step_scheduler(self) -> None:
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def _clip_direction(self, optimizer) -> None:
+        """Clip d in .grad (Lightning's clipping, or the shard-aware one installed by distributed.py)."""
+        if self.hparams.gradient_clip_val is not None:
+            self.clip_gradients(
+                optimizer,
+                gradient_clip_val=self.hparams.gradient_clip_val,
+                gradient_clip_algorithm=self.hparams.gradient_clip_algorithm,
+            )
+
+    def _clipped_coefs(self, stats: BLURStats) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused optimizer's coefficients, scaled so ||d|| <= gradient_clip_val.
+
+        ||d|| comes from the three global sums (BLURStats.direction_norm): no pass over d (which
+        is never written) and no extra all-reduce under FSDP. The factor is clip_grad_norm_'s,
+        min(1, max_norm / (||d|| + 1e-6)).
+        """
+        retain_coef, forget_coef = stats.retain_coef, stats.forget_coef
+        max_norm = self.hparams.gradient_clip_val
+        if max_norm is None:
+            return retain_coef, forget_coef
+        scale = (max_norm / (stats.direction_norm + 1e-6)).clamp(max=1.0).to(retain_coef.dtype)
+        return retain_coef * scale, forget_coef * scale
+
+    def on_train_end(self) -> None:
+        self._warn_if_skipped(self._skip_watch.read(wait=True))
 
     def _should_log_step(self) -> bool:
         """Whether Lightning keeps this step's logged values (every log_every_n_steps-th step).
@@ -352,6 +441,15 @@ class BLURUnlearner(pl.LightningModule):
     # ------------------------------------------------------------------ optimizers, export
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.trainable_parameters())
+        if (
+            _is_fused_blur_optimizer(optimizer)
+            and self.hparams.gradient_clip_val is not None
+            and self.hparams.gradient_clip_algorithm == "value"
+        ):
+            raise ValueError(
+                "gradient_clip_algorithm='value' needs d in memory, and BLURFusedAdamW never writes it: "
+                "use gradient_clip_algorithm='norm' (exact, from the projection's sums) or torch.optim.AdamW"
+            )
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
@@ -431,14 +529,15 @@ class BLURUnlearner(pl.LightningModule):
 
 def _paired_grads(
     params: list[nn.Parameter], stash: list[torch.Tensor | None] | None
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(forget, retain) gradient lists with a zero filled in where one pass gave no gradient.
+) -> tuple[list[nn.Parameter], list[torch.Tensor], list[torch.Tensor]]:
+    """(params, forget, retain) for the parameters with a gradient from either pass.
 
-    A parameter untouched by one loss (e.g. a layer only the retain set reaches) still gets the
-    right d in every mode; the zeros are rare and small, and never allocated in the usual case.
+    A zero is filled in where one pass gave no gradient, so a parameter untouched by one loss
+    (e.g. a layer only the retain set reaches) still gets the right d in every mode; the zeros
+    are rare and small, and never allocated in the usual case.
     """
     stash = stash or [None] * len(params)
-    forget_grads, retain_grads = [], []
+    kept, forget_grads, retain_grads = [], [], []
     for p, forget in zip(params, stash):
         retain = p.grad
         if forget is None and retain is None:
@@ -447,6 +546,64 @@ def _paired_grads(
             p.grad = retain = torch.zeros_like(forget)
         if forget is None:
             forget = torch.zeros_like(retain)
+        kept.append(p)
         forget_grads.append(forget)
         retain_grads.append(retain)
-    return forget_grads, retain_grads
+    return kept, forget_grads, retain_grads
+
+
+NONFINITE_SKIP = ("auto", "device", "host")
+
+
+def _is_fused_blur_optimizer(optimizer) -> bool:
+    """Whether optimizer is a BLURFusedAdamW, without importing Triton when it cannot be one."""
+    adamw = sys.modules.get("blur_lightning.kernels.adamw")
+    return adamw is not None and isinstance(optimizer, adamw.BLURFusedAdamW)
+
+
+def _skips_on_device(optimizer) -> bool:
+    """Whether optimizer.step reads a `found_inf` device flag and then leaves everything untouched.
+
+    torch's fused Adam, AdamW and SGD do (it is how GradScaler skips without a sync); the foreach
+    and for-loop implementations refuse the flag.
+    """
+    if _is_fused_blur_optimizer(optimizer):
+        return True
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)):
+        return all(group.get("fused") for group in optimizer.param_groups)
+    return False
+
+
+class _SkipWatch:
+    """The device's skipped-step count, read on the host without stalling the stream.
+
+    post() queues a non-blocking copy into pinned memory and records an event; read() returns the
+    copied value once the event has passed (None before), so the warning about a skipped step
+    comes at most a step late and the step itself never waits. On the CPU there is no stream to
+    stall and the value is read at once.
+    """
+
+    def __init__(self) -> None:
+        self._host: torch.Tensor | None = None
+        self._event = None
+
+    def post(self, count: torch.Tensor) -> None:
+        if count.device.type != "cuda":
+            self._host, self._event = count.detach().clone(), None
+            return
+        if self._host is None:
+            self._host = torch.zeros((), dtype=count.dtype, pin_memory=True)
+        self._host.copy_(count.detach(), non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def read(self, wait: bool = False) -> int | None:
+        if self._host is None:
+            return None
+        if self._event is not None:
+            if wait:
+                self._event.synchronize()
+            elif not self._event.query():
+                return None
+        # tolist(): a read of host memory, which HostReadCounter rightly does not count.
+        return int(self._host.tolist())

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from blur_lightning.projection import local_tensor
+
 from . import _launch
 
 
@@ -28,6 +30,7 @@ def _blur_adamw_kernel(
     retain_coef_ptr,  # float32 [1]
     forget_coef_ptr,  # float32 [1]
     lr_ptr,  # float32 [1]
+    found_inf_ptr,  # float32 [1]: nonzero skips the whole update (a non-finite step), read on the device
     beta1,
     beta2,
     log2_beta1,  # float64 (host math on Python floats)
@@ -53,7 +56,9 @@ def _blur_adamw_kernel(
     forget_coef = tl.load(forget_coef_ptr).to(tl.float32)
     lr = tl.load(lr_ptr).to(tl.float32)
     decay = 1.0 - lr * weight_decay
-    for c in range(pid, n_chunks, n_programs):
+    # A skipped step walks no chunks: every program exits at once, p, m and v stay untouched.
+    n_walk = tl.where(tl.load(found_inf_ptr).to(tl.float32) != 0.0, 0, n_chunks)
+    for c in range(pid, n_walk, n_programs):
         t = tl.load(chunk_tensor + c)
         start = tl.load(chunk_start + c)
         end = tl.minimum(start + chunk, tl.load(sizes + t))
@@ -125,6 +130,7 @@ def blur_adamw_step_(
     eps: float,
     weight_decay: float,
     step: torch.Tensor | float | Sequence[torch.Tensor],
+    found_inf: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> None:
     """One AdamW step on the BLUR direction d = retain_coef * g_r + forget_coef * g_f, in one pass.
@@ -146,6 +152,9 @@ def blur_adamw_step_(
         step: the step number t of this update, already incremented (1 for the first), for the
             bias corrections 1 - beta^t: a number, a one-element float32 tensor, or one such tensor
             per parameter (torch.optim.AdamW's state["step"] tensors).
+        found_inf: a one-element device tensor; nonzero skips the update (p, m, v untouched),
+            decided on the device with no host read, as torch's fused AdamW does for GradScaler.
+            None: always update. The caller keeps `step` from counting a skipped update.
         backend: "auto" (Triton on CUDA, PyTorch on CPU; env BLUR_BACKEND overrides), "triton", "torch".
 
     Raises:
@@ -172,6 +181,7 @@ def blur_adamw_step_(
             eps=eps,
             weight_decay=weight_decay,
             step=step,
+            found_inf=found_inf,
         )
         return
     device = params[0].device
@@ -186,6 +196,7 @@ def blur_adamw_step_(
     retain_coef = _launch.scalar_arg(retain_coef, device, "retain_coef")
     forget_coef = _launch.scalar_arg(forget_coef, device, "forget_coef")
     lr = _launch.scalar_arg(lr, device, "lr")
+    found_inf = _launch.scalar_arg(0.0 if found_inf is None else found_inf, device, "found_inf")
     block = _launch.block_size(device)
     for name, value in (("beta1", beta1), ("beta2", beta2)):
         if not 0.0 < value < 1.0:
@@ -209,6 +220,7 @@ def blur_adamw_step_(
             retain_coef,
             forget_coef,
             lr,
+            found_inf,
             beta1,
             beta2,
             math.log2(beta1),
@@ -283,6 +295,7 @@ class BLURFusedAdamW(torch.optim.Optimizer):
         stats=None,
         retain_coef: torch.Tensor | float | None = None,
         forget_coef: torch.Tensor | float | None = None,
+        found_inf: torch.Tensor | None = None,
     ):
         """One step on d = retain_coef * p.grad + forget_coef * g_f for every parameter with a grad.
 
@@ -295,6 +308,11 @@ class BLURFusedAdamW(torch.optim.Optimizer):
                 coefficients explicitly.
             retain_coef: factor on p.grad (default 1).
             forget_coef: factor on g_f (default 0).
+            found_inf: a one-element device tensor, nonzero to skip this step on the device:
+                parameters, moments and step counts stay as they are, with no host read. Default:
+                the attribute `found_inf` when set (the convention of torch's fused optimizers).
+
+        DTensor parameters (FSDP2) are stepped through their local shards.
 
         Returns:
             The closure's loss, or None.
@@ -307,6 +325,8 @@ class BLURFusedAdamW(torch.optim.Optimizer):
             retain_coef, forget_coef = stats.retain_coef, stats.forget_coef
         retain_coef = 1.0 if retain_coef is None else retain_coef
         forget_coef = 0.0 if forget_coef is None else forget_coef
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
         if forget_grads is not None and not isinstance(forget_grads, Mapping):
             order = self._params_in_order()
             if len(forget_grads) != len(order):
@@ -324,19 +344,26 @@ class BLURFusedAdamW(torch.optim.Optimizer):
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                params.append(p)
-                retain.append(p.grad)
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
+                params.append(local_tensor(p))
+                retain.append(local_tensor(p.grad))
+                exp_avgs.append(local_tensor(state["exp_avg"]))
+                exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
                 steps.append(state["step"])
                 if forget_grads is not None:
                     f = forget_grads.get(p)
                     if f is None:
                         raise ValueError(f"no forget gradient for a parameter of shape {tuple(p.shape)}")
-                    forget.append(f)
+                    forget.append(local_tensor(f))
             if not params:
                 continue
-            torch._foreach_add_(steps, 1.0)  # on the device, like torch's fused AdamW: no sync
+            # On the device, like torch's fused AdamW: no sync. A skipped step does not count.
+            if found_inf is None:
+                torch._foreach_add_(steps, 1.0)
+            else:
+                # a list of the 0-dim flag, not the flag itself: a 0-dim CPU tensor as the foreach
+                # scalar is read with .item()
+                keep = 1.0 - found_inf.to(steps[0].device, torch.float32).reshape(())
+                torch._foreach_add_(steps, [keep] * len(steps))
             beta1, beta2 = group["betas"]
             blur_adamw_step_(
                 params,
@@ -352,6 +379,7 @@ class BLURFusedAdamW(torch.optim.Optimizer):
                 eps=group["eps"],
                 weight_decay=group["weight_decay"],
                 step=steps,
+                found_inf=found_inf,
                 backend=group["backend"],
             )
         return loss

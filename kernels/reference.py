@@ -57,6 +57,7 @@ def blur_adamw_step_ref_(
     eps: float,
     weight_decay: float,
     step: torch.Tensor | float | Sequence[torch.Tensor],
+    found_inf: torch.Tensor | None = None,
 ) -> None:
     """The fused step, one tensor at a time: AdamW (torch.optim.AdamW's math) on d, in place.
 
@@ -69,6 +70,8 @@ def blur_adamw_step_ref_(
         p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 
     forget_grads None: plain AdamW on g_r (the coefficients are ignored). retain_grads untouched.
+    found_inf nonzero: p, m and v keep their values, chosen by torch.where on the device (a
+    product with 0 would not do: the skipped step's d is inf or nan).
     """
     steps = list(step) if isinstance(step, (list, tuple)) else [step] * len(params)
     for i, (p, r, m, v) in enumerate(zip(params, retain_grads, exp_avgs, exp_avg_sqs)):
@@ -89,6 +92,11 @@ def blur_adamw_step_ref_(
         bias_correction2 = 1 - torch.pow(beta2, t)
         denom = v32.sqrt() / bias_correction2.sqrt() + eps
         p32 = p32 - (lr_t / bias_correction1) * m32 / denom
+        if found_inf is not None:
+            skip = found_inf.to(p.device).reshape(()) != 0
+            p32 = torch.where(skip, p.to(opmath), p32)
+            m32 = torch.where(skip, m.to(opmath), m32)
+            v32 = torch.where(skip, v.to(opmath), v32)
         p.copy_(p32)
         m.copy_(m32)
         v.copy_(v32)

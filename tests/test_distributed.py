@@ -195,7 +195,7 @@ def test_fsdp1_orig_param_views_empty_shards_and_none_grads(world):
         # one side missing on this rank (a parameter the forget loss did not reach): zeros stand in
         f_views = [None if (i == 0 and v is not None) else v for i, v in enumerate(f_views)]
         params = [SimpleNamespace(grad=r) for r in r_views]
-        forget_grads, retain_grads = _paired_grads(params, f_views)
+        _, forget_grads, retain_grads = _paired_grads(params, f_views)
         assert len(forget_grads) == sum(v is not None for v in r_views)
         total += partial_sums(forget_grads, retain_grads)
     assert saw_empty

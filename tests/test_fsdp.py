@@ -205,6 +205,9 @@ def two_rank_cases(out: str, model_dir: str) -> dict[str, dict]:
              export_dir=os.path.join(out, "export"), **common),
         dict(name="fsdp2_rmu", layout="fsdp2", mode="rmu", forget_loss="ga", retain_loss="kl", vocab=100,
              model_path=model_dir, optimizer="sgd", lr=0.05, clip=0.3, **common),
+        # BLURFusedAdamW on DTensor shards: d formed inside the update, clipped by the global sums
+        dict(name="fsdp2_fused_adamw", layout="fsdp2", mode="forget_lower", forget_loss="npo",
+             retain_loss="nll", vocab=101, optimizer="blur_fused_adamw", lr=1e-3, clip=0.3, **common),
         dict(name="ddp_forget_lower", layout="ddp", mode="forget_lower", forget_loss="npo", retain_loss="nll",
              vocab=101, optimizer="sgd", lr=0.05, **common),
         # 4 steps uninterrupted, checkpoints after micro-batch 4 (step 2) and 5 (inside window 3)
@@ -240,7 +243,7 @@ def two_rank_run(tmp_path_factory, model_dir):
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("name", ["fsdp2_forget_lower", "fsdp2_rmu"])
+@pytest.mark.parametrize("name", ["fsdp2_forget_lower", "fsdp2_rmu", "fsdp2_fused_adamw"])
 def test_fsdp2_two_ranks_equal_one_process(two_rank_run, name):
     out, cases = two_rank_run
     case = cases[name]
@@ -261,6 +264,14 @@ def test_fsdp2_rmu_clipping_was_active(two_rank_run):
     stats = load(out, "fsdp2_rmu", 0)["stats"]
     # d = g_f + alpha (g_r - s_rf/s_ff g_f): its norm is at least ~||g_f|| for a small s_rf.
     assert max(s["sq_forget"] for s in stats) ** 0.5 > 3 * cases["fsdp2_rmu"]["clip"]
+
+
+@pytest.mark.timeout(400)
+def test_fsdp2_fused_adamw_clipping_was_active(two_rank_run):
+    """The fused case clips at 0.3 with a factor from the global sums: ||d|| went above it."""
+    out, cases = two_rank_run
+    stats = load(out, "fsdp2_fused_adamw", 0)["stats"]
+    assert max(s["direction_norm"] for s in stats) > cases["fsdp2_fused_adamw"]["clip"]
 
 
 @pytest.mark.timeout(400)

@@ -473,6 +473,41 @@ def test_fused_optimizer_matches_torch_adamw(device, with_forget):
         assert fused.state[a]["step"].item() == 3.0
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_fused_optimizer_found_inf_skips_on_device(device, backend):
+    """found_inf = 1 (a non-finite step): p, m, v and the step count stay bit-identical, and the
+    next step with found_inf = 0 is the step an un-skipped optimizer would have taken."""
+    sizes = [(3, 5), (127,), (64, 65)]
+    params = [torch.nn.Parameter(randn(s, torch.float32, device, 500 + i)) for i, s in enumerate(sizes)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    skipping = BLURFusedAdamW(params, lr=3e-3, weight_decay=0.05, backend=backend)
+    plain = BLURFusedAdamW(twins, lr=3e-3, weight_decay=0.05, backend=backend)
+    forget = [randn(p.shape, torch.float32, device, 510 + i) for i, p in enumerate(params)]
+    for p, t in zip(params, twins):
+        p.grad = randn(p.shape, torch.float32, device, 520)
+        t.grad = p.grad.clone()
+    coefs = dict(retain_coef=1.0, forget_coef=-0.5)
+    skipping.step(forget_grads=forget, **coefs)  # one real step, so the moments are not zero
+    plain.step(forget_grads=forget, **coefs)
+    before = [(p.detach().clone(), skipping.state[p]["exp_avg"].clone(), skipping.state[p]["exp_avg_sq"].clone())
+              for p in params]
+    bad = [f.clone() for f in forget]
+    bad[1][3] = float("nan")
+    bad[2][0, 0] = float("inf")
+    skipping.step(forget_grads=bad, found_inf=torch.ones((), device=device), **coefs)
+    for p, (p0, m0, v0) in zip(params, before):
+        state = skipping.state[p]
+        assert torch.equal(p.detach(), p0) and torch.equal(state["exp_avg"], m0)
+        assert torch.equal(state["exp_avg_sq"], v0) and state["step"].item() == 1.0
+    skipping.found_inf = torch.zeros((), device=device)  # the attribute form, as torch's fused optimizers
+    skipping.step(forget_grads=forget, **coefs)
+    plain.step(forget_grads=forget, **coefs)
+    for i, (a, e) in enumerate(zip(params, twins)):
+        assert torch.equal(a.detach(), e.detach()), f"param[{i}] after skip + step differs from two steps"
+        assert skipping.state[a]["step"].item() == 2.0
+
+
 def test_fused_optimizer_torch_backend_on_cpu():
     """backend='torch' (the CPU default) runs the reference step: same numbers as the kernel."""
     params = [torch.nn.Parameter(randn(100, torch.float32, "cpu", 300))]

@@ -12,7 +12,7 @@ A case (all keys but name and layout optional):
     name, layout ("single", "fsdp2", "hsdp", "ddp"), world (ranks whose data a "single" run
     concatenates), shard_size (hsdp), num_nodes, mode, forget_loss, retain_loss, gamma, alpha,
     vocab, rows (sequences per rank per micro-batch), micro_batches (per rank), accumulate,
-    optimizer ("adamw" or "sgd"), lr, clip, model_path (load by name: the lazy meta-device build),
+    optimizer ("adamw", "sgd" or "blur_fused_adamw"), lr, clip, model_path (load by name: the lazy meta-device build),
     export_dir, save_at (micro-batch counts after which a checkpoint is saved, into ckpt_dir),
     ckpt_path (resume from it).
 """
@@ -108,6 +108,10 @@ def build_module(case: dict):
 
     if case["optimizer"] == "sgd":
         optimizer = functools.partial(torch.optim.SGD, lr=case["lr"])
+    elif case["optimizer"] == "blur_fused_adamw":  # the projection folded into AdamW, on local shards
+        from blur_lightning.kernels import BLURFusedAdamW
+
+        optimizer = functools.partial(BLURFusedAdamW, lr=case["lr"], weight_decay=0.01, backend="torch")
     else:
         optimizer = functools.partial(torch.optim.AdamW, lr=case["lr"], weight_decay=0.01)
     model = case["model_path"] or build_tiny_llama(vocab_size=case["vocab"], seed=0)
@@ -131,7 +135,8 @@ def run_case(case: dict, rank: int) -> dict:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if outputs and "stats" in outputs:
                 s = outputs["stats"]
-                stats.append({k: float(getattr(s, k)) for k in ("dot_rf", "sq_forget", "sq_retain", "coef")})
+                stats.append({k: float(getattr(s, k))
+                              for k in ("dot_rf", "sq_forget", "sq_retain", "coef", "direction_norm")})
             if batch_idx + 1 in case["save_at"]:
                 path = os.path.join(case["ckpt_dir"], f"{case['name']}.micro{batch_idx + 1}.ckpt")
                 trainer.save_checkpoint(path)
