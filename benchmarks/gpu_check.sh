@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One run on a lent GPU machine, from the repository root: the GPU tests, the projection benchmark,
-# and the step benchmark when it exists. Writes its tables and a log under $OUT, within 8 minutes.
+# and the step benchmark when it exists. Writes its tables and a log under $OUT, within 9 minutes.
 #
 #   OUT=/tmp/out BLUR_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh
 #
@@ -54,14 +54,15 @@ fi
 $PYTHON -c "import blur_lightning.kernels as k, blur_lightning; print('blur_lightning from', blur_lightning.__file__, '| kernels from', k.__file__)" 2>&1 | tee -a "$LOG"
 
 status=0
-run 150 $PYTHON -m pytest -m gpu tests/test_kernels*.py -q -p no:cacheprovider --timeout=120 || status=1
+run 150 $PYTHON -m pytest -m gpu tests/test_kernels*.py tests/test_step_host_reads.py -q -p no:cacheprovider --timeout=120 || status=1
 # shellcheck disable=SC2086
 run 240 $PYTHON benchmarks/bench_projection.py --out "$OUT" --sweep ${BENCH_ARGS:-} || status=1
 if [ -n "${SKIP_STEP:-}" ]; then
   say "SKIP_STEP set: bench_step.py skipped"
 elif [ -f benchmarks/bench_step.py ]; then
   mkdir -p "$OUT/step"
-  run 180 $PYTHON benchmarks/bench_step.py --out "$OUT/step" || status=1
+  # --profile: the top ops and the GPU busy time of two steps per provider (where the GPU waits)
+  run 240 $PYTHON benchmarks/bench_step.py --out "$OUT/step" --profile || status=1
 else
   say "benchmarks/bench_step.py not present: skipped"
 fi

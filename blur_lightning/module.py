@@ -31,7 +31,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from blur_lightning import losses
+from blur_lightning import attention, losses
 from blur_lightning.projection import MODES, BLURStats, blur_direction_, compute_stats
 
 # The CLI's injectable optimizer and scheduler: callables taking the parameters / the optimizer.
@@ -205,15 +205,18 @@ class BLURUnlearner(pl.LightningModule):
     def _reference_logits(self, side: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
             ref = self.reference_model
-            return ref(input_ids=side["input_ids"], attention_mask=side["attention_mask"], use_cache=False).logits
+            return attention.forward(ref, side).logits
+
+    # ------------------------------------------------------------------ attention masks
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Note on the host, while the batch is still on the CPU, which sides have padding (see attention.py)."""
+        attention.mark_padding(batch)
+        return batch
 
     # ------------------------------------------------------------------ losses
     def _layer_activations(self, model: nn.Module, side: dict[str, torch.Tensor]) -> torch.Tensor:
         """Output of decoder layer rmu_layer, (B, T, H): hidden_states[0] is the embedding output."""
-        out = model(
-            input_ids=side["input_ids"], attention_mask=side["attention_mask"], output_hidden_states=True,
-            use_cache=False,
-        )
+        out = attention.forward(model, side, output_hidden_states=True)
         layer = self.hparams.rmu_layer
         if not 0 <= layer < len(out.hidden_states) - 1:
             raise ValueError(f"rmu_layer={layer}: the model has {len(out.hidden_states) - 1} decoder layers")
@@ -235,9 +238,9 @@ class BLURUnlearner(pl.LightningModule):
         if name == "idk":
             if "alt_input_ids" not in side:
                 raise ValueError("forget_loss='idk' needs refusal answers: set data.idk_column")
-            logits = self(side["alt_input_ids"], side["alt_attention_mask"])
+            logits = attention.forward(self.model, side, "alt_input_ids", "alt_attention_mask").logits
             return losses.nll_loss(logits, side["alt_labels"])
-        logits = self(side["input_ids"], side["attention_mask"])
+        logits = attention.forward(self.model, side).logits
         if name == "ga":
             return losses.gradient_ascent_loss(logits, side["labels"])
         if name == "npo":
@@ -253,7 +256,7 @@ class BLURUnlearner(pl.LightningModule):
             with torch.no_grad():
                 ref_hidden = self._layer_activations(self.reference_model, side)
             return losses.rmu_retain_loss(hidden, ref_hidden, side["attention_mask"])
-        logits = self(side["input_ids"], side["attention_mask"])
+        logits = attention.forward(self.model, side).logits
         if self.hparams.retain_loss == "kl":
             return losses.kl_loss(logits, self._reference_logits(side), side["labels"])
         return losses.nll_loss(logits, side["labels"])
@@ -460,7 +463,7 @@ class BLURUnlearner(pl.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
         """Mean answer NLL per val set: it should rise on the forget set and hold on the eval set."""
         name = self.VAL_SET_NAMES[dataloader_idx] if dataloader_idx < len(self.VAL_SET_NAMES) else str(dataloader_idx)
-        logits = self(batch["input_ids"], batch.get("attention_mask"))
+        logits = attention.forward(self.model, batch).logits
         loss = losses.nll_loss(logits, batch["labels"])
         self.log(f"val/{name}_nll", loss, on_epoch=True, batch_size=batch["input_ids"].shape[0],
                  add_dataloader_idx=False, sync_dist=True)
@@ -553,7 +556,6 @@ def _paired_grads(
 
 
 NONFINITE_SKIP = ("auto", "device", "host")
-
 
 def _is_fused_blur_optimizer(optimizer) -> bool:
     """Whether optimizer is a BLURFusedAdamW, without importing Triton when it cannot be one."""

@@ -57,7 +57,7 @@ def _blur_adamw_kernel(
     lr = tl.load(lr_ptr).to(tl.float32)
     decay = 1.0 - lr * weight_decay
     # A skipped step walks no chunks: every program exits at once, p, m and v stay untouched.
-    n_walk = tl.where(tl.load(found_inf_ptr).to(tl.float32) != 0.0, 0, n_chunks)
+    n_walk = n_chunks * (tl.load(found_inf_ptr) == 0.0).to(tl.int32)
     for c in range(pid, n_walk, n_programs):
         t = tl.load(chunk_tensor + c)
         start = tl.load(chunk_start + c)

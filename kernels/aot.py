@@ -82,6 +82,7 @@ def kernel_specs(block: int | None = None) -> list[tuple[str, object, dict, dict
         "retain_coef_ptr": "*fp32",
         "forget_coef_ptr": "*fp32",
         "lr_ptr": "*fp32",
+        "found_inf_ptr": "*fp32",
         "beta1": "fp32",
         "beta2": "fp32",
         "log2_beta1": "fp64",

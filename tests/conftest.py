@@ -18,7 +18,9 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 TINY_VOCAB = 101  # odd on purpose: shards of an uneven vocabulary must still count once
 
 
-def build_tiny_llama(vocab_size: int = TINY_VOCAB, seed: int = 0, layers: int = 2) -> torch.nn.Module:
+def build_tiny_llama(
+    vocab_size: int = TINY_VOCAB, seed: int = 0, layers: int = 2, attn: str = "eager"
+) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -31,7 +33,7 @@ def build_tiny_llama(vocab_size: int = TINY_VOCAB, seed: int = 0, layers: int = 
         num_key_value_heads=2,
         max_position_embeddings=64,
         tie_word_embeddings=False,
-        attn_implementation="eager",
+        attn_implementation=attn,
     )
     return LlamaForCausalLM(config).float()
 

@@ -201,7 +201,7 @@ def two_rank_cases(out: str, model_dir: str) -> dict[str, dict]:
     common = dict(world=2, micro_batches=6, accumulate=2)  # 3 BLUR steps per run
     cases = [
         dict(name="fsdp2_forget_lower", layout="fsdp2", mode="forget_lower", forget_loss="npo",
-             retain_loss="nll", vocab=101, optimizer="adamw", lr=1e-3,
+             retain_loss="nll", vocab=101, optimizer="adamw_fused", lr=1e-3,
              export_dir=os.path.join(out, "export"), **common),
         dict(name="fsdp2_rmu", layout="fsdp2", mode="rmu", forget_loss="ga", retain_loss="kl", vocab=100,
              model_path=model_dir, optimizer="sgd", lr=0.05, clip=0.3, **common),

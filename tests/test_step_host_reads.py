@@ -16,6 +16,8 @@ import torch
 from conftest import build_tiny_llama, make_batch
 from torch.utils.data import DataLoader
 
+from blur_lightning.attention import causal_padding_mask, full_causal_attention, mark_padding, read_free_sdpa
+from blur_lightning.attention import forward as read_free_forward
 from blur_lightning.host_reads import HostReadCounter
 from blur_lightning.module import BLURUnlearner
 
@@ -173,3 +175,122 @@ def test_fused_optimizer_refuses_value_clipping():
     )
     with pytest.raises(ValueError, match="gradient_clip_algorithm='value'.*BLURFusedAdamW"):
         fit(module, [make_batch()])
+
+
+# --------------------------------------------------------------------------------------------
+# attention masks: transformers' SDPA path reads a 2D mask back (fast_all) on every forward
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("forget_loss", ["npo", "ga"])
+def test_sdpa_model_step_makes_no_host_read(padded, forget_loss):
+    """An SDPA model with padded (or unpadded) batches, NPO's reference forward included: 0 reads."""
+    module = BLURUnlearner(
+        build_tiny_llama(attn="sdpa"), forget_loss=forget_loss, optimizer=OPTIMIZERS["adamw_fused"](),
+        export_dir=None,
+    )
+    reads = count_step_reads(module)
+    batches = [make_batch(seed=s) for s in range(2)]
+    if not padded:
+        for batch in batches:
+            for side in batch.values():
+                side["attention_mask"].fill_(1)
+                side["labels"] = side["input_ids"].clone()
+    fit(module, batches)
+    assert reads == [0, 0], module._last_sites
+
+
+def test_hf_sdpa_mask_reads_the_host_without_marks():
+    """The cost the marks avoid: the same forward with a plain 2D mask reads it back."""
+    model = build_tiny_llama(attn="sdpa")
+    side = make_batch()["forget"]
+    with HostReadCounter() as reads:
+        model(input_ids=side["input_ids"], attention_mask=side["attention_mask"], use_cache=False)
+    assert reads.count >= 1
+
+
+@pytest.mark.parametrize("padding", ["right", "left", "none", "unmarked"])
+def test_read_free_forward_gives_transformers_logits(padding):
+    """attention.forward (no host read) against the model's own forward with the 2D mask: the same
+    logits on every real token, for right, left (fully padded query rows must not be NaN), no
+    padding (is_causal, no mask), and a mask whose padding was not noted (the 4D mask is built)."""
+    model = build_tiny_llama(attn="sdpa").eval()
+    side = dict(make_batch(batch=5, length=11)["retain"])
+    if padding == "left":
+        side["attention_mask"] = side["attention_mask"].flip(-1)
+    if padding == "none":
+        side["attention_mask"] = torch.ones_like(side["attention_mask"])
+    if padding != "unmarked":
+        mark_padding(side)
+    with torch.no_grad():
+        want = model(input_ids=side["input_ids"], attention_mask=side["attention_mask"], use_cache=False).logits
+        with HostReadCounter() as reads:
+            got = read_free_forward(model, side).logits
+    assert reads.count == 0, reads.sites()
+    assert model.config._attn_implementation == "sdpa", "the switch must be undone"
+    assert torch.isfinite(got).all()
+    real = side["attention_mask"].bool()
+    assert (real.sum() < real.numel()) == (padding != "none")
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+
+
+def test_causal_padding_mask_values():
+    mask = causal_padding_mask(torch.tensor([[1, 1, 0], [0, 1, 1]]))
+    assert mask.shape == (2, 1, 3, 3)
+    assert mask[0, 0].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    # left padding: the padded query 0 sees itself only; real queries never see key 0
+    assert mask[1, 0].tolist() == [[True, False, False], [False, True, False], [False, True, True]]
+
+
+def test_sliding_window_models_keep_their_masks():
+    """A window shorter than the sequence, or local layers: the model is left to build its mask."""
+    from transformers import MistralConfig
+
+    config = MistralConfig(sliding_window=8, attn_implementation="sdpa")
+    assert full_causal_attention(config, 8) and not full_causal_attention(config, 9)
+    config.layer_types = ["full_attention", "sliding_attention"]
+    assert not full_causal_attention(config, 4)
+    model = build_tiny_llama(attn="sdpa")
+    model.config.sliding_window = 4
+    with read_free_sdpa(model, 12) as free:
+        assert not free and model.config._attn_implementation == "sdpa"
+
+
+def test_mark_padding_nested():
+    batch = {
+        "forget": {"attention_mask": torch.ones(2, 3, dtype=torch.long), "input_ids": torch.zeros(2, 3)},
+        "retain": {"attention_mask": torch.tensor([[1, 1, 0]]), "alt_attention_mask": torch.ones(1, 2)},
+    }
+    mark_padding(batch)
+    assert batch["forget"]["padded:attention_mask"] is False
+    assert batch["retain"]["padded:attention_mask"] is True
+    assert batch["retain"]["padded:alt_attention_mask"] is False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["adamw_fused", "blur_fused_adamw"])
+def test_gpu_step_makes_no_device_read(name):
+    """On a GPU (Triton projection, SDPA, padded batches, NPO's reference): no read of a CUDA value."""
+    from blur_lightning.kernels import BLURFusedAdamW
+
+    optimizer = (
+        functools.partial(BLURFusedAdamW, lr=1e-2) if name == "blur_fused_adamw" else OPTIMIZERS[name]()
+    )
+    module = BLURUnlearner(build_tiny_llama(attn="sdpa"), forget_loss="npo", optimizer=optimizer, export_dir=None)
+    per_call = []
+    original = module.training_step
+
+    def counted(batch, batch_idx):
+        with HostReadCounter(device_type="cuda") as reads:
+            out = original(batch, batch_idx)
+        per_call.append(reads.count)
+        module._last_sites = reads.sites()
+        return out
+
+    module.training_step = counted
+    trainer = pl.Trainer(
+        accelerator="gpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1000,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader([make_batch(seed=s) for s in range(3)], batch_size=None))
+    assert per_call == [0, 0, 0], module._last_sites

@@ -12,7 +12,8 @@ A case (all keys but name and layout optional):
     name, layout ("single", "fsdp2", "hsdp", "ddp"), world (ranks whose data a "single" run
     concatenates), shard_size (hsdp), num_nodes, mode, forget_loss, retain_loss, gamma, alpha,
     vocab, rows (sequences per rank per micro-batch), micro_batches (per rank), accumulate,
-    optimizer ("adamw", "sgd" or "blur_fused_adamw"), lr, clip, model_path (load by name: the lazy meta-device build),
+    optimizer ("adamw", "adamw_fused", "sgd" or "blur_fused_adamw"), lr, clip,
+    model_path (load by name: the lazy meta-device build),
     export_dir, save_at (micro-batch counts after which a checkpoint is saved, into ckpt_dir),
     ckpt_path (resume from it).
 """
@@ -108,6 +109,8 @@ def build_module(case: dict):
 
     if case["optimizer"] == "sgd":
         optimizer = functools.partial(torch.optim.SGD, lr=case["lr"])
+    elif case["optimizer"] == "adamw_fused":  # torch's fused AdamW: the non-finite skip stays on the device
+        optimizer = functools.partial(torch.optim.AdamW, lr=case["lr"], weight_decay=0.01, fused=True)
     elif case["optimizer"] == "blur_fused_adamw":  # the projection folded into AdamW, on local shards
         from blur_lightning.kernels import BLURFusedAdamW
 
