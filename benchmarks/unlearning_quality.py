@@ -75,16 +75,18 @@ METHOD_TITLES = {
 }
 
 
-def sweep(lr: float, methods: list[str]) -> list[Setting]:
-    """2 settings per method: 8 runs of 20 steps, ~20 minutes on 2 idle cores (~35 with other jobs running).
+def sweep(
+    lr: float, methods: list[str], gammas: tuple[float, ...] = (0.5, 1.0), weights: tuple[float, ...] = (1.0, 3.0)
+) -> list[Setting]:
+    """2 settings per method by default: 8 runs of 20 steps, ~20 minutes on 2 idle cores (~35 with other jobs).
 
     gamma is BLUR's forget target (its forget coefficient); with mode penalty d = g_f + w g_r, so w is the
     retain weight. Plain GA has no weight to tune: its lr is swept instead.
     """
     grid = {
-        "blur": [Setting("blur", "npo", "forget_lower", g, lr) for g in (0.5, 1.0)],
-        "graddiff": [Setting("graddiff", "ga", "penalty", w, lr) for w in (1.0, 3.0)],
-        "npo_sum": [Setting("npo_sum", "npo", "penalty", w, lr) for w in (1.0, 3.0)],
+        "blur": [Setting("blur", "npo", "forget_lower", g, lr) for g in gammas],
+        "graddiff": [Setting("graddiff", "ga", "penalty", w, lr) for w in weights],
+        "npo_sum": [Setting("npo_sum", "npo", "penalty", w, lr) for w in weights],
         "ga": [Setting("ga", "ga", "penalty", 0.0, x) for x in (lr / 3, lr)],
     }
     return [s for m in methods for s in grid[m]]
@@ -258,13 +260,14 @@ def pct(x) -> str:
 
 
 def markdown(runs, before, chosen, args, meta, wall_s, n) -> str:
+    stem = "unlearning_quality" + (f"_{args.tag}" if args.tag else "")
     lines = [
-        "## Unlearning quality on SmolLM2-135M-Instruct",
+        "## Unlearning quality on SmolLM2-135M-Instruct" + (f" ({args.tag})" if args.tag else ""),
         "",
         f"{meta['date']}, commit {meta['commit']}, machine: 2-core CPU, {meta['device']}; "
         f"wall time {wall_s / 60:.1f} min for {len(runs)} runs (model load, the before-evaluation, training "
-        f"and evaluation){args.contention_note}. Script: `benchmarks/unlearning_quality.py`; every run in "
-        "`benchmarks/unlearning_quality.csv`, plot `benchmarks/unlearning_quality.png`.",
+        f"and evaluation){args.contention_note}. Script: `benchmarks/unlearning_quality.py "
+        f"{' '.join(sys.argv[1:])}`; every run in `benchmarks/{stem}.csv`, plot `benchmarks/{stem}.png`.",
         "",
         f"Set-up: {args.steps} optimizer steps, batch {args.batch_size} forget + {args.batch_size} retain "
         f"pairs, AdamW (no weight decay), lr {args.lr:g} unless swept, trained on the `{args.answer_column}` "
@@ -317,6 +320,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-5)
     p.add_argument("--methods", nargs="+", default=list(METHOD_TITLES), choices=list(METHOD_TITLES))
     p.add_argument("--answer-column", default="answer", help="training target: answer (short) or response")
+    p.add_argument("--gammas", type=float, nargs="+", default=[0.5, 1.0], help="BLUR's gamma sweep")
+    p.add_argument("--weights", type=float, nargs="+", default=[1.0, 3.0],
+                   help="the retain-weight sweep of graddiff and npo_sum")
+    p.add_argument("--tag", default="", help="suffix of the CSV, PNG and RESULTS.md section (a second sweep)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="16: the length the QA set was curated at")
     p.add_argument("--eval-batch-size", type=int, default=32)
     p.add_argument("--max-questions", type=int, default=None, help="per eval set (a quick check)")
@@ -373,8 +380,9 @@ def main(argv=None) -> None:
         flush=True,
     )
 
+    stem = "unlearning_quality" + (f"_{args.tag}" if args.tag else "")
     runs: list[Run] = []
-    for setting in sweep(args.lr, args.methods):
+    for setting in sweep(args.lr, args.methods, tuple(args.gammas), tuple(args.weights)):
         model.load_state_dict(initial)
         run = Run(setting)
         t0 = time.perf_counter()
@@ -394,7 +402,7 @@ def main(argv=None) -> None:
             f"elapsed {(time.perf_counter() - t_start) / 60:.1f} min",
             flush=True,
         )
-        write_csv(args.out / "unlearning_quality.csv", csv_rows(runs, before, meta))  # partial results survive
+        write_csv(args.out / f"{stem}.csv", csv_rows(runs, before, meta))  # partial results survive
 
     chosen = select(runs, before.forget["acc"], args.forget_target)
     for r in chosen.values():
@@ -405,12 +413,12 @@ def main(argv=None) -> None:
             f"; load average {load_start:.1f} at the start and {os.getloadavg()[0]:.1f} at the end "
             f"(other jobs on the 2 cores), {args.threads} torch thread(s)"
         )
-    write_csv(args.out / "unlearning_quality.csv", csv_rows(runs, before, {**meta, "wall_s": round(wall_s)}))
-    plot(runs, before, args.out / "unlearning_quality.png", args.forget_target)
+    write_csv(args.out / f"{stem}.csv", csv_rows(runs, before, {**meta, "wall_s": round(wall_s)}))
+    plot(runs, before, args.out / f"{stem}.png", args.forget_target)
     text = markdown(runs, before, chosen, args, meta, wall_s, n)
     print("\n" + text, flush=True)
     if not args.no_results:
-        common.write_markdown_section(args.out / "RESULTS.md", SECTION, text)
+        common.write_markdown_section(args.out / "RESULTS.md", SECTION + (f"-{args.tag}" if args.tag else ""), text)
 
 
 if __name__ == "__main__":
