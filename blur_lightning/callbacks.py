@@ -13,20 +13,13 @@ from blur_lightning.assets import resolve
 
 
 def read_jsonl(path: str, limit: int | None = None) -> list[dict]:
-    """Rows of a JSONL file ("embedded:NAME" resolves to the package's assets)."""
+    """Rows of a QA file: JSON Lines, JSON or Parquet ("embedded:NAME" resolves to the package's assets)."""
+    from blur_lightning.formats import read_rows
+
     full = resolve(path)
     if not os.path.isfile(full):
         raise FileNotFoundError(f"QA evaluation file not found: {full}")
-    rows = []
-    with open(full, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{full}:{lineno}: not valid JSON ({e.msg})") from e
+    rows = read_rows(full)
     if not rows:
         raise ValueError(f"QA evaluation file {full} has no rows")
     return rows[:limit] if limit else rows
