@@ -69,8 +69,9 @@ class BLURUnlearner(pl.LightningModule):
             when the optimizer can (BLURFusedAdamW; Adam, AdamW or SGD with fused=True; not
             under a GradScaler, which skips by itself), else by one host read per step.
             "device": require the device skip (error otherwise). "host": always read. On the
-            device path the LR scheduler still steps on a skipped step (as with GradScaler),
-            and the warning about it comes up to a step late (read without stalling).
+            device path the LR scheduler and trainer.global_step still advance on a skipped
+            step (as with GradScaler), and the warning about it comes up to a step late (read
+            without stalling).
         trainable_params: a regex; only parameters whose names match are trained (None: all).
         export_dir: where on fit end the model and tokenizer are saved with save_pretrained
             ("auto": <log_dir>/hf_model; None: no export).

@@ -165,45 +165,6 @@ def test_forget_graph_is_freed_before_retain_forward():
     assert alive_at_retain == [0]
 
 
-def test_nan_step_is_skipped_bit_identical():
-    model = build_tiny_llama()
-    module = BLURUnlearner(
-        model, forget_loss="ga", optimizer=functools.partial(torch.optim.AdamW, lr=1e-2), export_dir=None
-    )
-    good = make_batch(seed=1)
-    bad = make_batch(seed=2)
-    poisoned = {"n": 0}
-    original = module.retain_loss
-
-    def retain_loss(side):
-        poisoned["n"] += 1
-        loss = original(side)
-        return loss * float("nan") if poisoned["n"] == 2 else loss
-
-    module.retain_loss = retain_loss
-    snapshots = {}
-
-    class Snapshot(pl.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            opt = trainer.optimizers[0]
-            snapshots[batch_idx] = (
-                {k: v.clone() for k, v in pl_module.model.state_dict().items()},
-                copy.deepcopy(opt.state_dict()),
-            )
-
-    with pytest.warns(RuntimeWarning, match="non-finite"):
-        fit(module, [good, bad], callbacks=[Snapshot()])
-    params0, opt0 = snapshots[0]
-    params1, opt1 = snapshots[1]
-    for k in params0:
-        assert torch.equal(params0[k], params1[k]), k
-    for pid, state in opt0["state"].items():
-        for key, value in state.items():
-            assert torch.equal(value, opt1["state"][pid][key]), (pid, key)
-    assert module.skipped_steps.item() == 1
-    assert module.trainer.global_step == 1
-
-
 def test_backward_and_step_counts():
     module = BLURUnlearner(
         build_tiny_llama(), forget_loss="ga", accumulate_grad_batches=2, optimizer=sgd(0.01), export_dir=None

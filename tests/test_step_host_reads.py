@@ -138,6 +138,9 @@ def test_nan_step_is_skipped_bit_identical(name):
         for key, value in state.items():
             assert torch.equal(value, opt1["state"][pid][key]), (pid, key)
     assert module.skipped_steps.item() == 1
+    # A host skip never calls optimizer.step; a device skip does (as under GradScaler), so
+    # Lightning counts it in global_step.
+    assert module.trainer.global_step == (3 if name in DEVICE_SKIP else 2)
     assert not hasattr(module.trainer.optimizers[0].optimizer if hasattr(
         module.trainer.optimizers[0], "optimizer") else module.trainer.optimizers[0], "found_inf")
 
