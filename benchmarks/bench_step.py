@@ -72,7 +72,9 @@ def make_batches(size: str, n: int, seed: int = 0) -> list[dict]:
         sides = {}
         for side in ("forget", "retain"):
             ids = torch.randint(0, vocab, (batch, seq), generator=g)
-            sides[side] = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+            # "padded:attention_mask" as ForgetRetainDataModule's collator marks it (attention.py)
+            sides[side] = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
+                           "padded:attention_mask": False}
         out.append(sides)
     return out
 

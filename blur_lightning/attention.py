@@ -6,11 +6,14 @@ path it looks at the data to do so: with a 2D padding mask it checks whether the
 sequences. Each check is a `.item()`-like read: on a GPU the CPU waits there until the stream has
 drained, at every forward (3 per NPO step: forget, reference, retain).
 
-Here the padding is noted on the host while the batch is still on the CPU (`mark_padding`, free),
-and for the duration of our own forward calls the model's attention implementation is switched
-from "sdpa" to READ_FREE_SDPA: the same SDPA function, registered without a mask function, so
-transformers builds no mask. We pass what it would have built: nothing when there is no padding
-(SDPA's is_causal path), else the 4D boolean causal-and-padding mask, built on the device.
+Here the padding is noted on the host while the batch is still on the CPU: the collator of
+`ForgetRetainDataModule` stores `"padded:attention_mask"` (a Python bool) beside each mask, and
+`mark_padding` does the same for other CPU batches. For the duration of our own forward calls
+the model's attention implementation is switched from "sdpa" to READ_FREE_SDPA: the same SDPA
+function, registered without a mask function, so transformers builds no mask. We pass what it
+would have built: nothing when there is no padding (SDPA's is_causal path), else the 4D boolean
+causal-and-padding mask, built on the device. An unmarked mask (a user's own loader) always gets
+the 4D mask: correct and read-free, but without SDPA's is_causal kernels.
 
 The switch is only made for models whose every layer is full causal attention (no sliding window
 shorter than the sequence, no local layers), and is undone after each call: evaluation and

@@ -43,6 +43,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from blur_lightning.attention import PADDED_PREFIX
 from blur_lightning.models import ensure_pad_token, load_tokenizer
 
 if TYPE_CHECKING:
@@ -317,7 +318,9 @@ def pad_side(
     """Right-pad rows of ``{"input_ids", "labels"}`` into ``B x T`` tensors.
 
     Returns ``{prefix+"input_ids", prefix+"attention_mask", prefix+"labels"}`` (int64); padding has
-    ``pad_token_id``, attention 0 and label ``-100``.
+    ``pad_token_id``, attention 0 and label ``-100``. Also ``"padded:"+prefix+"attention_mask"``, a
+    Python bool: known here for free, it spares the model's forward a read of the mask from the GPU
+    (see ``blur_lightning.attention``).
     """
     width = max(len(r["input_ids"]) for r in rows)
     if pad_to_multiple_of:
@@ -334,6 +337,7 @@ def pad_side(
         f"{prefix}input_ids": input_ids,
         f"{prefix}attention_mask": attention_mask,
         f"{prefix}labels": labels,
+        f"{PADDED_PREFIX}{prefix}attention_mask": any(len(row["input_ids"]) < width for row in rows),
     }
 
 

@@ -208,12 +208,6 @@ class BLURUnlearner(pl.LightningModule):
             ref = self.reference_model
             return attention.forward(ref, side).logits
 
-    # ------------------------------------------------------------------ attention masks
-    def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        """Note on the host, while the batch is still on the CPU, which sides have padding (see attention.py)."""
-        attention.mark_padding(batch)
-        return batch
-
     # ------------------------------------------------------------------ losses
     def _layer_activations(self, model: nn.Module, side: dict[str, torch.Tensor]) -> torch.Tensor:
         """Output of decoder layer rmu_layer, (B, T, H): hidden_states[0] is the embedding output."""

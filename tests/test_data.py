@@ -150,8 +150,8 @@ def test_qa_labels_cover_exactly_the_answer_tokens(tmp_path, use_chat_template):
     assert set(batch) == {"forget", "retain"}
     for name, rows in (("forget", qa_rows(10)), ("retain", qa_rows(3, prefix="largest city"))):
         side = batch[name]
-        assert set(side) == {"input_ids", "attention_mask", "labels"}
-        assert all(t.dtype == torch.long and t.shape == side["input_ids"].shape for t in side.values())
+        assert set(side) == {"input_ids", "attention_mask", "labels", "padded:attention_mask"}
+        assert all(t.dtype == torch.long and t.shape == side["input_ids"].shape for t in side.values() if torch.is_tensor(t))
         for i in range(4):
             row = rows[i % len(rows)]
             ids, mask, labels = side["input_ids"][i], side["attention_mask"][i], side["labels"][i]
@@ -213,6 +213,21 @@ def test_pad_to_multiple_of(tmp_path):
     dm = make_dm(tmp_path, pad_to_multiple_of=32)
     batch = next(iter(dm.train_dataloader()))
     assert batch["forget"]["input_ids"].shape[1] % 32 == 0 and batch["retain"]["labels"].shape[1] % 32 == 0
+
+
+def test_collator_notes_padding_on_the_host():
+    """pad_side stores "padded:<mask key>" (a Python bool) beside each mask: the model's SDPA forward
+    then needs no read of the mask from the GPU (blur_lightning.attention)."""
+    from blur_lightning.data import pad_side
+
+    even = pad_side([{"input_ids": [1, 2], "labels": [1, 2]}] * 2, pad_token_id=0)
+    uneven = pad_side([{"input_ids": [1, 2], "labels": [1, 2]}, {"input_ids": [3], "labels": [3]}], 0, prefix="alt_")
+    padded_to_32 = pad_side([{"input_ids": [1, 2], "labels": [1, 2]}], 0, pad_to_multiple_of=32)
+    assert even["padded:attention_mask"] is False and bool(even["attention_mask"].all())
+    assert uneven["padded:alt_attention_mask"] is True
+    assert padded_to_32["padded:attention_mask"] is True
+    for side, key in ((even, "attention_mask"), (uneven, "alt_attention_mask"), (padded_to_32, "attention_mask")):
+        assert side[f"padded:{key}"] == (not bool(side[key].all()))
 
 
 # ----- pairing, order, resume --------------------------------------------------------------------
@@ -432,7 +447,7 @@ def test_embedded_paths(tmp_path):
     assert dm.val_loader_names == ["forget", "eval"]
     forget_loader, eval_loader = dm.val_dataloader()
     side = next(iter(eval_loader))
-    assert set(side) == {"input_ids", "attention_mask", "labels"}
+    assert set(side) == {"input_ids", "attention_mask", "labels", "padded:attention_mask"}
     assert sum(b["input_ids"].shape[0] for b in forget_loader) == len(dm.forget_rows)
 
 

@@ -183,21 +183,25 @@ def test_fused_optimizer_refuses_value_clipping():
 # --------------------------------------------------------------------------------------------
 # attention masks: transformers' SDPA path reads a 2D mask back (fast_all) on every forward
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("padded", [True, False, "unmarked"])
 @pytest.mark.parametrize("forget_loss", ["npo", "ga"])
 def test_sdpa_model_step_makes_no_host_read(padded, forget_loss):
-    """An SDPA model with padded (or unpadded) batches, NPO's reference forward included: 0 reads."""
+    """An SDPA model with padded, unpadded or unmarked batches (no "padded:" flag from the
+    collator: the 4D mask is built), NPO's reference forward included: 0 reads."""
     module = BLURUnlearner(
         build_tiny_llama(attn="sdpa"), forget_loss=forget_loss, optimizer=OPTIMIZERS["adamw_fused"](),
         export_dir=None,
     )
     reads = count_step_reads(module)
     batches = [make_batch(seed=s) for s in range(2)]
-    if not padded:
+    if padded is False:
         for batch in batches:
             for side in batch.values():
                 side["attention_mask"].fill_(1)
                 side["labels"] = side["input_ids"].clone()
+    if padded != "unmarked":
+        for batch in batches:
+            mark_padding(batch)  # what ForgetRetainDataModule's collator stores
     fit(module, batches)
     assert reads == [0, 0], module._last_sites
 
