@@ -148,7 +148,7 @@ def unlearn(model, tokenizer, setting: Setting, args) -> int:
         retain_path=args.retain,
         tokenizer=args.model,
         answer_column=args.answer_column,
-        max_length=64,
+        max_length=args.max_length,
         batch_size=args.batch_size,
         seed=0,
     )
@@ -271,7 +271,7 @@ def markdown(runs, before, chosen, args, meta, wall_s, n) -> str:
         "",
         f"Set-up: {args.steps} optimizer steps, batch {args.batch_size} forget + {args.batch_size} retain "
         f"pairs, AdamW (no weight decay), lr {args.lr:g} unless swept, trained on the `{args.answer_column}` "
-        "column; "
+        f"column (max length {args.max_length} tokens); "
         f"forget = the {n['forget']} capitals of `qa_forget.jsonl` (the questions trained on, as in TOFU); "
         f"retain = `qa_holdout.jsonl` (never trained on), dealt per topic into a validation half "
         f"({n['val']} questions, used only for choosing) and a test half ({n['test']}, reported below); "
@@ -320,6 +320,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-5)
     p.add_argument("--methods", nargs="+", default=list(METHOD_TITLES), choices=list(METHOD_TITLES))
     p.add_argument("--answer-column", default="answer", help="training target: answer (short) or response")
+    p.add_argument("--max-length", type=int, default=64,
+                   help="training sequence length (96 fits the response sentences, as configs/demo.yaml)")
     p.add_argument("--gammas", type=float, nargs="+", default=[0.5, 1.0], help="BLUR's gamma sweep")
     p.add_argument("--weights", type=float, nargs="+", default=[1.0, 3.0],
                    help="the retain-weight sweep of graddiff and npo_sum")
