@@ -132,7 +132,7 @@ def unlearn(model, tokenizer, setting: Setting, args) -> int:
     from blur_lightning.data import ForgetRetainDataModule
     from blur_lightning.module import BLURUnlearner
 
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(args.seed, verbose=False)
     module = BLURUnlearner(
         model,
         forget_loss=setting.forget_loss,
@@ -150,7 +150,7 @@ def unlearn(model, tokenizer, setting: Setting, args) -> int:
         answer_column=args.answer_column,
         max_length=args.max_length,
         batch_size=args.batch_size,
-        seed=0,
+        seed=args.seed,
     )
     data.set_tokenizer(tokenizer)
     trainer = pl.Trainer(
@@ -271,7 +271,7 @@ def markdown(runs, before, chosen, args, meta, wall_s, n) -> str:
         "",
         f"Set-up: {args.steps} optimizer steps, batch {args.batch_size} forget + {args.batch_size} retain "
         f"pairs, AdamW (no weight decay), lr {args.lr:g} unless swept, trained on the `{args.answer_column}` "
-        f"column (max length {args.max_length} tokens); "
+        f"column (max length {args.max_length} tokens), seed {args.seed}; "
         f"forget = the {n['forget']} capitals of `qa_forget.jsonl` (the questions trained on, as in TOFU); "
         f"retain = `qa_holdout.jsonl` (never trained on), dealt per topic into a validation half "
         f"({n['val']} questions, used only for choosing) and a test half ({n['test']}, reported below); "
@@ -322,6 +322,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--answer-column", default="answer", help="training target: answer (short) or response")
     p.add_argument("--max-length", type=int, default=64,
                    help="training sequence length (96 fits the response sentences, as configs/demo.yaml)")
+    p.add_argument("--seed", type=int, default=0, help="data order and initialization seed of every run")
     p.add_argument("--gammas", type=float, nargs="+", default=[0.5, 1.0], help="BLUR's gamma sweep")
     p.add_argument("--weights", type=float, nargs="+", default=[1.0, 3.0],
                    help="the retain-weight sweep of graddiff and npo_sum")
