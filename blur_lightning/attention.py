@@ -82,12 +82,28 @@ def _register() -> None:
     _registered = True
 
 
+def native_transformers_model(model: nn.Module) -> bool:
+    """Whether the model (or the module a DDP/FSDP1 wrapper holds) is a class of transformers itself.
+
+    Those dispatch attention through AttentionInterface at call time, so the switch reaches every
+    layer; a remote-code model may pick its attention class once and expect another mask type.
+    """
+    for m in (model, getattr(model, "module", None)):
+        if m is not None and any(c.__module__.startswith("transformers.models.") for c in type(m).__mro__):
+            return True
+    return False
+
+
 @contextlib.contextmanager
 def read_free_sdpa(model: nn.Module, length: int):
     """Within: the model's SDPA attention builds no mask (yields True), when that is safe; else
     the model is left as it is (yields False)."""
     config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) != "sdpa" or not full_causal_attention(config, length):
+    if (
+        getattr(config, "_attn_implementation", None) != "sdpa"
+        or not full_causal_attention(config, length)
+        or not native_transformers_model(model)
+    ):
         yield False
         return
     _register()

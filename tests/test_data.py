@@ -151,7 +151,8 @@ def test_qa_labels_cover_exactly_the_answer_tokens(tmp_path, use_chat_template):
     for name, rows in (("forget", qa_rows(10)), ("retain", qa_rows(3, prefix="largest city"))):
         side = batch[name]
         assert set(side) == {"input_ids", "attention_mask", "labels", "padded:attention_mask"}
-        assert all(t.dtype == torch.long and t.shape == side["input_ids"].shape for t in side.values() if torch.is_tensor(t))
+        tensors = [t for t in side.values() if torch.is_tensor(t)]
+        assert all(t.dtype == torch.long and t.shape == side["input_ids"].shape for t in tensors)
         for i in range(4):
             row = rows[i % len(rows)]
             ids, mask, labels = side["input_ids"][i], side["attention_mask"][i], side["labels"][i]

@@ -16,7 +16,13 @@ import torch
 from conftest import build_tiny_llama, make_batch
 from torch.utils.data import DataLoader
 
-from blur_lightning.attention import causal_padding_mask, full_causal_attention, mark_padding, read_free_sdpa
+from blur_lightning.attention import (
+    causal_padding_mask,
+    full_causal_attention,
+    mark_padding,
+    native_transformers_model,
+    read_free_sdpa,
+)
 from blur_lightning.attention import forward as read_free_forward
 from blur_lightning.host_reads import HostReadCounter
 from blur_lightning.module import BLURUnlearner
@@ -260,6 +266,36 @@ def test_sliding_window_models_keep_their_masks():
     model.config.sliding_window = 4
     with read_free_sdpa(model, 12) as free:
         assert not free and model.config._attn_implementation == "sdpa"
+
+
+def test_only_native_transformers_models_are_switched():
+    """A model class from outside transformers (remote code) may not dispatch attention at call
+    time: it keeps its 2D mask. FSDP2's dynamic subclass and DDP-style wrappers still count."""
+    from torch.distributed.fsdp import FSDPModule
+
+    model = build_tiny_llama(attn="sdpa")
+    assert native_transformers_model(model)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+            self.config = module.config
+
+    assert native_transformers_model(Wrapper(model))
+    fsdp_class = type("FSDPLlamaForCausalLM", (FSDPModule, type(model)), {})  # what fully_shard makes
+    model.__class__ = fsdp_class
+    assert native_transformers_model(model)
+
+    class RemoteCode(torch.nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.config = config
+
+    remote = RemoteCode(model.config)
+    assert not native_transformers_model(remote)
+    with read_free_sdpa(remote, 12) as free:
+        assert not free
 
 
 def test_mark_padding_nested():
