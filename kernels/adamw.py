@@ -361,7 +361,7 @@ class BLURFusedAdamW(torch.optim.Optimizer):
                 torch._foreach_add_(steps, 1.0)
             else:
                 # a list of the 0-dim flag, not the flag itself: a 0-dim CPU tensor as the foreach
-                # scalar is read with .item()
+                # scalar is read back to the host
                 keep = 1.0 - found_inf.to(steps[0].device, torch.float32).reshape(())
                 torch._foreach_add_(steps, [keep] * len(steps))
             beta1, beta2 = group["betas"]
