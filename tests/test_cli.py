@@ -86,3 +86,19 @@ def test_resume_mid_run_matches_uninterrupted(tmp_path, tiny_model_dir):
     assert resumed.trainer.global_step == 4
     for (name, a), b in zip(straight.model.model.state_dict().items(), resumed.model.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=f"{name} differs after resume")
+
+
+def test_fused_blur_adamw_from_the_command_line(tmp_path, tiny_model_dir):
+    """BLURFusedAdamW injected as the optimizer (the fused path: d formed inside AdamW) by class path."""
+    from blur_lightning.kernels import BLURFusedAdamW
+
+    cli = run_fit(
+        tmp_path, tiny_model_dir,
+        "--model.optimizer", "blur_lightning.kernels.BLURFusedAdamW",
+        "--model.optimizer.lr", "1e-3",
+        "--model.optimizer.backend", "torch",
+    )
+    optimizer = cli.trainer.optimizers[0]
+    assert isinstance(getattr(optimizer, "optimizer", optimizer), BLURFusedAdamW)
+    assert cli.trainer.global_step == 2
+    assert all(state["step"].item() == 2.0 for state in optimizer.state.values())
