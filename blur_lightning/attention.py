@@ -54,10 +54,22 @@ def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     size as the mask transformers builds for a padded batch.
     """
     length = attention_mask.shape[-1]
-    device = attention_mask.device
-    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-    mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
-    return mask | torch.eye(length, dtype=torch.bool, device=device)
+    mask = _causal(length, attention_mask.device)[None, None] & attention_mask.bool()[:, None, None, :]
+    mask.diagonal(dim1=-2, dim2=-1).fill_(True)
+    return mask
+
+
+_CAUSAL: dict[torch.device, torch.Tensor] = {}
+
+
+def _causal(length: int, device: torch.device) -> torch.Tensor:
+    """A (length, length) lower-triangular boolean view: the top-left block of one cached matrix per
+    device (grown to the longest length seen), so a forward allocates only its (B, 1, T, T) mask."""
+    cached = _CAUSAL.get(device)
+    if cached is None or cached.shape[0] < length:
+        cached = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+        _CAUSAL[device] = cached
+    return cached[:length, :length]
 
 
 def full_causal_attention(config, length: int) -> bool:

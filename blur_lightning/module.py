@@ -591,8 +591,9 @@ class _SkipWatch:
         if self._host is None:
             self._host = torch.zeros((), dtype=count.dtype, pin_memory=True)
         self._host.copy_(count.detach(), non_blocking=True)
-        self._event = torch.cuda.Event()
-        self._event.record()
+        if self._event is None:
+            self._event = torch.cuda.Event()
+        self._event.record()  # re-recorded each step: query() then tracks the newest copy
 
     def read(self, wait: bool = False) -> int | None:
         if self._host is None:

@@ -52,13 +52,14 @@ def fit(module, batches, **kwargs):
     return trainer
 
 
-def count_step_reads(module, only_in: str | None = None) -> list[int]:
-    """Wrap training_step: the host reads made inside each call (only_in: whose stack names that file)."""
+def count_step_reads(module, only_in: str | None = None, device_type: str | None = None) -> list[int]:
+    """Wrap training_step: the host reads made inside each call (only_in: whose stack names that
+    file; device_type: reads of tensors on that device only)."""
     per_call = []
     original = module.training_step
 
     def counted(batch, batch_idx):
-        with HostReadCounter() as reads:
+        with HostReadCounter(device_type=device_type) as reads:
             out = original(batch, batch_idx)
         per_call.append(sum(only_in in stack for stack in reads.stacks) if only_in else reads.count)
         module._last_sites = reads.sites()
@@ -320,17 +321,7 @@ def test_gpu_step_makes_no_device_read(name):
         functools.partial(BLURFusedAdamW, lr=1e-2) if name == "blur_fused_adamw" else OPTIMIZERS[name]()
     )
     module = BLURUnlearner(build_tiny_llama(attn="sdpa"), forget_loss="npo", optimizer=optimizer, export_dir=None)
-    per_call = []
-    original = module.training_step
-
-    def counted(batch, batch_idx):
-        with HostReadCounter(device_type="cuda") as reads:
-            out = original(batch, batch_idx)
-        per_call.append(reads.count)
-        module._last_sites = reads.sites()
-        return out
-
-    module.training_step = counted
+    per_call = count_step_reads(module, device_type="cuda")
     trainer = pl.Trainer(
         accelerator="gpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1000,
