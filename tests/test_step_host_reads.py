@@ -7,8 +7,11 @@ checked here for every optimizer that can skip on the device.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import itertools
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -59,14 +62,35 @@ def count_step_reads(module, only_in: str | None = None, device_type: str | None
     original = module.training_step
 
     def counted(batch, batch_idx):
-        with HostReadCounter(device_type=device_type) as reads:
+        # on a GPU, CUDA's own sync check runs beside the counter: it sees every stall, even one
+        # inside an op the counter does not know
+        with HostReadCounter(device_type=device_type) as reads, cuda_sync_warnings(device_type) as syncs:
             out = original(batch, batch_idx)
-        per_call.append(sum(only_in in stack for stack in reads.stacks) if only_in else reads.count)
-        module._last_sites = reads.sites()
+        found = sum(only_in in stack for stack in reads.stacks) if only_in else reads.count
+        per_call.append(found + len(syncs))
+        module._last_sites = reads.sites() + "".join(f"\nCUDA sync: {w.message}" for w in syncs)
         return out
 
     module.training_step = counted
     return per_call
+
+
+@contextlib.contextmanager
+def cuda_sync_warnings(device_type: str | None):
+    """The warnings of torch.cuda.set_sync_debug_mode("warn") inside the block (none off CUDA)."""
+    if device_type != "cuda":
+        yield []
+        return
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        syncs: list = []
+        try:
+            yield syncs
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+            syncs.extend(w for w in caught if "synchroniz" in str(w.message))
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -84,6 +108,74 @@ def test_host_reads_per_step(name):
     expected = [0, 0, 0, 0] if name in DEVICE_SKIP else [0, 1, 0, 1]
     assert reads == expected, module._last_sites
     assert module.trainer.global_step == 2
+
+
+_X = torch.randn(4, 3)
+_MASK = _X > 0
+COUNTER_CASES = {  # name: (code, reads it makes on CUDA)
+    "item": (lambda: _X.sum().item(), 1),
+    "if tensor": (lambda: bool(_X.sum() > 0), 1),
+    "boolean-mask index": (lambda: _X[_MASK], 1),
+    "torch.where(mask)": (lambda: torch.where(_MASK), 1),
+    "nonzero": (lambda: _MASK.nonzero(), 1),
+    "masked_select": (lambda: _X.masked_select(_MASK), 1),
+    "unique": (lambda: torch.unique(_X), 1),
+    "repeat_interleave": (lambda: torch.repeat_interleave(torch.tensor([1, 2])), 1),
+    "repeat_interleave with output_size": (
+        lambda: torch.repeat_interleave(torch.tensor([1, 2]), output_size=3), 0),
+    "equal": (lambda: torch.equal(_X, _X), 1),
+    "bincount": (lambda: torch.bincount(torch.tensor([1, 3])), 1),
+    "x[mask] = scalar (masked_fill on CUDA)": (lambda: _X.clone().__setitem__(_MASK, 0.0), 0),
+    # int() and index_put_
+    "x[mask] = tensor": (lambda: _X.clone().__setitem__(_MASK, _X[0, 0].expand(int(_MASK.sum()))), 2),
+    "integer index": (lambda: _X[torch.tensor([0, 2])], 0),
+    "masked_fill": (lambda: _X.masked_fill(_MASK, 0.0), 0),
+    "torch.where(mask, x, y)": (lambda: torch.where(_MASK, _X, 0.0), 0),
+    "count_nonzero": (lambda: torch.count_nonzero(_MASK), 0),
+}
+
+
+@pytest.mark.parametrize("case", list(COUNTER_CASES))
+def test_counter_sees_what_stalls_a_gpu(case):
+    """Scalar reads, and ops whose output size comes from the values (CUDA reads a count back
+    inside them); ops that stay on the device are not counted."""
+    code, expected = COUNTER_CASES[case]
+    with HostReadCounter() as reads:
+        code()
+    assert reads.count == expected, (dict(reads.ops), reads.sites())
+    assert sum(reads.ops.values()) == reads.count
+
+
+def test_counter_device_filter():
+    with HostReadCounter(device_type="cuda") as reads:
+        _X.sum().item()
+        _MASK.nonzero()
+    assert reads.count == 0
+
+
+LOSS_PAIRS = [(f, r, "forget_lower") for f, r in itertools.product(
+    ("ga", "npo", "simnpo", "idk", "rmu"), ("nll", "kl", "rmu"))]
+MODE_CASES = [("npo", "nll", mode) for mode in ("forget_upper", "penalty", "rmu")]
+
+
+@pytest.mark.parametrize(("forget_loss", "retain_loss", "mode"), LOSS_PAIRS + MODE_CASES)
+def test_every_loss_and_mode_makes_no_host_read(forget_loss, retain_loss, mode):
+    """Every forget loss x retain loss (frozen reference and RMU hooks included) and every mode,
+    with accumulation and norm clipping, on an SDPA model: 0 reads, the value-shaped ops too."""
+    module = BLURUnlearner(
+        build_tiny_llama(attn="sdpa"), forget_loss=forget_loss, retain_loss=retain_loss, mode=mode,
+        rmu_layer=0, optimizer=OPTIMIZERS["adamw_fused"](), export_dir=None,
+        accumulate_grad_batches=2, gradient_clip_val=1.0,
+    )
+    reads = count_step_reads(module)
+    batches = [make_batch(seed=s) for s in range(2)]
+    for batch in batches:
+        if forget_loss == "idk":  # refusal answers: what the collator adds under data.idk_column
+            batch["forget"].update({f"alt_{key}": value for key, value in batch["forget"].items()})
+        mark_padding(batch)
+    fit(module, batches)
+    assert reads == [0, 0], module._last_sites
+    assert module.trainer.global_step == 1
 
 
 def test_host_mode_reads_once_per_step():
