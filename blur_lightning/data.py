@@ -30,6 +30,7 @@ same batches as an uninterrupted run.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -160,6 +161,8 @@ def load_rows(path: str, *, subset: str | None = None, split: str = "train") -> 
             datasets.utils.disable_progress_bars()
             try:
                 ds = datasets.load_dataset(builder, data_files=str(local), split="train")
+            except Exception as err:  # datasets wraps the parser's error without the line
+                raise ValueError(f"{local}: {_unreadable(local, builder, err)}") from err
             finally:
                 if not quiet:
                     datasets.utils.enable_progress_bars()
@@ -168,6 +171,40 @@ def load_rows(path: str, *, subset: str | None = None, split: str = "train") -> 
     if len(ds) == 0:
         raise ValueError(f"{path}: empty set (0 rows in split {split!r})")
     return ds
+
+
+def _unreadable(path: Path, builder: str, err: Exception) -> str:
+    """Why a local file did not load, with the first bad line of a JSON-lines file."""
+    if builder == "json":
+        text = path.read_text(encoding="utf-8", errors="replace")
+        try:
+            json.loads(text)  # one JSON document (an array of rows): its own error names the line
+        except json.JSONDecodeError as whole:
+            if text.lstrip().startswith("["):
+                return f"not valid JSON: {whole.msg} at line {whole.lineno} column {whole.colno}"
+            for number, line in enumerate(text.splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as bad:
+                    return f"line {number} is not valid JSON ({bad.msg} at column {bad.colno}): {line[:80]!r}"
+                if not isinstance(row, dict):
+                    return f"line {number} is a JSON {type(row).__name__}, expected an object of columns"
+    cause = err.__cause__ or err
+    return f"could not be read as {builder} ({type(cause).__name__}: {str(cause).splitlines()[0][:200]})"
+
+
+def _check_strings(values: Sequence[Any], path: str, column: str) -> None:
+    """Each cell a string: a number or a list would otherwise fail deep in the chat template."""
+    for index, value in enumerate(values):
+        if value is None:
+            count = sum(v is None for v in values)
+            raise ValueError(f"{path}: column {column!r} is empty in {count} row(s), first row {index}")
+        if not isinstance(value, str):
+            raise ValueError(
+                f"{path}: column {column!r} must hold text; row {index} holds {type(value).__name__} {value!r:.80}"
+            )
 
 
 def _check_columns(ds: Any, required: Sequence[str], path: str, what: str) -> None:
@@ -705,6 +742,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
         ds = load_rows(path, subset=subset, split=self.splits[name])
         if fmt == "text":
             _check_columns(ds, [self.text_column], path, "format 'text'")
+            _check_strings(ds[self.text_column], path, self.text_column)
             rows = encode_text_rows(self.tokenizer, ds[self.text_column], self.max_length)
             if not rows:
                 raise ValueError(f"{path}: empty set (no text with at least 2 tokens)")
@@ -714,9 +752,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
         _check_columns(ds, required, path, "format 'qa'")
         columns = {c: ds[c] for c in required}
         for column, values in columns.items():
-            missing = [i for i, v in enumerate(values) if v is None]
-            if missing:
-                raise ValueError(f"{path}: column {column!r} is empty in {len(missing)} row(s), first row {missing[0]}")
+            _check_strings(values, path, column)
         questions, answers = columns[self.question_column], columns[self.answer_column]
         kwargs = {"max_length": self.max_length, "use_chat_template": self.use_chat_template}
         encoded, shortened = encode_qa_rows(self.tokenizer, questions, answers, **kwargs)

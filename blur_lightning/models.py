@@ -175,7 +175,31 @@ def resolve_model_path(name_or_path: str) -> str:
     """Map ``"embedded:NAME"`` to its converted cache directory (converting once); pass others through."""
     if name_or_path.startswith(EMBEDDED_PREFIX):
         return str(ensure_embedded(_embedded_name(name_or_path)))
-    return name_or_path
+    path = os.path.expanduser(name_or_path)
+    if (name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.endswith(".gguf")) and not os.path.exists(
+        path
+    ):
+        raise FileNotFoundError(f"model {name_or_path!r}: no such file or directory ({os.path.abspath(path)})")
+    return path if os.path.exists(path) else name_or_path
+
+
+def _not_found(name_or_path: str, err: OSError) -> OSError:
+    """A clearer error for a name that is neither a local model nor loadable from the hub."""
+    offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return OSError(
+        f"model {name_or_path!r}: not a local directory (none at {os.path.abspath(name_or_path)}) and not "
+        f"loadable from the Hugging Face hub or its cache{offline}: {first_line}"
+    )
+
+
+def _from_pretrained(auto_class: Any, name_or_path: str, path: str, **kwargs: Any) -> Any:
+    try:
+        return auto_class.from_pretrained(path, **kwargs)
+    except OSError as err:
+        if os.path.exists(path):
+            raise
+        raise _not_found(name_or_path, err) from err
 
 
 def _is_gguf_quantized(model: Any) -> bool:
@@ -266,12 +290,12 @@ def load_causal_lm(
         kwargs["gguf_file"] = os.path.basename(path)
         path = os.path.dirname(os.path.abspath(path))
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = _from_pretrained(AutoModelForCausalLM, name_or_path, path, **kwargs)
     except (ValueError, ImportError) as err:
         if attn_implementation != "auto" or attn == "eager" or "attn" not in str(err).lower():
             raise
         kwargs["attn_implementation"] = "eager"
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = _from_pretrained(AutoModelForCausalLM, name_or_path, path, **kwargs)
     model = _dequantized_copy(model)
     if device is not None:
         model = model.to(device)
@@ -295,7 +319,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
             os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path)
         )
     else:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = _from_pretrained(AutoTokenizer, name_or_path, path)
     return ensure_pad_token(tokenizer, source=name_or_path)
 
 

@@ -117,6 +117,9 @@ class BLURUnlearner(pl.LightningModule):
             raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
         if gradient_clip_algorithm not in ("norm", "value"):
             raise ValueError(f"gradient_clip_algorithm={gradient_clip_algorithm!r}: expected 'norm' or 'value'")
+        for name, value in (("gamma", gamma), ("alpha", alpha)):
+            if not value >= 0:  # also refuses NaN
+                raise ValueError(f"{name}={value!r}: expected a number >= 0 (a negative weight reverses its objective)")
         if nonfinite_skip not in NONFINITE_SKIP:
             raise ValueError(f"nonfinite_skip={nonfinite_skip!r}: expected one of {NONFINITE_SKIP}")
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])

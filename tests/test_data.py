@@ -88,6 +88,41 @@ def test_empty_set(tmp_path, name, content):
         load_rows(str(tmp_path / name))
 
 
+@pytest.mark.parametrize(
+    "name, content, match",
+    [
+        ("cut.jsonl", '{"question": "a", "answer": "b"}\n{"question": "c", "answer": \n',
+         r"cut.jsonl: line 2 is not valid JSON \(Expecting value at column 29\)"),
+        ("list.jsonl", '{"question": "a", "answer": "b"}\n["c", "d"]\n',
+         "list.jsonl: line 2 is a JSON list, expected an object of columns"),
+        ("array.json", '[{"question": "a", "answer": "b"},\n {"question": "c" "answer": "d"}]\n',
+         "array.json: not valid JSON: Expecting ',' delimiter at line 2 column 19"),
+        ("quote.csv", 'question,answer\na,b\n"c,d\n', "quote.csv: could not be read as csv .*EOF inside string"),
+        ("text.parquet", "not a parquet file", "text.parquet: could not be read as parquet .*magic bytes"),
+    ],
+)
+def test_unreadable_file_names_the_file_and_line(tmp_path, name, content, match):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ValueError, match=match):
+        load_rows(str(tmp_path / name))
+
+
+@pytest.mark.parametrize(
+    "cell, match",
+    [(3, "column 'answer' must hold text; row 1 holds int 3"),
+     (["x"], r"column 'answer' must hold text; row 1 holds list \['x'\]"),
+     (None, r"column 'answer' is empty in 1 row\(s\), first row 1")],
+)
+def test_cells_that_are_not_text(tmp_path, cell, match):
+    """A number or a list in a QA column would fail deep inside the chat template; None is empty."""
+    rows = [{"question": "q", "answer": "a"}, {"question": "r", "answer": cell}]
+    forget = write_jsonl(tmp_path / "forget.jsonl", rows)
+    retain = write_jsonl(tmp_path / "retain.jsonl", qa_rows(3))
+    dm = ForgetRetainDataModule(forget_path=forget, retain_path=retain, tokenizer=TOKENIZER)
+    with pytest.raises(ValueError, match="forget.jsonl: " + match):
+        dm.setup("fit")
+
+
 def test_missing_columns_name_those_found(tmp_path):
     forget = write_jsonl(tmp_path / "forget.jsonl", [{"prompt": "q", "response": "a"}])
     retain = write_jsonl(tmp_path / "retain.jsonl", qa_rows(3))

@@ -115,6 +115,21 @@ def test_export_then_load_round_trip(tmp_path):
         load_causal_lm(str(out), dtype="float8")
 
 
+def test_missing_model_is_named(tmp_path, monkeypatch):
+    """A path that does not exist, and a hub-style name with no hub (tests run offline): both say
+    which name failed and where it was looked for."""
+    missing = tmp_path / "no_model"
+    with pytest.raises(FileNotFoundError, match=f"model '{missing}': no such file or directory"):
+        load_causal_lm(str(missing))
+    with pytest.raises(FileNotFoundError, match="model './weights.gguf': no such file"):
+        load_tokenizer("./weights.gguf")
+    monkeypatch.chdir(tmp_path)
+    for load in (load_causal_lm, load_tokenizer):
+        with pytest.raises(OSError, match=r"model 'some-org/no-such-model': not a local directory \(none at .*"
+                           r"some-org/no-such-model\) and not loadable from the Hugging Face hub or its cache"):
+            load("some-org/no-such-model")
+
+
 def test_export_replaces_atomically_and_leaves_no_temp_dirs(tmp_path):
     export_hf(tiny_llama(seed=0), None, tmp_path / "export")
     export_hf(tiny_llama(seed=1), None, tmp_path / "export")

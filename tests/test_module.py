@@ -210,6 +210,8 @@ def test_trainable_params_filter():
         ({"retain_loss": "mse"}, "retain_loss='mse'"),
         ({"mode": "up"}, "mode='up'"),
         ({"accumulate_grad_batches": 0}, "accumulate_grad_batches must be >= 1"),
+        ({"gamma": -0.5}, r"gamma=-0.5: expected a number >= 0"),
+        ({"alpha": float("nan")}, r"alpha=nan: expected a number >= 0"),
     ],
 )
 def test_bad_hyperparameters(kwargs, match):
