@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from typing import Any
 
 import torch
@@ -36,8 +37,43 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
+def damaged_checkpoint(path: str | os.PathLike) -> str | None:
+    """Why a local file cannot be a complete torch.save checkpoint, or None when it can be.
+
+    torch.save writes a zip archive; a truncated or overwritten file fails the zip's own checks
+    (central directory, CRC of each member). torch.load alone reports such a file as a
+    `weights_only` refusal and suggests loading it unsafely, which would not help."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        return f"not a torch.save archive ({err})"
+    return f"member {bad!r} is corrupt (CRC mismatch)" if bad is not None else None
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """TorchCheckpointIO whose save is atomic on local paths (remote paths: Lightning's save)."""
+    """TorchCheckpointIO whose save is atomic on local paths (remote paths: Lightning's save), and
+    whose load names a damaged local file instead of failing inside the unpickler."""
+
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        kwargs = {"weights_only": weights_only}
+        if map_location is not None:
+            kwargs["map_location"] = map_location
+        try:
+            return super().load_checkpoint(path, **kwargs)
+        except FileNotFoundError:
+            raise
+        except Exception as err:
+            if "://" in str(path) or not os.path.isfile(path):
+                raise
+            reason = damaged_checkpoint(path)
+            if reason is None:
+                raise
+            raise ValueError(
+                f"checkpoint {os.fspath(path)!r} is damaged: {reason}; resume from an earlier one "
+                f"(checkpoints written by this package are renamed into place whole, so a damaged file "
+                f"was cut short or changed by something else)"
+            ) from err
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None or "://" in str(path):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
-from blur_lightning.checkpoint import AtomicCheckpointIO
+from blur_lightning.checkpoint import AtomicCheckpointIO, damaged_checkpoint
 
 
 class BLURCLI(LightningCLI):
@@ -15,14 +16,34 @@ class BLURCLI(LightningCLI):
         # One model name serves both: the module loads the weights, the data module its tokenizer.
         parser.link_arguments("model.model", "data.tokenizer", apply_on="parse")
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters before any trainer exists; a damaged
+        # file would fail there as a `weights_only` refusal that suggests loading it unsafely.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and os.path.isfile(ckpt_path):
+            reason = damaged_checkpoint(ckpt_path)
+            if reason is not None:
+                raise ValueError(
+                    f"ckpt_path={ckpt_path!r}: the checkpoint is damaged: {reason}; resume from an earlier one"
+                )
+        super()._parse_ckpt_path()
+
     def _attach_atomic_checkpoints(self) -> None:
         strategy = self.trainer.strategy
-        # Single-file checkpoints (one device, DDP) go through an atomic temp-file-and-rename;
-        # sharded strategies write directories through torch.distributed.checkpoint.
+        # Single-file checkpoints (one device, DDP) go through an atomic temp-file-and-rename (and a
+        # load that names a damaged file); sharded strategies write directories through
+        # torch.distributed.checkpoint.
         if isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
             strategy.checkpoint_io = AtomicCheckpointIO()
 
     def before_fit(self) -> None:
+        self._attach_atomic_checkpoints()
+
+    def before_validate(self) -> None:
+        self._attach_atomic_checkpoints()
+
+    def before_test(self) -> None:
         self._attach_atomic_checkpoints()
 
 

@@ -30,7 +30,6 @@ same batches as an uninterrupted run.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -162,7 +161,7 @@ def load_rows(path: str, *, subset: str | None = None, split: str = "train") -> 
             try:
                 ds = datasets.load_dataset(builder, data_files=str(local), split="train")
             except Exception as err:  # datasets wraps the parser's error without the line
-                raise ValueError(f"{local}: {_unreadable(local, builder, err)}") from err
+                raise _unreadable(local, builder, err) from err
             finally:
                 if not quiet:
                     datasets.utils.enable_progress_bars()
@@ -173,26 +172,19 @@ def load_rows(path: str, *, subset: str | None = None, split: str = "train") -> 
     return ds
 
 
-def _unreadable(path: Path, builder: str, err: Exception) -> str:
-    """Why a local file did not load, with the first bad line of a JSON-lines file."""
+def _unreadable(path: Path, builder: str, err: Exception) -> ValueError:
+    """Why a local file did not load: for JSON the first bad line (formats.read_rows reads it
+    again, line by line), else the parser's own reason."""
     if builder == "json":
-        text = path.read_text(encoding="utf-8", errors="replace")
+        from blur_lightning.formats import read_rows
+
         try:
-            json.loads(text)  # one JSON document (an array of rows): its own error names the line
-        except json.JSONDecodeError as whole:
-            if text.lstrip().startswith("["):
-                return f"not valid JSON: {whole.msg} at line {whole.lineno} column {whole.colno}"
-            for number, line in enumerate(text.splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as bad:
-                    return f"line {number} is not valid JSON ({bad.msg} at column {bad.colno}): {line[:80]!r}"
-                if not isinstance(row, dict):
-                    return f"line {number} is a JSON {type(row).__name__}, expected an object of columns"
+            read_rows(path)
+        except ValueError as bad:
+            return bad
     cause = err.__cause__ or err
-    return f"could not be read as {builder} ({type(cause).__name__}: {str(cause).splitlines()[0][:200]})"
+    reason = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ""
+    return ValueError(f"{path}: could not be read as {builder} ({type(cause).__name__}: {reason})")
 
 
 def _check_strings(values: Sequence[Any], path: str, column: str) -> None:

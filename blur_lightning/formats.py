@@ -112,7 +112,9 @@ def read_rows(path: PathLike) -> list[Row]:
         text = path.read_text()
         try:
             data = json.loads(text)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as err:
+            if text.lstrip().startswith("["):  # one document (a list of rows): its error has the line
+                raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
             return _read_json_lines(path)
         return _as_rows(data, path)
     raise ValueError(f"{path}: unsupported file type {suffix!r} (expected .json, .jsonl or .parquet)")

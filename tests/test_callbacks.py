@@ -10,7 +10,7 @@ import torch
 from test_module import sgd
 
 from blur_lightning.callbacks import QAEvalCallback, TrainingCurves, read_jsonl
-from blur_lightning.checkpoint import AtomicCheckpointIO, atomic_torch_save
+from blur_lightning.checkpoint import AtomicCheckpointIO, atomic_torch_save, damaged_checkpoint
 from blur_lightning.module import BLURUnlearner
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "qa")
@@ -83,3 +83,24 @@ def test_atomic_save_leaves_old_file_on_failure(tmp_path, monkeypatch):
     io = AtomicCheckpointIO()
     io.save_checkpoint({"step": 3}, str(target))
     assert io.load_checkpoint(str(target))["step"] == 3
+
+
+def test_damaged_checkpoint_is_named(tmp_path):
+    """torch.load takes a flipped bit silently and reports a cut file as a weights_only refusal;
+    the zip's own checks (its directory, a CRC per member) find both."""
+    good = tmp_path / "good.ckpt"
+    atomic_torch_save({"step": 3, "weights": torch.arange(4096.0)}, good)
+    assert damaged_checkpoint(good) is None
+    data = good.read_bytes()
+    cut, flipped = tmp_path / "cut.ckpt", tmp_path / "flipped.ckpt"
+    cut.write_bytes(data[: len(data) // 2])
+    middle = data.index(torch.arange(4096.0)[1000:1002].numpy().tobytes())  # inside the tensor's bytes
+    flipped.write_bytes(data[:middle] + bytes([data[middle] ^ 0x40]) + data[middle + 1 :])
+    assert "not a torch.save archive" in damaged_checkpoint(cut)
+    assert "is corrupt (CRC mismatch)" in damaged_checkpoint(flipped)
+    assert not torch.equal(torch.load(flipped)["weights"], torch.arange(4096.0))  # what torch.load misses
+    io = AtomicCheckpointIO()
+    with pytest.raises(ValueError, match=r"checkpoint '.*cut.ckpt' is damaged: not a torch.save archive"):
+        io.load_checkpoint(str(cut))
+    with pytest.raises(FileNotFoundError):
+        io.load_checkpoint(str(tmp_path / "missing.ckpt"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import glob
 import os
+import struct
+import zipfile
 
 import pytest
 import torch
@@ -86,6 +88,25 @@ def test_resume_mid_run_matches_uninterrupted(tmp_path, tiny_model_dir):
     assert resumed.trainer.global_step == 4
     for (name, a), b in zip(straight.model.model.state_dict().items(), resumed.model.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=f"{name} differs after resume")
+
+
+def test_damaged_checkpoint_refused_before_resuming(tmp_path, tiny_model_dir):
+    """--ckpt_path on a cut or bit-flipped file: a clear error naming it, not a silent resume
+    from wrong weights (a flipped bit loads without complaint in torch.load)."""
+    run_fit(tmp_path / "run", tiny_model_dir, "--trainer.max_steps", "1")
+    (last,) = glob.glob(os.path.join(tmp_path, "run", "**", "last.ckpt"), recursive=True)
+    data = open(last, "rb").read()
+    with zipfile.ZipFile(last) as archive:  # a byte inside the largest tensor's stored bytes
+        member = max(archive.infolist(), key=lambda info: info.file_size)
+    name_len, extra_len = struct.unpack("<HH", data[member.header_offset + 26 : member.header_offset + 30])
+    at = member.header_offset + 30 + name_len + extra_len + member.file_size // 2  # local header, then data
+    flipped = tmp_path / "flipped.ckpt"
+    flipped.write_bytes(data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :])
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(data[:-100])
+    for bad, reason in ((flipped, "CRC mismatch"), (cut, "not a torch.save archive")):
+        with pytest.raises(ValueError, match=f"ckpt_path='{bad}': the checkpoint is damaged: .*{reason}"):
+            run_fit(tmp_path / "resumed", tiny_model_dir, "--trainer.max_steps", "2", "--ckpt_path", str(bad))
 
 
 def test_fused_blur_adamw_from_the_command_line(tmp_path, tiny_model_dir):
