@@ -51,29 +51,36 @@ def damaged_checkpoint(path: str | os.PathLike) -> str | None:
     return f"member {bad!r} is corrupt (CRC mismatch)" if bad is not None else None
 
 
+_VERIFIED: set[tuple[str, int, int]] = set()  # (real path, size, mtime_ns) of files found whole
+
+
+def verify_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> None:
+    """Raise ValueError naming `path` when it is damaged; each unchanged file is checked once."""
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if key in _VERIFIED:
+        return
+    reason = damaged_checkpoint(path)
+    if reason is not None:
+        raise ValueError(
+            f"{what} {os.fspath(path)!r} is damaged: {reason}; resume from an earlier one (checkpoints "
+            f"written by this package are renamed into place whole: this file was cut short or changed "
+            f"by something else)"
+        )
+    _VERIFIED.add(key)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """TorchCheckpointIO whose save is atomic on local paths (remote paths: Lightning's save), and
-    whose load names a damaged local file instead of failing inside the unpickler."""
+    whose load first checks a local file whole (a flipped bit would otherwise load silently)."""
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if "://" not in str(path) and os.path.isfile(path):
+            verify_checkpoint(path)
         kwargs = {"weights_only": weights_only}
         if map_location is not None:
             kwargs["map_location"] = map_location
-        try:
-            return super().load_checkpoint(path, **kwargs)
-        except FileNotFoundError:
-            raise
-        except Exception as err:
-            if "://" in str(path) or not os.path.isfile(path):
-                raise
-            reason = damaged_checkpoint(path)
-            if reason is None:
-                raise
-            raise ValueError(
-                f"checkpoint {os.fspath(path)!r} is damaged: {reason}; resume from an earlier one "
-                f"(checkpoints written by this package are renamed into place whole, so a damaged file "
-                f"was cut short or changed by something else)"
-            ) from err
+        return super().load_checkpoint(path, **kwargs)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None or "://" in str(path):

@@ -8,7 +8,7 @@ import warnings
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
-from blur_lightning.checkpoint import AtomicCheckpointIO, damaged_checkpoint
+from blur_lightning.checkpoint import AtomicCheckpointIO, verify_checkpoint
 
 
 class BLURCLI(LightningCLI):
@@ -22,11 +22,7 @@ class BLURCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and os.path.isfile(ckpt_path):
-            reason = damaged_checkpoint(ckpt_path)
-            if reason is not None:
-                raise ValueError(
-                    f"ckpt_path={ckpt_path!r}: the checkpoint is damaged: {reason}; resume from an earlier one"
-                )
+            verify_checkpoint(ckpt_path, what="ckpt_path")
         super()._parse_ckpt_path()
 
     def _attach_atomic_checkpoints(self) -> None:

@@ -105,8 +105,12 @@ def test_damaged_checkpoint_refused_before_resuming(tmp_path, tiny_model_dir):
     cut = tmp_path / "cut.ckpt"
     cut.write_bytes(data[:-100])
     for bad, reason in ((flipped, "CRC mismatch"), (cut, "not a torch.save archive")):
-        with pytest.raises(ValueError, match=f"ckpt_path='{bad}': the checkpoint is damaged: .*{reason}"):
+        with pytest.raises(ValueError, match=f"ckpt_path '{bad}' is damaged: .*{reason}"):
             run_fit(tmp_path / "resumed", tiny_model_dir, "--trainer.max_steps", "2", "--ckpt_path", str(bad))
+    # --ckpt_path last resolves inside the trainer: its load checks the file too
+    os.replace(flipped, last)
+    with pytest.raises(ValueError, match="checkpoint '.*last.ckpt' is damaged: .*CRC mismatch"):
+        run_fit(tmp_path / "run", tiny_model_dir, "--trainer.max_steps", "2", "--ckpt_path", "last")
 
 
 def test_fused_blur_adamw_from_the_command_line(tmp_path, tiny_model_dir):
