@@ -484,6 +484,38 @@ def curate(model, tokenizer, candidates, batch_size: int) -> list[dict]:
     return kept
 
 
+# Other wordings of the capital questions: forgetting should not hang on the trained template.
+# Measured on the embedded model (16 greedy tokens, 80 forget capitals): 65, 44, 44 and 70 correct;
+# "Where is the seat of government of X?" (38) and a travel question (28) were tried and left out.
+PARAPHRASES = (
+    "Which city is the capital of {country}?",
+    "Name the capital city of {country}.",
+    "{country} has its capital in which city?",
+    "Tell me the capital of {country}.",
+)
+
+
+def paraphrase_forget(model, tokenizer, forget: list[dict], batch_size: int) -> list[dict]:
+    """The forget capitals asked in each of PARAPHRASES, kept where the model answers correctly
+    (the same checks as `curate`), grouped by capital in the order of `forget`."""
+    country_of = {f"What is the capital of {c}?": c for c, _ in CAPITALS}
+    candidates = [
+        (template.format(country=country_of[row["question"]]), row["answer"], "capitals_paraphrased")
+        for row in forget
+        for template in PARAPHRASES
+    ]
+    return curate(model, tokenizer, candidates, batch_size)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for i, row in enumerate(rows):
+            line = {**row, "idk": IDK_ANSWERS[i % len(IDK_ANSWERS)]}
+            line = {k: line[k] for k in ("question", "answer", "topic", "idk", "response")}
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    print(f"wrote {len(rows):4d} lines to {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
@@ -493,12 +525,22 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="candidates per topic (quick runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--paraphrases-only", action="store_true",
+        help="only write qa_forget_paraphrased.jsonl, from the qa_forget.jsonl already in --out",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     start = time.time()
     tokenizer = load_tokenizer(args.model)
     model = load_causal_lm(args.model)
+    out = Path(args.out)
+    if args.paraphrases_only:
+        forget = [json.loads(line) for line in (out / "qa_forget.jsonl").open(encoding="utf-8")]
+        write_jsonl(out / "qa_forget_paraphrased.jsonl", paraphrase_forget(model, tokenizer, forget, args.batch_size))
+        print(f"{time.time() - start:.0f} s")
+        return
     capitals = [(f"What is the capital of {c}?", cap, "capitals") for c, cap in CAPITALS][: args.limit]
     others = [(q, a, t) for t, pairs in RETAIN_TOPICS.items() for q, a in pairs[: args.limit]]
     kept = curate(model, tokenizer, capitals + others, args.batch_size)
@@ -524,15 +566,11 @@ def main() -> None:
             out.extend(g[i] for g in groups if i < len(g))
         return out[: args.per_split]
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in [("forget", forget), ("retain", interleave(retain)), ("holdout", interleave(holdout))]:
-        with (out / f"qa_{name}.jsonl").open("w", encoding="utf-8") as f:
-            for i, row in enumerate(rows):
-                line = {**row, "idk": IDK_ANSWERS[i % len(IDK_ANSWERS)]}
-                line = {k: line[k] for k in ("question", "answer", "topic", "idk", "response")}
-                f.write(json.dumps(line, ensure_ascii=False) + "\n")
-        print(f"wrote {len(rows):4d} lines to {out / f'qa_{name}.jsonl'}")
+        write_jsonl(out / f"qa_{name}.jsonl", rows)
+    paraphrased = paraphrase_forget(model, tokenizer, forget, args.batch_size)
+    write_jsonl(out / "qa_forget_paraphrased.jsonl", paraphrased)
     print(f"{time.time() - start:.0f} s")
 
 

@@ -1,4 +1,4 @@
-"""Callbacks of the main job: before/after QA evaluation and per-step training curves."""
+"""Callbacks of the main job: before/after QA evaluation, the relearning probe and per-step training curves."""
 
 from __future__ import annotations
 
@@ -128,6 +128,96 @@ class QAEvalCallback(pl.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.results = dict(state_dict.get("results", {}))
+
+
+class RelearningProbe(pl.Callback):
+    """At fit end, test whether the forgotten facts were removed or only suppressed.
+
+    A throwaway copy of the unlearned model is fine-tuned on half of the forget set (even rows)
+    and the other half (odd rows, never seen by the probe) is measured before and after, with any
+    extra probe sets (paraphrased questions); see :mod:`blur_lightning.relearning`. The trained
+    model and its export are not touched. Writes ``relearning.json`` and ``relearning.md`` in the
+    log directory. Single-process runs only (a sharded model cannot be copied and trained alone):
+    skipped with a warning otherwise.
+
+    Args:
+        forget_path: the forget QA file (question, answer, `train_column`).
+        probe_sets: more sets to measure, name -> QA file (rows whose answer the probe relearns
+            are dropped from them).
+        steps: optimizer steps of the probe.
+        lr: its AdamW learning rate.
+        batch_size: rows per probe step.
+        train_column: the column the probe trains on.
+        max_length: tokens per probe training row.
+        max_new_tokens: greedy tokens per answer in the accuracy check.
+        eval_batch_size: rows per evaluation forward / generate call.
+        seed: the order of the probe's batches.
+    """
+
+    def __init__(
+        self,
+        forget_path: str,
+        probe_sets: dict[str, str] | None = None,
+        steps: int = 10,
+        lr: float = 1e-5,
+        batch_size: int = 8,
+        train_column: str = "response",
+        max_length: int = 96,
+        max_new_tokens: int = 16,
+        eval_batch_size: int = 32,
+        seed: int = 0,
+    ) -> None:
+        if steps < 1:
+            raise ValueError(f"RelearningProbe: steps must be >= 1, got {steps}")
+        self._forget = read_jsonl(forget_path)
+        missing = [c for c in ("question", "answer", train_column) if c not in self._forget[0]]
+        if missing:
+            raise ValueError(f"RelearningProbe: {forget_path} has no column(s) {missing}")
+        self._probe_sets = {name: read_jsonl(path) for name, path in (probe_sets or {}).items()}
+        self.steps, self.lr, self.batch_size, self.seed = steps, lr, batch_size, seed
+        self.train_column, self.max_length = train_column, max_length
+        self.max_new_tokens, self.eval_batch_size = max_new_tokens, eval_batch_size
+        self.results: dict[str, dict[str, float]] = {}
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        from blur_lightning.relearning import relearning_probe
+
+        if trainer.world_size > 1:
+            rank_zero_warn("RelearningProbe runs in single-process jobs only: skipped")
+            return
+        if pl_module.tokenizer is None:
+            raise ValueError("RelearningProbe needs the module's tokenizer (load the model by name)")
+        t0 = time.perf_counter()
+        self.results = relearning_probe(
+            pl_module.model, pl_module.tokenizer, self._forget, probe_sets=self._probe_sets, steps=self.steps,
+            lr=self.lr, batch_size=self.batch_size, train_column=self.train_column,
+            prob_column=self.train_column, max_length=self.max_length, max_new_tokens=self.max_new_tokens,
+            eval_batch_size=self.eval_batch_size, seed=self.seed,
+        )
+        table = self.table()
+        print(f"\nRelearning probe ({time.perf_counter() - t0:.0f} s)\n{table}", flush=True)
+        out_dir = _log_dir(trainer)
+        os.makedirs(out_dir, exist_ok=True)
+        settings = {"steps": self.steps, "lr": self.lr, "batch_size": self.batch_size, "seed": self.seed}
+        with open(os.path.join(out_dir, "relearning.json"), "w") as f:
+            json.dump({"settings": settings, "results": self.results}, f, indent=2)
+        with open(os.path.join(out_dir, "relearning.md"), "w") as f:
+            f.write(table + "\n")
+
+    def table(self) -> str:
+        after = f"after {self.steps} relearning steps"
+        lines = [
+            f"| set | n | accuracy | {after} | answer prob | {after} |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for name, r in self.results.items():
+            lines.append(
+                f"| {name} | {r['n']:.0f} | {r['accuracy_before']:.1%} | {r['accuracy_after']:.1%}"
+                f" | {r['answer_prob_before']:.3f} | {r['answer_prob_after']:.3f} |"
+            )
+        return "\n".join(lines)
 
 
 class TrainingCurves(pl.Callback):

@@ -1,0 +1,89 @@
+"""The relearning probe: trains a throwaway copy on half the forget set and measures the other half."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from blur_lightning.callbacks import RelearningProbe, read_jsonl
+from blur_lightning.models import tiny_llama, tiny_tokenizer
+from blur_lightning.relearning import relearning_probe, split_halves
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "qa")
+FORGET = os.path.join(FIXTURES, "forget.jsonl")
+
+
+def tiny():
+    tokenizer = tiny_tokenizer()
+    return tiny_llama(vocab_size=len(tokenizer)), tokenizer
+
+
+def test_split_halves_alternate():
+    relearn, held_back = split_halves(list(range(7)))
+    assert relearn == [0, 2, 4, 6] and held_back == [1, 3, 5]
+
+
+def test_probe_trains_a_copy_and_leaves_the_model():
+    """The relearned half's answers become likelier (the probe trained), the model passed in is
+    bit-identical afterwards, and a probe set keeps only facts the probe never trained on."""
+    torch.manual_seed(0)
+    model, tokenizer = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mode = model.training
+    rows = read_jsonl(FORGET)  # 17 capitals: relearn 9, held back 8
+    paraphrased = [{**row, "question": row["question"].replace("What is", "Tell me")} for row in rows]
+    results = relearning_probe(
+        model, tokenizer, rows, probe_sets={"paraphrased": paraphrased}, steps=8, lr=1e-2, batch_size=4,
+        train_column="answer", prob_column=None, max_length=48, max_new_tokens=3,
+    )
+    assert set(results) == {"relearn", "held_back", "paraphrased"}
+    assert (results["relearn"]["n"], results["held_back"]["n"], results["paraphrased"]["n"]) == (9, 8, 8)
+    relearn = results["relearn"]
+    assert relearn["answer_prob_after"] > 3 * relearn["answer_prob_before"], relearn  # measured: 0.002 -> 0.041
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), f"{name} changed: the probe must train a copy"
+    assert model.training == mode
+
+
+def test_probe_bad_arguments():
+    model, tokenizer = tiny()
+    rows = read_jsonl(FORGET)
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        relearning_probe(model, tokenizer, rows, steps=0)
+    with pytest.raises(ValueError, match="at least 2 forget rows, got 1"):
+        relearning_probe(model, tokenizer, rows[:1])
+    with pytest.raises(ValueError, match="probe set 'same': no row left"):
+        relearning_probe(model, tokenizer, rows, probe_sets={"same": rows[0::2]}, train_column="answer")
+    with pytest.raises(ValueError, match=r"has no column\(s\) \['response'\]"):
+        RelearningProbe(FORGET)
+
+
+def test_callback_writes_its_table(tmp_path):
+    from test_module import sgd
+
+    from blur_lightning.data import ForgetRetainDataModule
+    from blur_lightning.module import BLURUnlearner
+
+    model, tokenizer = tiny()
+    module = BLURUnlearner(model, forget_loss="ga", optimizer=sgd(0.01), export_dir=None)
+    module.tokenizer = tokenizer
+    data = ForgetRetainDataModule(
+        forget_path=FORGET, retain_path=os.path.join(FIXTURES, "retain.jsonl"), tokenizer="unused",
+        batch_size=4, max_length=48,
+    )
+    data.set_tokenizer(tokenizer)
+    probe = RelearningProbe(FORGET, probe_sets={"again": FORGET}, steps=2, train_column="answer", max_new_tokens=2)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[probe])
+    trainer.fit(module, datamodule=data)
+    saved = json.loads((tmp_path / "relearning.json").read_text())
+    assert saved["settings"]["steps"] == 2
+    assert set(saved["results"]) == {"relearn", "held_back", "again"}
+    assert saved["results"]["again"]["n"] == 8  # the relearned answers dropped
+    table = (tmp_path / "relearning.md").read_text()
+    assert "| held_back | 8 |" in table and "after 2 relearning steps" in table
