@@ -58,6 +58,7 @@ def relearning_probe(
     eval_batch_size: int = 32,
     seed: int = 0,
     use_chat_template: bool = True,
+    train_rows: Rows | None = None,
 ) -> dict[str, dict[str, float]]:
     """Fine-tune a copy of `model` on half of the forget rows; measure the other half.
 
@@ -80,6 +81,8 @@ def relearning_probe(
         eval_batch_size: rows per forward / generate call in the evaluation.
         seed: the order of the relearn batches.
         use_chat_template: as in training.
+        train_rows: fine-tune on these rows instead of the relearn half: the control of the
+            probe (facts unrelated to the forget set bring back only what any fine-tuning would).
 
     Returns:
         ``{set name: {"accuracy_before", "accuracy_after", "answer_prob_before",
@@ -108,7 +111,8 @@ def relearning_probe(
     before = measure(model)
     attacker = copy.deepcopy(model)
     _fine_tune(
-        attacker, tokenizer, relearn, steps=steps, lr=lr, batch_size=batch_size, column=train_column,
+        attacker, tokenizer, relearn if train_rows is None else train_rows, steps=steps, lr=lr,
+        batch_size=batch_size, column=train_column,
         max_length=max_length, seed=seed, use_chat_template=use_chat_template,
     )
     after = measure(attacker)
