@@ -221,11 +221,15 @@ class BLURUnlearner(pl.LightningModule):
         return out.hidden_states[layer + 1]
 
     def _rmu_control(self, hidden_size: int, device: torch.device) -> torch.Tensor:
+        # Made on the CPU (seeded, the same on every rank) and kept on the device: a blocking
+        # host-to-device copy per step would make the CPU wait for the GPU's queue to drain.
         control = getattr(self, "_rmu_control_vector", None)
-        if control is None or control.numel() != hidden_size:
+        if control is None or control.numel() != hidden_size or control.device != device:
             control = losses.rmu_control_vector(hidden_size, self.hparams.rmu_steering_coef, self.hparams.rmu_seed)
-            self._rmu_control_vector = control
-        return control.to(device)
+            if device.type == "cuda":  # once: pinned + non_blocking, queued without waiting
+                control = control.pin_memory().to(device, non_blocking=True)
+            self._rmu_control_vector = control = control.to(device)
+        return control
 
     def forget_loss(self, side: dict[str, torch.Tensor]) -> torch.Tensor:
         name = self.hparams.forget_loss

@@ -19,6 +19,7 @@ import torch
 from conftest import build_tiny_llama, make_batch
 from torch.utils.data import DataLoader
 
+from blur_lightning import losses
 from blur_lightning.attention import (
     causal_padding_mask,
     full_causal_attention,
@@ -176,6 +177,17 @@ def test_every_loss_and_mode_makes_no_host_read(forget_loss, retain_loss, mode):
     fit(module, batches)
     assert reads == [0, 0], module._last_sites
     assert module.trainer.global_step == 1
+
+
+def test_rmu_control_vector_moves_to_the_device_once():
+    """RMU's control vector is made on the CPU; a copy to the GPU each step would block (a
+    pageable host-to-device copy waits for the stream). "meta" stands in for the GPU here: each
+    .to() onto it makes a new tensor, so only a cached vector comes back as the same object."""
+    module = BLURUnlearner(build_tiny_llama(), forget_loss="rmu", rmu_layer=0, export_dir=None)
+    device = torch.device("meta")
+    first = module._rmu_control(64, device)
+    assert first.device.type == "meta" and module._rmu_control(64, device) is first
+    assert torch.equal(module._rmu_control(64, torch.device("cpu")), losses.rmu_control_vector(64, 6.5, 0))
 
 
 def test_host_mode_reads_once_per_step():
@@ -404,15 +416,22 @@ def test_mark_padding_nested():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("name", ["adamw_fused", "blur_fused_adamw"])
-def test_gpu_step_makes_no_device_read(name):
-    """On a GPU (Triton projection, SDPA, padded batches, NPO's reference): no read of a CUDA value."""
+@pytest.mark.parametrize(("name", "forget_loss", "retain_loss"), [
+    ("adamw_fused", "npo", "nll"), ("blur_fused_adamw", "npo", "nll"), ("adamw_fused", "rmu", "rmu"),
+    ("adamw_fused", "simnpo", "kl"),
+])
+def test_gpu_step_makes_no_device_read(name, forget_loss, retain_loss):
+    """On a GPU (Triton projection, SDPA, padded batches, NPO's reference, RMU's control vector): no
+    read of a CUDA value and no blocking copy either way (CUDA's sync debug mode sees both)."""
     from blur_lightning.kernels import BLURFusedAdamW
 
     optimizer = (
         functools.partial(BLURFusedAdamW, lr=1e-2) if name == "blur_fused_adamw" else OPTIMIZERS[name]()
     )
-    module = BLURUnlearner(build_tiny_llama(attn="sdpa"), forget_loss="npo", optimizer=optimizer, export_dir=None)
+    module = BLURUnlearner(
+        build_tiny_llama(attn="sdpa"), forget_loss=forget_loss, retain_loss=retain_loss, rmu_layer=0,
+        optimizer=optimizer, export_dir=None,
+    )
     per_call = count_step_reads(module, device_type="cuda")
     trainer = pl.Trainer(
         accelerator="gpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
