@@ -20,6 +20,11 @@ It counts three kinds of read:
   same stall as `.item()`, while on the CPU nothing in them looks like a read. Counting them
   here makes the CPU check as strict as `torch.cuda.set_sync_debug_mode("error")` on a GPU.
 
+With ``host_data=True`` it also counts tensors made from Python data (``torch.tensor(x)``,
+``aten.lift_fresh``): made on, or moved to, a GPU that is a blocking host-to-device copy, which
+waits for the stream to drain like a read. On the CPU nothing tells where such a tensor goes, so
+this is opt-in, for code that should make none.
+
 `Tensor.tolist()` is not seen (it bypasses the dispatcher), so code that is checked here must not
 use it on device values.
 """
@@ -47,6 +52,7 @@ _VALUE_SHAPED = frozenset(
     if hasattr(_aten, name)
 )
 _REPEAT_INTERLEAVE = (_aten.repeat_interleave.Tensor, _aten.repeat_interleave.self_Tensor)
+_HOST_DATA = _aten.lift_fresh.default
 _INDEX = _aten.index.Tensor
 _INDEX_PUT = (_aten.index_put_.default, _aten.index_put.default, _aten._index_put_impl_.default)
 
@@ -60,10 +66,12 @@ class HostReadCounter(TorchDispatchMode):
         stacks: one short traceback (innermost frames last) per read, for `sites()`.
     """
 
-    def __init__(self, device_type: str | None = None, stack_depth: int = 6) -> None:
+    def __init__(self, device_type: str | None = None, stack_depth: int = 6, host_data: bool = False) -> None:
         """device_type: count only scalar reads of tensors on it ("cuda": the ones that stall a
-        GPU); None counts every scalar read, the CPU stand-in for a GPU run of the same code."""
+        GPU); None counts every scalar read, the CPU stand-in for a GPU run of the same code.
+        host_data: also count tensors made from Python data (see the module doc)."""
         super().__init__()
+        self._host_data = host_data
         self.count = 0
         self.ops: Counter[str] = Counter()
         self.stacks: list[str] = []
@@ -74,6 +82,8 @@ class HostReadCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         if func in _COPIES:
             read = _is_blocking_device_to_host(func, args, kwargs)
+        elif func is _HOST_DATA:
+            read = self._host_data
         else:
             read = _reads_values(func, args, kwargs) and (
                 self._device_type is None or args[0].device.type == self._device_type

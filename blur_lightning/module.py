@@ -440,7 +440,10 @@ class BLURUnlearner(pl.LightningModule):
         values.update({f"train/{k}": v for k, v in stats.as_dict().items()})
         values["train/skipped_steps"] = self.skipped_steps.float()
         self.log_dict(values, on_step=True, on_epoch=False, prog_bar=False, batch_size=1)
-        self.log("train/lr", float(optimizer.param_groups[0]["lr"]), on_step=True, batch_size=1)
+        # a Python float would become torch.tensor(lr, device=cuda) inside self.log: a blocking
+        # host-to-device copy, which waits for the GPU's queue; torch.full is a fill kernel
+        lr = torch.full((), float(optimizer.param_groups[0]["lr"]), device=self.device)
+        self.log("train/lr", lr, on_step=True, batch_size=1)
         self.log("train/coef_pbar", stats.coef, on_step=True, prog_bar=True, logger=False, batch_size=1)
 
     # ------------------------------------------------------------------ optimizers, export
