@@ -28,7 +28,9 @@ from blur_lightning.data import IGNORE_INDEX, encode_prompts, encode_qa_rows, pa
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["answer_probability", "evaluate_qa", "greedy_answers", "is_correct", "normalize_answer"]
+__all__ = [
+    "answer_probability", "evaluate_qa", "greedy_answers", "greedy_continuations", "is_correct", "normalize_answer",
+]
 
 # End-of-turn tokens of common chat formats: generation stops at any of them, not only at eos.
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
@@ -112,21 +114,45 @@ def greedy_answers(
         batch_size: questions per ``generate`` call.
         use_chat_template: as in training (see :func:`blur_lightning.data.format_qa`).
     """
+    prompt_ids = encode_prompts(tokenizer, questions, use_chat_template=use_chat_template)
+    texts = greedy_continuations(
+        model, tokenizer, prompt_ids, max_new_tokens, batch_size, stop_ids=_stop_token_ids(tokenizer, model)
+    )
+    return [text.strip() for text in texts]
+
+
+@torch.no_grad()
+def greedy_continuations(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    *,
+    stop_ids: Sequence[int] | None = None,
+) -> list[str]:
+    """Greedy continuations of tokenized prompts: left-padded batches of similar length, the new
+    tokens decoded without special tokens (not stripped), in the input order.
+
+    Args:
+        model: a causal LM with ``generate`` (put in eval mode for the call, then restored).
+        tokenizer: its tokenizer, for the pad token and decoding.
+        prompt_ids: one list of token ids per prompt.
+        max_new_tokens: most tokens generated per prompt.
+        batch_size: prompts per ``generate`` call.
+        stop_ids: token ids that end a continuation (None: the model's generation config).
+    """
     from transformers import GenerationConfig
 
-    if not questions:
+    if not prompt_ids:
         return []
-    prompt_ids = encode_prompts(tokenizer, questions, use_chat_template=use_chat_template)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop = list(stop_ids) if stop_ids is not None else getattr(model.generation_config, "eos_token_id", None)
     config = GenerationConfig(
-        do_sample=False,
-        num_beams=1,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad_id,
-        eos_token_id=_stop_token_ids(tokenizer, model),
+        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=stop
     )
     device = _device(model)
-    answers: list[str] = [""] * len(questions)
+    texts: list[str] = [""] * len(prompt_ids)
     was_training = model.training
     model.eval()
     try:
@@ -139,16 +165,13 @@ def greedy_answers(
                 input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
                 attention_mask[row, width - len(ids) :] = 1
             out = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                generation_config=config,
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
             )
-            texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-            for i, text in zip(batch, texts):
-                answers[i] = text.strip()
+            for i, text in zip(batch, tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)):
+                texts[i] = text
     finally:
         model.train(was_training)
-    return answers
+    return texts
 
 
 @torch.no_grad()

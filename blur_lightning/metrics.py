@@ -989,36 +989,19 @@ def generate_greedy(
     max_new_tokens: int = 32,
     batch_size: int = 8,
 ) -> list[str]:
-    """Greedy continuations of `prompts`, batched with left padding, special tokens stripped.
+    """Greedy continuations of `prompts` (raw text, no chat template), special tokens stripped.
 
     Args:
         model: a Hugging Face causal LM with `.generate`.
-        tokenizer: its tokenizer; `padding_side` is set to "left" for the call and restored.
+        tokenizer: its tokenizer.
         prompts: the prompt strings.
         max_new_tokens: generation length cap.
-        batch_size: prompts per `generate` call.
+        batch_size: prompts per `generate` call (prompts of similar length batched together).
 
     Returns:
-        One decoded continuation (new tokens only) per prompt.
+        One decoded continuation (new tokens only) per prompt, in the input order.
     """
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation appends on the right: pads must sit on the left
-    device = next(model.parameters()).device
-    outputs: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = list(prompts[start : start + batch_size])
-            enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
-            generated = model.generate(
-                input_ids=enc["input_ids"],
-                attention_mask=enc["attention_mask"],
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad_id,
-            )
-            new_tokens = generated[:, enc["input_ids"].shape[1] :]
-            outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = side
-    return outputs
+    from blur_lightning.evaluation import greedy_continuations
+
+    prompt_ids = tokenizer(list(prompts))["input_ids"] if prompts else []
+    return greedy_continuations(model, tokenizer, prompt_ids, max_new_tokens, batch_size)

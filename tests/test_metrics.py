@@ -482,6 +482,8 @@ class _CharTokenizer:
 
     def __call__(self, texts, return_tensors=None, padding=False):
         ids = [[ord(c) - 96 for c in t] for t in texts]
+        if return_tensors is None:  # as Hugging Face tokenizers: lists, unpadded
+            return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]}
         width = max(map(len, ids))
         pad = lambda x: (
             [0] * (width - len(x)) + x if self.padding_side == "left" else x + [0] * (width - len(x))
@@ -507,4 +509,4 @@ def test_generate_greedy_left_padding_is_batch_invariant():
     together = M.generate_greedy(model, tokenizer, prompts, max_new_tokens=5, batch_size=4)
     alone = [M.generate_greedy(model, tokenizer, [p], max_new_tokens=5)[0] for p in prompts]
     assert together == alone
-    assert tokenizer.padding_side == "right"  # restored
+    assert tokenizer.padding_side == "right"  # untouched
