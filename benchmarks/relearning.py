@@ -63,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-questions", type=int, default=None, help="per eval set (a quick check)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--blur-gamma", type=float, default=0.1, help="BLUR's gamma (0.1: the demo's)")
+    p.add_argument("--tag", default="", help="suffix of the CSV and of the RESULTS.md section (a second run)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     p.add_argument("--no-results", action="store_true", help="do not write benchmarks/RESULTS.md")
     args = p.parse_args(argv)
@@ -111,6 +113,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def markdown(rows: list[dict], args, meta: dict, wall_s: float, n_forget: int) -> str:
+    titles = {**TITLES, "blur": f"BLUR (gamma {args.blur_gamma:g})"}
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     held = next((row["held_back_n"] for row in rows if "held_back_n" in row), n_forget // 2)
     para = next((row["paraphrased_held_back_n"] for row in rows if "paraphrased_held_back_n" in row), 0)
@@ -129,7 +132,7 @@ def markdown(rows: list[dict], args, meta: dict, wall_s: float, n_forget: int) -
     ]
     for row in rows:
         lines.append(
-            f"| {TITLES[row['method']]} | {pct(row['forget_acc'])} | {pct(row['paraphrased_acc'])} "
+            f"| {titles[row['method']]} | {pct(row['forget_acc'])} | {pct(row['paraphrased_acc'])} "
             f"| {pct(row['holdout_acc'])} | {pct(row.get('attack_relearn_acc'))} "
             f"| {pct(row.get('attack_held_back_acc'))} | {pct(row.get('attack_paraphrased_acc'))} "
             f"| {pct(row.get('control_held_back_acc'))} | {pct(row.get('control_paraphrased_acc'))} |"
@@ -160,25 +163,27 @@ def main(argv=None) -> None:
     retain_rows = read_jsonl(RETAIN)
     meta = {"date": common.today(), "commit": common.git_commit(), "device": common.device_name(torch.device("cpu"))}
 
+    suffix = f"_{args.tag}" if args.tag else ""
     rows = [row_of("before", {k: evaluate(model, tokenizer, v, args) for k, v in sets.items()}, None)]
     print(rows[-1], flush=True)
     for method in args.methods:
         model.load_state_dict(initial)
         setting = SETTINGS[method]
-        setting = Setting(setting.method, setting.forget_loss, setting.mode, setting.gamma, args.lr)
+        gamma = args.blur_gamma if method == "blur" else setting.gamma
+        setting = Setting(setting.method, setting.forget_loss, setting.mode, gamma, args.lr)
         t0 = time.perf_counter()
         unlearn(model, tokenizer, setting, args)
         evals = {k: evaluate(model, tokenizer, v, args) for k, v in sets.items()}
         probed = probe(model, tokenizer, sets["forget"], sets["paraphrased"], retain_rows, args)
         rows.append(row_of(method, evals, probed))
         print(f"{method} ({time.perf_counter() - t0:.0f} s): {rows[-1]}", flush=True)
-        write_csv(args.out / "relearning.csv", rows)  # partial results survive
+        write_csv(args.out / f"relearning{suffix}.csv", rows)  # partial results survive
 
     wall_s = time.perf_counter() - start
     text = markdown(rows, args, meta, wall_s, len(sets["forget"]))
     print("\n" + text, flush=True)
     if not args.no_results:
-        common.write_markdown_section(args.out / "RESULTS.md", SECTION, text)
+        common.write_markdown_section(args.out / "RESULTS.md", SECTION + suffix.replace("_", "-"), text)
 
 
 if __name__ == "__main__":
