@@ -99,19 +99,33 @@ def _base_env() -> dict:
     return env
 
 
+def _with_free_port(run) -> None:
+    """run(port) on a free port; once more on a new port if the first was taken in between (the
+    free-port idiom releases the port before the workers bind it: another process may get it)."""
+    for attempt in range(2):
+        try:
+            return run(str(free_port()))
+        except pytest.fail.Exception as err:
+            if attempt == 1 or "address already in use" not in str(err).lower():
+                raise
+
+
 def launch(cases: list[dict], nproc: int, out: str) -> None:
     """nproc worker processes on one node, ranks given by LOCAL_RANK (Lightning's own launcher does this)."""
     spec = os.path.join(out, "spec.json")
     with open(spec, "w") as f:
         json.dump({"out": out, "cases": cases}, f)
-    port = str(free_port())
-    commands = []
-    for rank in range(nproc):
-        env = _base_env()
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE=str(nproc),
-                   LOCAL_WORLD_SIZE=str(nproc), NODE_RANK="0", LOCAL_RANK=str(rank))
-        commands.append(([sys.executable, WORKER, spec], env))
-    _run_all(commands, out, LAUNCH_TIMEOUT)
+
+    def run(port: str) -> None:
+        commands = []
+        for rank in range(nproc):
+            env = _base_env()
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE=str(nproc),
+                       LOCAL_WORLD_SIZE=str(nproc), NODE_RANK="0", LOCAL_RANK=str(rank))
+            commands.append(([sys.executable, WORKER, spec], env))
+        _run_all(commands, out, LAUNCH_TIMEOUT)
+
+    _with_free_port(run)
 
 
 def launch_torchrun_nodes(cases: list[dict], nnodes: int, out: str) -> None:
@@ -120,13 +134,16 @@ def launch_torchrun_nodes(cases: list[dict], nnodes: int, out: str) -> None:
     with open(spec, "w") as f:
         json.dump({"out": out, "cases": cases}, f)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    port = str(free_port())
-    commands = []
-    for node in range(nnodes):
-        cmd = [torchrun, "--nnodes", str(nnodes), "--nproc-per-node", "1", "--node-rank", str(node),
-               "--master-addr", "127.0.0.1", "--master-port", port, WORKER, spec]
-        commands.append((cmd, _base_env()))
-    _run_all(commands, out, LAUNCH_TIMEOUT)
+
+    def run(port: str) -> None:
+        commands = []
+        for node in range(nnodes):
+            cmd = [torchrun, "--nnodes", str(nnodes), "--nproc-per-node", "1", "--node-rank", str(node),
+                   "--master-addr", "127.0.0.1", "--master-port", port, WORKER, spec]
+            commands.append((cmd, _base_env()))
+        _run_all(commands, out, LAUNCH_TIMEOUT)
+
+    _with_free_port(run)
 
 
 def distcp_files(checkpoint_dir: str) -> list[str]:
