@@ -172,13 +172,14 @@ def ensure_embedded(name: str = "smollm2-135m-instruct", *, root: str | os.PathL
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Map ``"embedded:NAME"`` to its converted cache directory (converting once); pass others through."""
+    """Map ``"embedded:NAME"`` to its converted cache directory (converting once), ``~`` to the home
+    directory; a name that can only be a path (``/``, ``./``, ``../``, ``~`` or ``.gguf``) must exist.
+    Others (hub names) pass through."""
     if name_or_path.startswith(EMBEDDED_PREFIX):
         return str(ensure_embedded(_embedded_name(name_or_path)))
     path = os.path.expanduser(name_or_path)
-    if (name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.endswith(".gguf")) and not os.path.exists(
-        path
-    ):
+    looks_local = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.endswith(".gguf")
+    if looks_local and not os.path.exists(path):
         raise FileNotFoundError(f"model {name_or_path!r}: no such file or directory ({os.path.abspath(path)})")
     return path if os.path.exists(path) else name_or_path
 
