@@ -174,6 +174,10 @@ class RelearningProbe(pl.Callback):
         if missing:
             raise ValueError(f"RelearningProbe: {forget_path} has no column(s) {missing}")
         self._probe_sets = {name: read_jsonl(path) for name, path in (probe_sets or {}).items()}
+        for name, rows in self._probe_sets.items():
+            missing = [c for c in ("question", "answer") if c not in rows[0]]
+            if missing:
+                raise ValueError(f"RelearningProbe: probe set {name!r} ({probe_sets[name]}) has no column(s) {missing}")
         self.steps, self.lr, self.batch_size, self.seed = steps, lr, batch_size, seed
         self.train_column, self.max_length = train_column, max_length
         self.max_new_tokens, self.eval_batch_size = max_new_tokens, eval_batch_size

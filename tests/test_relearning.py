@@ -60,6 +60,8 @@ def test_probe_bad_arguments():
         relearning_probe(model, tokenizer, rows, probe_sets={"same": rows[0::2]}, train_column="answer")
     with pytest.raises(ValueError, match=r"has no column\(s\) \['response'\]"):
         RelearningProbe(FORGET)
+    retain = os.path.join(FIXTURES, "retain.jsonl")
+    RelearningProbe(FORGET, probe_sets={"retain": retain}, train_column="answer")  # question + answer: fine
 
 
 def test_callback_writes_its_table(tmp_path):
@@ -87,3 +89,10 @@ def test_callback_writes_its_table(tmp_path):
     assert saved["results"]["again"]["n"] == 8  # the relearned answers dropped
     table = (tmp_path / "relearning.md").read_text()
     assert "| held_back | 8 |" in table and "after 2 relearning steps" in table
+
+
+def test_callback_names_a_probe_set_without_answers(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "reply": "a"}\n')
+    with pytest.raises(ValueError, match=r"probe set 'odd' \(.*bad.jsonl\) has no column\(s\) \['answer'\]"):
+        RelearningProbe(FORGET, probe_sets={"odd": str(bad)}, train_column="answer")
