@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from blur_lightning.data import IGNORE_INDEX, encode_prompts, encode_qa_rows, pad_side
+from blur_lightning.models import pad_token_id
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -146,7 +147,7 @@ def greedy_continuations(
 
     if not prompt_ids:
         return []
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     stop = list(stop_ids) if stop_ids is not None else getattr(model.generation_config, "eos_token_id", None)
     config = GenerationConfig(
         do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=stop
@@ -197,7 +198,7 @@ def answer_probability(
     rows, _ = encode_qa_rows(tokenizer, questions, answers, use_chat_template=use_chat_template)
     probs = torch.full((len(rows),), float("nan"), dtype=torch.float32)
     kept = [i for i, r in enumerate(rows) if r is not None]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     device = _device(model)
     was_training = model.training
     model.eval()

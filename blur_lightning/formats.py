@@ -42,6 +42,7 @@ from blur_lightning.metrics import (
     sequence_logprobs,
     token_logprobs,
 )
+from blur_lightning.models import pad_token_id
 
 __all__ = [
     "MUSE_HUB",
@@ -250,10 +251,6 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _pad_id(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 def _score_continuations(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -283,7 +280,7 @@ def _score_continuations(
             sequences.append(ids)
             n_prompt.append(len(prompt_ids))
         width = max(len(ids) for ids in sequences)
-        input_ids = torch.full((len(sequences), width), _pad_id(tokenizer), dtype=torch.long)
+        input_ids = torch.full((len(sequences), width), pad_token_id(tokenizer), dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         for i, (ids, n) in enumerate(zip(sequences, n_prompt)):

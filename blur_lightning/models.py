@@ -42,6 +42,7 @@ __all__ = [
     "export_hf",
     "load_causal_lm",
     "load_tokenizer",
+    "pad_token_id",
     "resolve_attn_implementation",
     "resolve_model_path",
     "tiny_llama",
@@ -322,6 +323,11 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     else:
         tokenizer = _from_pretrained(AutoTokenizer, name_or_path, path)
     return ensure_pad_token(tokenizer, source=name_or_path)
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id to pad with: the pad token's, else eos's (padding is masked, so sharing eos is safe)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, *, source: str = "tokenizer") -> PreTrainedTokenizerBase:

@@ -227,8 +227,8 @@ class BLURUnlearner(pl.LightningModule):
         if control is None or control.numel() != hidden_size or control.device != device:
             control = losses.rmu_control_vector(hidden_size, self.hparams.rmu_steering_coef, self.hparams.rmu_seed)
             if device.type == "cuda":  # once: pinned + non_blocking, queued without waiting
-                control = control.pin_memory().to(device, non_blocking=True)
-            self._rmu_control_vector = control = control.to(device)
+                control = control.pin_memory()
+            control = self._rmu_control_vector = control.to(device, non_blocking=True)
         return control
 
     def forget_loss(self, side: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch
 from blur_lightning.data import encode_qa_rows, pad_side
 from blur_lightning.evaluation import evaluate_qa
 from blur_lightning.losses import nll_loss
+from blur_lightning.models import pad_token_id
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -150,7 +151,7 @@ def _fine_tune(
     encoded = [row for row in encoded if row is not None]
     if not encoded:
         raise ValueError(f"no relearn row has an answer token within max_length={max_length}")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
