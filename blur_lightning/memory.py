@@ -26,10 +26,12 @@ The projection's traffic is one all-reduce of the three float64 sums (24 bytes) 
 step over the shard group (`projection.all_reduce_sums`), set against FSDP2's all-gathers and
 reduce-scatters (`traffic_bytes`).
 
-LoRA and activation checkpointing are modelled here, not measured: the project does not run
-them yet. Parameters, gradients, stash and optimizer state of a full fine-tune, and the saved
-activations without checkpointing, are checked against real tensors on a CPU in
-tests/test_memory.py (byte for byte).
+Checked byte for byte against real tensors on a CPU (tests/test_memory.py): parameters,
+gradients, stash and AdamW state after a real BLURUnlearner step, and sharded by fully_shard over
+8 fake ranks; the saved activations of a full fine-tune, of a hand-written LoRA adapter of peft's
+form, and what per-layer checkpointing keeps after the forward. The project does not run LoRA or
+checkpointing yet (issue 13, items 1-2), so those rows are the model's, not a run's; the
+transient rows (gathered buffers, logits, the recompute peak) are not measured at all.
 """
 
 from __future__ import annotations
@@ -353,13 +355,17 @@ def activation_bytes(
     its float32 log-softmax 4 batch (seq-1) V, targets and mask 9 batch (seq-1), and 4 batch + 4
     bytes of per-sequence sums (NLL). Measured exact on the CPU (tests/test_memory.py).
 
-    Modelled, not measured (the project does not run them yet):
-        checkpointing   per decoder layer, non-reentrant: each layer keeps only its input c N h,
-                        and one layer's full set is alive while it is recomputed in backward.
+    Not run by the project yet (issue 13, items 1-2), modelled here:
+        checkpointing   per decoder layer, non-reentrant: each layer keeps only its input c N h
+                        (and the shared int64 position ids, 8 seq), and one layer's full set is
+                        alive while it is recomputed in backward. What is alive after the forward
+                        is measured exact (tests/test_memory.py); the recompute peak is not.
         LoRA (rank r)   the frozen norms' weights need no normalised output (-c N h per norm),
-                        the frozen head needs no input, layer 0's input norm saves nothing (its
-                        input needs no gradient), and each adapter saves lora_A's output c N r
-                        (its input is the base linear's, dropout 0).
+                        the frozen head needs no input, the frozen embedding no ids, layer 0's
+                        input norm saves nothing (its input needs no gradient), and each adapter
+                        saves lora_A's output c N r (its input is the base linear's, dropout 0).
+                        Exact against a hand-written adapter of peft's form (tests/test_memory.py);
+                        peft itself is not installed in the project yet.
 
     Args:
         config: a Llama-like transformers config (hidden_size, intermediate_size, heads, ...).
@@ -392,11 +398,14 @@ def activation_bytes(
     adapters = 7 * c * n_tok * lora_rank if lora else 0
     per_layer = 2 * norm + attention + mlp + adapters
     if checkpointing:
-        layers = b.layers * c * n_tok * h + per_layer
+        # each checkpoint keeps its layer's inputs: the hidden states, and the (1, seq) int64
+        # position ids all layers share (cos and sin are already counted outside)
+        layers = b.layers * c * n_tok * h + 8 * seq + per_layer
     else:
         layers = b.layers * per_layer - (norm if lora else 0)  # LoRA: layer 0's input norm saves nothing
     head_input = 0 if lora else c * n_tok * h
-    outside = 8 * n_tok + 2 * c * seq * d + n_tok * (4 * h + (0 if lora else c * h) + 4) + head_input
+    ids = 0 if lora else 8 * n_tok  # a frozen embedding keeps no input ids for its backward
+    outside = ids + 2 * c * seq * d + n_tok * (4 * h + (0 if lora else c * h) + 4) + head_input
     rows = batch * (seq - 1)
     loss = 4 * rows * b.vocab + 9 * rows + 4 * batch + 4
     transient = c * n_tok * b.vocab + 4 * rows * b.vocab + (c * rows * b.vocab if batch > 1 else 0)

@@ -4,18 +4,24 @@ Measured: parameters, the retain gradient, the forget stash and AdamW's state af
 BLURUnlearner step (one process); the same sharded by FSDP2's fully_shard over 8 ranks of a fake
 process group (real DTensor shards, uneven vocabulary, a real backward and AdamW step, on rank 0);
 the tensors autograd saves in one forward plus the NLL loss (saved_tensors_hooks). LoRA and
-activation checkpointing are not run by the project yet: only their shapes are checked here.
+activation checkpointing are not run by the project yet: LoRA's saved activations are measured
+on a hand-written adapter of peft's form, checkpointing through transformers' own switch by the
+tensors still alive after the forward (saved-tensor hooks do not see what a checkpoint keeps).
 """
 
 from __future__ import annotations
 
+import gc
 import importlib.util
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_batch
 from test_module import fit
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from blur_lightning import attention, losses, memory
 from blur_lightning.models import tiny_llama
@@ -156,6 +162,95 @@ def test_activation_bytes_match_saved_tensors(dtype, padded, batch, seq, layers,
         model.config, batch, seq, compute=torch.finfo(dtype).bits // 8, padded=padded
     )
     assert measured == predicted["total"], (measured, predicted)
+
+
+class LoraLinear(torch.nn.Module):
+    """peft's LoRA forward, written out: base(x) + lora_B(lora_A(dropout(x))) * scaling, dropout 0."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int) -> None:
+        super().__init__()
+        self.base = base
+        self.lora_A = torch.nn.Linear(base.in_features, rank, bias=False, dtype=base.weight.dtype)
+        self.lora_B = torch.nn.Linear(rank, base.out_features, bias=False, dtype=base.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lora_B(self.lora_A(x)) * 2.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("padded", [False, True])
+def test_lora_activation_bytes_match_a_hand_written_adapter(dtype, padded):
+    """The LoRA formula (frozen base, adapters on all seven linears) against saved tensors, exact.
+
+    Not peft itself (not a dependency yet): an adapter of the same form, so what autograd saves
+    around frozen and trainable weights is measured, not assumed.
+    """
+    model = tiny_llama(vocab_size=101, dtype=dtype, hidden=64, layers=3, heads=4, kv_heads=2, intermediate=96)
+    model.requires_grad_(False)
+    for sub in list(model.modules()):
+        for target in memory.LORA_TARGETS:
+            if isinstance(getattr(sub, target, None), torch.nn.Linear):
+                setattr(sub, target, LoraLinear(getattr(sub, target), rank=4))
+    batch, seq = 3, 17
+    ids = torch.randint(0, 101, (batch, seq), generator=torch.Generator().manual_seed(2))
+    side = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    if padded:
+        side["attention_mask"][0, -2:] = 0
+    else:
+        attention.mark_padding(side)
+    predicted = memory.activation_bytes(
+        model.config, batch, seq, compute=torch.finfo(dtype).bits // 8, lora_rank=4, padded=padded
+    )
+    assert saved_bytes(model, side) == predicted["total"]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == memory.parameter_counts(tiny_llama(vocab_size=101, hidden=64, layers=3, heads=4,
+                                                           kv_heads=2, intermediate=96), 4)["trainable"]
+
+
+class LiveTensors(TorchDispatchMode):
+    """Weak references to every tensor an op makes inside the mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: list[weakref.ref] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.refs += [weakref.ref(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        return out
+
+
+def bytes_alive_after_forward(model, side) -> int:
+    """Storages made in one forward + NLL that are still alive once it returns (what backward will
+    use: saved tensors, and what a checkpoint keeps), plus the input ids made before it."""
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    live = LiveTensors()
+    with live:
+        loss = losses.nll_loss(attention.forward(model, side).logits, side["labels"])
+    gc.collect()
+    alive = [t for t in (r() for r in live.refs) if t is not None and t is not loss]
+    alive = [t for t in alive if t.untyped_storage().data_ptr() not in param_storages]
+    return storage_bytes(alive) + side["input_ids"].untyped_storage().nbytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_checkpointing_keeps_only_each_layers_input(dtype):
+    """Per-layer non-reentrant checkpointing (transformers' activation_checkpointing_enable): after
+    the forward only each layer's input c N h is alive inside the layers, exact. The recompute
+    peak in backward (one layer's full set on top) is modelled, not measured."""
+    shapes = dict(hidden=64, layers=3, heads=4, kv_heads=2, intermediate=96)
+    batch, seq = 3, 17
+    ids = torch.randint(0, 101, (batch, seq), generator=torch.Generator().manual_seed(3))
+    side = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    attention.mark_padding(side)
+    compute = torch.finfo(dtype).bits // 8
+    plain = tiny_llama(vocab_size=101, dtype=dtype, **shapes).train()
+    predicted = memory.activation_bytes(plain.config, batch, seq, compute=compute)
+    assert bytes_alive_after_forward(plain, side) == saved_bytes(plain, side) == predicted["total"]
+    checkpointed = tiny_llama(vocab_size=101, dtype=dtype, **shapes).train()
+    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    predicted = memory.activation_bytes(plain.config, batch, seq, compute=compute, checkpointing=True)
+    assert bytes_alive_after_forward(checkpointed, side) == predicted["total"] - predicted["per_layer"], predicted
 
 
 def test_checkpointing_and_lora_only_lower_activations():
