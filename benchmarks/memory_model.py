@@ -59,7 +59,7 @@ MEMORY_ROWS = (
 def memory_column(config, model, layout, prec, args, lora_rank):
     """One column of the memory table: bytes per row key."""
     base = dict(config=config, layout=layout, prec=prec, batch=args.batch, seq=args.seq,
-                lora_rank=lora_rank, forget_examples=args.forget_examples)
+                lora_rank=lora_rank, forget_examples=args.forget_examples, padded=args.padded)
     plain = memory.step_memory(memory.Setup(**base, reference="model"), model)
     lean = memory.step_memory(memory.Setup(**base, reference="cached", checkpointing=True), model)
     col = {k: plain[k] for k in ("parameters", "gradients", "stash", "optimizer", "gathered",
@@ -77,16 +77,16 @@ TRAFFIC_ROWS = (
     ("reduce_scatter", "gradient reduce-scatters (2 per micro-batch)"),
     ("replica_all_reduce", "HSDP all-reduce across nodes (2 per micro-batch)"),
     ("reference_all_gather", "reference all-gather (NPO: 1 per micro-batch)"),
-    ("projection", "BLUR projection: 24-byte all-reduce (per step)"),
-    ("clip", "clip: 8-byte all-reduce (per step, unfused optimizer)"),
-    ("ratio", "projection / FSDP2 bytes (one micro-batch)"),
+    ("projection", "BLUR projection: one 24-byte all-reduce"),
+    ("clip", "clip: one 8-byte all-reduce (unfused optimizer)"),
+    ("ratio", "projection / FSDP2 parameter and gradient bytes"),
 )
 
 
-def traffic_column(model, layout, prec, lora_rank):
+def traffic_column(model, layout, prec, lora_rank, micro_batches):
     units = memory.fsdp_units(model)
     trainable = memory.lora_units(model, lora_rank) if lora_rank is not None else None
-    col = dict(memory.traffic_bytes(units, trainable, layout, prec))
+    col = dict(memory.traffic_bytes(units, trainable, layout, prec, micro_batches=micro_batches))
     fsdp = col["all_gather"] + col["reduce_scatter"] + col["replica_all_reduce"]
     col["ratio"] = col["projection"] / fsdp if fsdp else None
     return col
@@ -120,17 +120,20 @@ def report(args) -> str:
         variants = [(None, "full"), (args.lora_rank, f"LoRA r={args.lora_rank}")]
         mem_cols = [(f"{kind}, {lay.label}", memory_column(config, model, lay, prec, args, rank))
                     for rank, kind in variants for lay in lays]
-        traffic_cols = [(f"{kind}, {lay.label}", traffic_column(model, lay, prec, rank))
+        traffic_cols = [(f"{kind}, {lay.label}", traffic_column(model, lay, prec, rank, args.accumulate))
                         for rank, kind in variants for lay in lays]
         out.append(
             f"#### {name}: {counts['total']:,} parameters; LoRA r={args.lora_rank} on "
             f"{', '.join(memory.LORA_TARGETS)}: {counts['trainable']:,} trainable\n\n"
             f"Per GPU, `{prec.name}`, micro-batch {args.batch} x {args.seq} tokens per GPU"
+            f"{', padded' if args.padded else ', unpadded (no mask)'}"
             f" (activations and logits per micro-batch; the BLUR step has one graph alive at a time).\n"
         )
         out.append(table("memory per GPU", MEMORY_ROWS, mem_cols))
         out.append("")
-        out.append(table("bytes sent per GPU", TRAFFIC_ROWS, traffic_cols))
+        out.append(f"Bytes each GPU sends in one optimizer step of {args.accumulate} micro-batch(es), "
+                   "ring algorithm (all-gather and reduce-scatter (n-1)/n of the buffer, all-reduce 2(n-1)/n).\n")
+        out.append(table("bytes sent per GPU per step", TRAFFIC_ROWS, traffic_cols))
         out.append("")
     return "\n".join(out)
 
@@ -152,6 +155,8 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--precision", default="fp32-master", choices=sorted(memory.PRECISIONS))
     p.add_argument("--batch", type=int, default=1, help="sequences per micro-batch per GPU")
     p.add_argument("--seq", type=int, default=4096, help="tokens per sequence")
+    p.add_argument("--padded", action="store_true", help="micro-batches carry a padding mask")
+    p.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--forget-examples", type=int, default=400, help="cached reference log-probs (TOFU forget10: 400)")
     p.add_argument("--write-doc", type=Path, default=None, help="replace the generated section of this file")

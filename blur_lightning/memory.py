@@ -437,6 +437,7 @@ class Setup:
         reference: "model" (a frozen copy, NPO/KL/RMU), "cached" (NPO's reference log-probs, one
             float32 per forget example) or "none".
         forget_examples: examples whose reference log-prob is cached.
+        padded: whether micro-batches carry a padding mask (see `activation_bytes`).
     """
 
     config: object
@@ -448,6 +449,7 @@ class Setup:
     checkpointing: bool = False
     reference: str = "model"
     forget_examples: int = 400  # TOFU forget10
+    padded: bool = False
 
 
 REFERENCES = ("model", "cached", "none")
@@ -474,7 +476,7 @@ def step_memory(setup: Setup, model: nn.Module | None = None) -> dict[str, int]:
     out["gathered"] = gathered_bytes(units, trainable, layout, prec)
     acts = activation_bytes(
         setup.config, setup.batch, setup.seq, compute=prec.compute,
-        checkpointing=setup.checkpointing, lora_rank=setup.lora_rank,
+        checkpointing=setup.checkpointing, lora_rank=setup.lora_rank, padded=setup.padded,
     )
     out["activations"] = acts["total"]
     out["loss_head"] = acts["loss_head_transient"]
@@ -512,8 +514,9 @@ def traffic_bytes(
     prec: Precision,
     *,
     reference_forwards: int = 1,
+    micro_batches: int = 1,
 ) -> dict[str, float]:
-    """Bytes each GPU sends in one BLUR micro-batch (FSDP2) and one optimizer step (the projection).
+    """Bytes each GPU sends in one BLUR optimizer step of `micro_batches` micro-batches.
 
     Ring algorithm: an all-gather or reduce-scatter over n ranks sends (n-1) shards per rank,
     i.e. (n-1)/n of the full buffer; an all-reduce sends 2 (n-1)/n of it.
@@ -526,20 +529,32 @@ def traffic_bytes(
     reference is the same base: the same bytes). Per optimizer step the projection all-reduces
     24 bytes over the shard group; a clip adds 8 more with an unfused optimizer.
 
+    Args:
+        units: the model's parameter shapes per FSDP unit (`fsdp_units`).
+        trainable: the trained tensors' shapes (`lora_units`); None: all of `units`.
+        layout: the sharding.
+        prec: the dtype convention.
+        reference_forwards: reference forwards per micro-batch (NPO 1; NPO + KL 2; 0 when cached).
+        micro_batches: accumulate_grad_batches (FSDP2's collectives run in every micro-batch,
+            the projection once per step).
+
     Returns:
         {"all_gather", "reduce_scatter", "replica_all_reduce", "reference_all_gather",
-        "projection", "clip"}: bytes per GPU; the first four per micro-batch, the last two per step.
+        "projection", "clip"}: bytes each GPU sends in one optimizer step.
     """
     trainable = units if trainable is None else trainable
     n = layout.shard
     shard_all = _numel(units, n) + (_numel(trainable, n) if trainable is not units else 0)
     shard_trained = _numel(trainable, n)
     gather_once = (n - 1) * shard_all * prec.compute
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches={micro_batches}: expected >= 1")
+    k = micro_batches
     return {
-        "all_gather": 4 * gather_once,
-        "reduce_scatter": 2 * (n - 1) * shard_trained * prec.reduce,
-        "replica_all_reduce": 2 * ring_all_reduce_bytes(shard_trained * prec.reduce, layout.replicas),
-        "reference_all_gather": reference_forwards * (n - 1) * _numel(units, n) * prec.compute,
+        "all_gather": k * 4 * gather_once,
+        "reduce_scatter": k * 2 * (n - 1) * shard_trained * prec.reduce,
+        "replica_all_reduce": k * 2 * ring_all_reduce_bytes(shard_trained * prec.reduce, layout.replicas),
+        "reference_all_gather": k * reference_forwards * (n - 1) * _numel(units, n) * prec.compute,
         "projection": ring_all_reduce_bytes(SUMS_BYTES, n),
         "clip": ring_all_reduce_bytes(CLIP_BYTES, n),
     }

@@ -352,3 +352,12 @@ def test_script_main_at_small_size(tmp_path, capsys):
     written = doc.read_text()
     assert written.startswith("before\n") and written.endswith("after\n") and "old" not in written
     assert "python benchmarks/memory_model.py --models tiny-llama" in written
+
+
+def test_doc_tables_are_the_scripts_output():
+    """docs/FSDP.md's generated section is what the script prints today (regenerate: see the doc)."""
+    script = load_script()
+    doc = (ROOT / "docs" / "FSDP.md").read_text()
+    section = doc.split(script.BEGIN, 1)[1].split(script.END, 1)[0]
+    assert "`python benchmarks/memory_model.py --write-doc docs/FSDP.md`" in section
+    assert script.report(script.parse_args([])) in section
