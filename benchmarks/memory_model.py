@@ -126,8 +126,8 @@ def report(args) -> str:
             f"#### {name}: {counts['total']:,} parameters; LoRA r={args.lora_rank} on "
             f"{', '.join(memory.LORA_TARGETS)}: {counts['trainable']:,} trainable\n\n"
             f"Per GPU, `{prec.name}`, micro-batch {args.batch} x {args.seq} tokens per GPU"
-            f"{', padded' if args.padded else ', unpadded (no mask)'}"
-            f" (activations and logits per micro-batch; the BLUR step has one graph alive at a time).\n"
+            f"{', padded' if args.padded else ', unpadded'}: activations and logits are per micro-batch"
+            f" (the BLUR step has one graph alive at a time); rows marked * are modelled, not yet run.\n"
         )
         out.append(table("memory per GPU", MEMORY_ROWS, mem_cols))
         out.append("")

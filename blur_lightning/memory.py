@@ -212,20 +212,17 @@ def lora_units(model: nn.Module, rank: int, targets: Sequence[str] = LORA_TARGET
     if rank < 1:
         raise ValueError(f"lora rank={rank}: expected >= 1")
 
-    def adapters(module: nn.Module) -> list[tuple[int, ...]]:
+    def adapters(named_modules) -> list[tuple[int, ...]]:
         shapes = []
-        for name, sub in module.named_modules():
+        for name, sub in named_modules:
             if isinstance(sub, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
                 shapes += [(rank, sub.in_features), (sub.out_features, rank)]
         return shapes
 
     layers = decoder_layers(model)
     in_layers = {id(m) for layer in layers for m in layer.modules()}
-    root = []
-    for name, sub in model.named_modules():
-        if id(sub) not in in_layers and isinstance(sub, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
-            root += [(rank, sub.in_features), (sub.out_features, rank)]
-    return [root, *(adapters(layer) for layer in layers)]
+    root = adapters((name, sub) for name, sub in model.named_modules() if id(sub) not in in_layers)
+    return [root, *(adapters(layer.named_modules()) for layer in layers)]
 
 
 def _numel(units: Sequence[Sequence[tuple[int, ...]]], ranks: int = 1) -> int:
