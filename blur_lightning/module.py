@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import re
-import sys
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -31,7 +30,8 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from blur_lightning import attention, losses
+from blur_lightning import attention, losses, nonfinite
+from blur_lightning.nonfinite import NONFINITE_SKIP, is_fused_blur_optimizer
 from blur_lightning.projection import MODES, BLURStats, blur_direction_, compute_stats
 
 # The CLI's injectable optimizer and scheduler: callables taking the parameters / the optimizer.
@@ -136,7 +136,7 @@ class BLURUnlearner(pl.LightningModule):
         self._micro_step = 0
         self._loss_sums: dict[str, torch.Tensor] = {}
         self._warned_nonfinite = False
-        self._skip_watch = _SkipWatch()
+        self._skip_watch = nonfinite.SkipWatch()
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long), persistent=True)
 
     # ------------------------------------------------------------------ model
@@ -309,7 +309,7 @@ class BLURUnlearner(pl.LightningModule):
     def _optimizer_step(self, params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
         optimizer = self.optimizers()
         inner = getattr(optimizer, "optimizer", optimizer)  # under the LightningOptimizer wrapper
-        fused = _is_fused_blur_optimizer(inner)
+        fused = is_fused_blur_optimizer(inner)
         kept, forget_grads, retain_grads = _paired_grads(params, self._forget_stash)
         # With BLURFusedAdamW only pass 1 runs here: the optimizer forms d on the fly.
         project = compute_stats if fused else blur_direction_
@@ -372,7 +372,7 @@ class BLURUnlearner(pl.LightningModule):
             return False
         plugin = getattr(self._trainer, "precision_plugin", None) if self._trainer is not None else None
         scaler = getattr(plugin, "scaler", None)
-        supported = scaler is None and _skips_on_device(optimizer)
+        supported = scaler is None and nonfinite.skips_on_device(optimizer)
         if choice == "device" and not supported:
             why = "a GradScaler (16-mixed precision) skips steps itself" if scaler is not None else (
                 f"{type(optimizer).__name__} cannot skip a step on the device"
@@ -450,7 +450,7 @@ class BLURUnlearner(pl.LightningModule):
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.trainable_parameters())
         if (
-            _is_fused_blur_optimizer(optimizer)
+            is_fused_blur_optimizer(optimizer)
             and self.hparams.gradient_clip_val is not None
             and self.hparams.gradient_clip_algorithm == "value"
         ):
@@ -558,60 +558,3 @@ def _paired_grads(
         forget_grads.append(forget)
         retain_grads.append(retain)
     return kept, forget_grads, retain_grads
-
-
-NONFINITE_SKIP = ("auto", "device", "host")
-
-def _is_fused_blur_optimizer(optimizer) -> bool:
-    """Whether optimizer is a BLURFusedAdamW, without importing Triton when it cannot be one."""
-    adamw = sys.modules.get("blur_lightning.kernels.adamw")
-    return adamw is not None and isinstance(optimizer, adamw.BLURFusedAdamW)
-
-
-def _skips_on_device(optimizer) -> bool:
-    """Whether optimizer.step reads a `found_inf` device flag and then leaves everything untouched.
-
-    torch's fused Adam, AdamW and SGD do (it is how GradScaler skips without a sync); the foreach
-    and for-loop implementations refuse the flag.
-    """
-    if _is_fused_blur_optimizer(optimizer):
-        return True
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)):
-        return all(group.get("fused") for group in optimizer.param_groups)
-    return False
-
-
-class _SkipWatch:
-    """The device's skipped-step count, read on the host without stalling the stream.
-
-    post() queues a non-blocking copy into pinned memory and records an event; read() returns the
-    copied value once the event has passed (None before), so the warning about a skipped step
-    comes at most a step late and the step itself never waits. On the CPU there is no stream to
-    stall and the value is read at once.
-    """
-
-    def __init__(self) -> None:
-        self._host: torch.Tensor | None = None
-        self._event = None
-
-    def post(self, count: torch.Tensor) -> None:
-        if count.device.type != "cuda":
-            self._host, self._event = count.detach().clone(), None
-            return
-        if self._host is None:
-            self._host = torch.zeros((), dtype=count.dtype, pin_memory=True)
-        self._host.copy_(count.detach(), non_blocking=True)
-        if self._event is None:
-            self._event = torch.cuda.Event()
-        self._event.record()  # re-recorded each step: query() then tracks the newest copy
-
-    def read(self, wait: bool = False) -> int | None:
-        if self._host is None:
-            return None
-        if self._event is not None:
-            if wait:
-                self._event.synchronize()
-            elif not self._event.query():
-                return None
-        # tolist(): a read of host memory, which HostReadCounter rightly does not count.
-        return int(self._host.tolist())

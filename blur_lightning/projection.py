@@ -27,15 +27,15 @@ kernels (`blur_lightning.kernels`); the PyTorch path below is the CPU path and t
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+# re-exported: callers name them from here
+from blur_lightning.backends import BACKEND_ENV, BACKENDS, local_tensor, resolve_backend  # noqa: F401
+
 MODES = ("forget_lower", "forget_upper", "penalty", "rmu")
-BACKENDS = ("auto", "torch", "triton")
-BACKEND_ENV = "BLUR_BACKEND"  # overrides backend="auto" (tests force "triton" on CPU this way)
 
 
 @dataclass(frozen=True)
@@ -112,31 +112,6 @@ def check_inputs(forget_grads: Sequence[torch.Tensor], retain_grads: Sequence[to
             )
         if f.device != r.device:
             raise ValueError(f"device mismatch at index {i}: forget on {f.device}, retain on {r.device}")
-
-
-def resolve_backend(backend: str, tensors: Sequence[torch.Tensor]) -> str:
-    """'auto' picks Triton for CUDA tensors when it imports, else PyTorch; BLUR_BACKEND overrides 'auto'."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
-    if backend == "auto":
-        backend = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
-        if backend not in BACKENDS:
-            raise ValueError(f"{BACKEND_ENV}={backend!r}: expected one of {BACKENDS}")
-    if backend != "auto":
-        return backend
-    if tensors and all(t.is_cuda for t in tensors) and _triton_available():
-        return "triton"
-    return "torch"
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-
-        from blur_lightning import kernels  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,12 +319,6 @@ def blur_direction_(
     )
     combine_(retain_grads, forget_grads, stats.retain_coef, stats.forget_coef, mode=mode, backend=backend)
     return stats
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard (a view: writing it writes the DTensor); any other tensor as it is."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None else t
 
 
 def _local(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
