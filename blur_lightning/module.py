@@ -56,7 +56,10 @@ class BLURUnlearner(pl.LightningModule):
         eps: squared norms at or below eps count as zero in the projection.
         npo_beta: NPO's inverse temperature.
         simnpo_beta: SimNPO's inverse temperature.
-        simnpo_delta: SimNPO's reward margin.
+        simnpo_delta: SimNPO's reward margin, inside the beta product: log sigmoid(beta (nll/|y| - delta)).
+        kl_mask: positions of the "kl" retain loss: "labels" (answer tokens) or "all" (open-unlearning).
+        rmu_mask: positions of the "rmu" losses: "attention" (prompt and answer), "labels" (answers,
+            open-unlearning) or "none" (every position, padding included: the WMDP original).
         rmu_layer: decoder layer whose output activations the "rmu" losses act on (0-based).
         rmu_steering_coef: RMU's scale c of the random control vector for forget activations.
         rmu_seed: seed of RMU's random control vector.
@@ -93,6 +96,8 @@ class BLURUnlearner(pl.LightningModule):
         npo_beta: float = 0.1,
         simnpo_beta: float = 2.5,
         simnpo_delta: float = 0.0,
+        kl_mask: str = "labels",
+        rmu_mask: str = "attention",
         rmu_layer: int = 7,
         rmu_steering_coef: float = 6.5,
         rmu_seed: int = 0,
@@ -111,6 +116,10 @@ class BLURUnlearner(pl.LightningModule):
             raise ValueError(f"forget_loss={forget_loss!r}: expected one of {losses.FORGET_LOSSES}")
         if retain_loss not in losses.RETAIN_LOSSES:
             raise ValueError(f"retain_loss={retain_loss!r}: expected one of {losses.RETAIN_LOSSES}")
+        if kl_mask not in losses.KL_MASKS:
+            raise ValueError(f"kl_mask={kl_mask!r}: expected one of {losses.KL_MASKS}")
+        if rmu_mask not in losses.RMU_MASKS:
+            raise ValueError(f"rmu_mask={rmu_mask!r}: expected one of {losses.RMU_MASKS}")
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: expected one of {MODES}")
         if accumulate_grad_batches < 1:
@@ -236,7 +245,7 @@ class BLURUnlearner(pl.LightningModule):
         if name == "rmu":
             hidden = self._layer_activations(self.model, side)
             control = self._rmu_control(hidden.shape[-1], hidden.device)
-            return losses.rmu_forget_loss(hidden, control, side["attention_mask"])
+            return losses.rmu_forget_loss(hidden, control, losses.rmu_mask(side, self.hparams.rmu_mask))
         if name == "idk":
             if "alt_input_ids" not in side:
                 raise ValueError("forget_loss='idk' needs refusal answers: set data.idk_column")
@@ -257,10 +266,10 @@ class BLURUnlearner(pl.LightningModule):
             hidden = self._layer_activations(self.model, side)
             with torch.no_grad():
                 ref_hidden = self._layer_activations(self.reference_model, side)
-            return losses.rmu_retain_loss(hidden, ref_hidden, side["attention_mask"])
+            return losses.rmu_retain_loss(hidden, ref_hidden, losses.rmu_mask(side, self.hparams.rmu_mask))
         logits = attention.forward(self.model, side).logits
         if self.hparams.retain_loss == "kl":
-            return losses.kl_loss(logits, self._reference_logits(side), side["labels"])
+            return losses.kl_loss(logits, self._reference_logits(side), side["labels"], self.hparams.kl_mask)
         return losses.nll_loss(logits, side["labels"])
 
     # ------------------------------------------------------------------ the step
