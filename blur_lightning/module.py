@@ -32,7 +32,7 @@ from torch import nn
 
 from blur_lightning import attention, losses, nonfinite
 from blur_lightning.nonfinite import NONFINITE_SKIP, is_fused_blur_optimizer
-from blur_lightning.projection import MODES, BLURStats, blur_direction_, compute_stats
+from blur_lightning.projection import MODES, BLURStats, blur_direction_, combine_, compute_stats, local_tensor
 
 # The CLI's injectable optimizer and scheduler: callables taking the parameters / the optimizer.
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -319,9 +319,12 @@ class BLURUnlearner(pl.LightningModule):
         optimizer = self.optimizers()
         inner = getattr(optimizer, "optimizer", optimizer)  # under the LightningOptimizer wrapper
         fused = is_fused_blur_optimizer(inner)
+        scaler = nonfinite.grad_scaler(self._trainer)  # 16-mixed: the gradients carry its scale
+        scale = nonfinite.current_scale(scaler)
         kept, forget_grads, retain_grads = _paired_grads(params, self._forget_stash)
-        # With BLURFusedAdamW only pass 1 runs here: the optimizer forms d on the fly.
-        project = compute_stats if fused else blur_direction_
+        # With BLURFusedAdamW only pass 1 runs here: the optimizer forms d on the fly. Under a
+        # GradScaler the combine waits for the clip factor, folded into the coefficients.
+        project = compute_stats if fused or scale is not None else blur_direction_
         stats = project(
             forget_grads,
             retain_grads,
@@ -331,10 +334,12 @@ class BLURUnlearner(pl.LightningModule):
             eps=self.hparams.eps,
             group=self._projection_group(),
             backend=self.hparams.projection_backend,
+            grad_scale=scale,
         )
         loss_forget, loss_retain = self._loss_sums["forget_loss"], self._loss_sums["retain_loss"]
         checks = torch.stack([loss_forget.float(), loss_retain.float(), stats.sq_forget, stats.sq_retain])
-        finite_on_device = torch.isfinite(checks).all()
+        # One rank's infinite loss must skip the step on every rank (the losses are rank-local).
+        finite_on_device = nonfinite.agree_across_ranks(torch.isfinite(checks).all())
         self.skipped_steps += (~finite_on_device).long()  # counted on the device, no read
         # Logging costs ~0.6 ms of host time per value (13 values: ~8 ms a step); done here, before
         # the optimizer launch, it overlaps the GPU still finishing the backward and the projection.
@@ -342,12 +347,25 @@ class BLURUnlearner(pl.LightningModule):
         step_kwargs = {}
         if fused:
             retain_coef, forget_coef = self._clipped_coefs(stats)
+            if scale is not None:  # the scaler unscales g_r (p.grad) in place, not the stash g_f
+                forget_coef = forget_coef / scale.to(forget_coef.dtype)
             step_kwargs = {
                 "forget_grads": dict(zip(kept, forget_grads)),
                 "retain_coef": retain_coef,
                 "forget_coef": forget_coef,
             }
-        if self._skips_on_device(inner):
+        on_device = self._skips_on_device(inner)
+        if scale is not None:
+            # GradScaler decides: a NaN planted on a non-finite step makes it skip the update and
+            # back its scale off; its own check is the step's one host read (none when fused).
+            if not fused:
+                self._combine_scaled(kept, forget_grads, retain_grads, stats, scale)
+            nonfinite.plant_nan_(retain_grads, finite_on_device)
+            self._warn_if_skipped(self._skip_watch.read())
+            optimizer.step(**step_kwargs)
+            self._step_scheduler()
+            self._skip_watch.post(self.skipped_steps)
+        elif on_device:
             self._warn_if_skipped(self._skip_watch.read())  # the previous steps' count: no stall
             found_inf = (~finite_on_device).float()
             if not fused:
@@ -416,6 +434,21 @@ class BLURUnlearner(pl.LightningModule):
                 gradient_clip_algorithm=self.hparams.gradient_clip_algorithm,
             )
 
+    def _combine_scaled(self, kept, forget_grads, retain_grads, stats: BLURStats, scale: torch.Tensor) -> None:
+        """d into .grad under a GradScaler, clipped as the true d: d stays scaled (the scaler unscales it).
+
+        "norm": the clip factor from the true sums scales both coefficients (as for BLURFusedAdamW);
+        "value": d is clamped to +-clip * scale. Clipping d afterwards would act on scale * d.
+        """
+        retain_coef, forget_coef = self._clipped_coefs(stats)
+        mode = self.hparams.mode if self.hparams.gradient_clip_val is None else ""  # "": apply retain_coef
+        combine_(retain_grads, forget_grads, retain_coef, forget_coef, mode=mode,
+                 backend=self.hparams.projection_backend)
+        if self.hparams.gradient_clip_val is not None and self.hparams.gradient_clip_algorithm == "value":
+            bound = scale * self.hparams.gradient_clip_val
+            for g in retain_grads:
+                local_tensor(g).clamp_(min=-bound, max=bound)
+
     def _clipped_coefs(self, stats: BLURStats) -> tuple[torch.Tensor, torch.Tensor]:
         """The fused optimizer's coefficients, scaled so ||d|| <= gradient_clip_val.
 
@@ -425,7 +458,7 @@ class BLURUnlearner(pl.LightningModule):
         """
         retain_coef, forget_coef = stats.retain_coef, stats.forget_coef
         max_norm = self.hparams.gradient_clip_val
-        if max_norm is None:
+        if max_norm is None or self.hparams.gradient_clip_algorithm != "norm":
             return retain_coef, forget_coef
         scale = (max_norm / (stats.direction_norm + 1e-6)).clamp(max=1.0).to(retain_coef.dtype)
         return retain_coef * scale, forget_coef * scale

@@ -263,12 +263,21 @@ def compute_stats(
     group=None,
     backend: str = "auto",
     device: torch.device | None = None,
+    grad_scale: torch.Tensor | None = None,
 ) -> BLURStats:
-    """Pass 1 plus the coefficients, without touching the gradients (the fused optimizer uses this)."""
+    """Pass 1 plus the coefficients, without touching the gradients (the fused optimizer uses this).
+
+    grad_scale: the factor both gradients carry (a GradScaler's scale, a 0-dim device tensor), or
+    None. The sums are divided by its square, so they, the eps guards and the logged norms are
+    the true gradients' (exactly, for GradScaler's powers of two); the coefficients are ratios of
+    sums and do not change. The gradients themselves stay scaled.
+    """
     check_mode_args(mode, gamma, alpha, eps)
     forget_grads, retain_grads = _local(forget_grads), _local(retain_grads)
     sums = partial_sums(forget_grads, retain_grads, backend=backend, device=device)
     sums = all_reduce_sums(sums, group)
+    if grad_scale is not None:
+        sums = sums / grad_scale.to(sums.dtype).square()
     retain_coef, forget_coef, coef = direction_coefs(sums, mode=mode, gamma=gamma, alpha=alpha, eps=eps)
     # float32 coefficients for float32/bf16/fp16 gradients (what the kernels read); float64 ones
     # only when a gradient is float64, so a float64 oracle test sees float64 arithmetic.
@@ -289,6 +298,7 @@ def blur_direction_(
     eps: float = 1e-12,
     group=None,
     backend: str = "auto",
+    grad_scale: torch.Tensor | None = None,
 ) -> BLURStats:
     """Write the BLUR direction into `retain_grads`, in place.
 
@@ -304,6 +314,8 @@ def blur_direction_(
             sums are all-reduced, so the inner products cover every shard on every rank. None:
             the lists hold the whole model. DTensors are reduced over their local shards.
         backend: "auto" (Triton on CUDA, else PyTorch; env BLUR_BACKEND overrides), "torch", "triton".
+        grad_scale: the loss scale both gradients carry (see compute_stats): the sums come out
+            true; d is written with the same scale.
 
     Returns:
         BLURStats of 0-dim float32 tensors on the gradients' device. No host synchronisation.
@@ -315,7 +327,8 @@ def blur_direction_(
     forget_grads, retain_grads = _local(forget_grads), _local(retain_grads)
     backend = resolve_backend(backend, retain_grads)
     stats = compute_stats(
-        forget_grads, retain_grads, gamma=gamma, mode=mode, alpha=alpha, eps=eps, group=group, backend=backend
+        forget_grads, retain_grads, gamma=gamma, mode=mode, alpha=alpha, eps=eps, group=group, backend=backend,
+        grad_scale=grad_scale,
     )
     combine_(retain_grads, forget_grads, stats.retain_coef, stats.forget_coef, mode=mode, backend=backend)
     return stats
