@@ -33,6 +33,7 @@ from torch import nn
 from blur_lightning import attention, losses, nonfinite
 from blur_lightning.nonfinite import NONFINITE_SKIP, is_fused_blur_optimizer
 from blur_lightning.projection import MODES, BLURStats, blur_direction_, combine_, compute_stats, local_tensor
+from blur_lightning.strategy_hooks import StrategyHooks
 
 # The CLI's injectable optimizer and scheduler: callables taking the parameters / the optimizer.
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -143,9 +144,11 @@ class BLURUnlearner(pl.LightningModule):
         self._reference: list[nn.Module] = []
         self._forget_stash: list[torch.Tensor | None] | None = None
         self._micro_step = 0
+        self._bucket_views: bool | None = None  # DDP's gradient_as_bucket_view (decided on the first step)
         self._loss_sums: dict[str, torch.Tensor] = {}
         self._warned_nonfinite = False
         self._skip_watch = nonfinite.SkipWatch()
+        self.strategy_hooks = StrategyHooks()  # filled by distributed.install_hooks when sharded
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long), persistent=True)
 
     # ------------------------------------------------------------------ model
@@ -207,6 +210,7 @@ class BLURUnlearner(pl.LightningModule):
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def on_fit_start(self) -> None:
+        self._bucket_views = None
         ref = self.reference_model
         if ref is not None:
             ref.to(self.device)
@@ -284,13 +288,16 @@ class BLURUnlearner(pl.LightningModule):
             p.grad = g
         loss_forget = self.forget_loss(batch["forget"])
         self.manual_backward(loss_forget / k)  # frees the forget graph before the retain forward
-        self._forget_stash = [p.grad for p in params]
+        self._forget_stash = self._own_grads([p.grad for p in params])
 
         # Retain pass: the retain accumulator back into .grad.
         for p, g in zip(params, retain_accumulator):
             p.grad = g
         loss_retain = self.retain_loss(batch["retain"])
         self.manual_backward(loss_retain / k)
+        if k > 1:  # the next forget backward must not write over the retain accumulator
+            for p, g in zip(params, self._own_grads([p.grad for p in params])):
+                p.grad = g
 
         self._accumulate_loss("forget_loss", loss_forget.detach() / k)
         self._accumulate_loss("retain_loss", loss_retain.detach() / k)
@@ -299,6 +306,21 @@ class BLURUnlearner(pl.LightningModule):
         if self._micro_step == k or self._is_last_batch():
             out.update(self._optimizer_step(params))
         return out
+
+    def _own_grads(self, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """grads, or copies where DDP's gradient_as_bucket_view made them views of its buckets.
+
+        Both passes' backward write the same bucket memory, so a gradient kept across the other
+        pass's backward needs its own: one copy per pass, as many as default DDP makes (bucket to
+        .grad) and the same memory (docs/FSDP.md has the measured cost).
+        """
+        if self._bucket_views is None:
+            from blur_lightning import distributed
+
+            self._bucket_views = distributed.grads_alias_buckets(getattr(self._trainer, "strategy", None))
+        if not self._bucket_views:
+            return grads
+        return [None if g is None else g.clone() for g in grads]
 
     def _is_last_batch(self) -> bool:
         trainer = self._trainer
@@ -310,10 +332,8 @@ class BLURUnlearner(pl.LightningModule):
     def _projection_group(self):
         """The process group(s) the three sums are reduced over; None for a single process."""
         strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
-        fn = getattr(self, "projection_group_fn", None)
-        if fn is not None:
-            return fn(self, strategy)
-        return None
+        fn = self.strategy_hooks.projection_group
+        return fn(self, strategy) if fn is not None else None
 
     def _optimizer_step(self, params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
         optimizer = self.optimizers()
@@ -522,7 +542,7 @@ class BLURUnlearner(pl.LightningModule):
         export_dir = self.resolve_export_dir()
         if export_dir is None:
             return
-        export_fn = getattr(self, "export_fn", None)
+        export_fn = self.strategy_hooks.export
         if export_fn is not None:  # the FSDP path gathers full weights first
             export_fn(self, export_dir)
             return
@@ -532,12 +552,12 @@ class BLURUnlearner(pl.LightningModule):
             export_hf(self.model, self.tokenizer, export_dir)
 
     def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Lightning's clipping, or the shard-aware one a distributed set-up installs as `clip_fn`.
+        """Lightning's clipping, or the shard-aware one a distributed set-up installs (strategy_hooks.clip).
 
         Lightning clips each rank's shards by their own norm (FSDP2) or refuses (FSDP1); the
         installed one reduces the squared norm over the projection's groups.
         """
-        clip_fn = getattr(self, "clip_fn", None)
+        clip_fn = self.strategy_hooks.clip
         if clip_fn is None:
             super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
