@@ -31,8 +31,9 @@ import torch
 from torch import nn
 
 from blur_lightning import attention, losses, nonfinite
+from blur_lightning.clipping import clipped_coefs, combine_scaled_
 from blur_lightning.nonfinite import NONFINITE_SKIP, is_fused_blur_optimizer
-from blur_lightning.projection import MODES, BLURStats, blur_direction_, combine_, compute_stats, local_tensor
+from blur_lightning.projection import MODES, BLURStats, blur_direction_, compute_stats
 from blur_lightning.strategy_hooks import StrategyHooks
 
 # The CLI's injectable optimizer and scheduler: callables taking the parameters / the optimizer.
@@ -366,7 +367,7 @@ class BLURUnlearner(pl.LightningModule):
         self._log_step(loss_forget, loss_retain, stats, optimizer)
         step_kwargs = {}
         if fused:
-            retain_coef, forget_coef = self._clipped_coefs(stats)
+            retain_coef, forget_coef = clipped_coefs(stats, self.hparams.gradient_clip_val)
             if scale is not None:  # the scaler unscales g_r (p.grad) in place, not the stash g_f
                 forget_coef = forget_coef / scale.to(forget_coef.dtype)
             step_kwargs = {
@@ -379,7 +380,9 @@ class BLURUnlearner(pl.LightningModule):
             # GradScaler decides: a NaN planted on a non-finite step makes it skip the update and
             # back its scale off; its own check is the step's one host read (none when fused).
             if not fused:
-                self._combine_scaled(kept, forget_grads, retain_grads, stats, scale)
+                hp = self.hparams
+                combine_scaled_(forget_grads, retain_grads, stats, scale, max_value=hp.gradient_clip_val,
+                                algorithm=hp.gradient_clip_algorithm, mode=hp.mode, backend=hp.projection_backend)
             nonfinite.plant_nan_(retain_grads, finite_on_device)
             self._warn_if_skipped(self._skip_watch.read())
             optimizer.step(**step_kwargs)
@@ -453,35 +456,6 @@ class BLURUnlearner(pl.LightningModule):
                 gradient_clip_val=self.hparams.gradient_clip_val,
                 gradient_clip_algorithm=self.hparams.gradient_clip_algorithm,
             )
-
-    def _combine_scaled(self, kept, forget_grads, retain_grads, stats: BLURStats, scale: torch.Tensor) -> None:
-        """d into .grad under a GradScaler, clipped as the true d: d stays scaled (the scaler unscales it).
-
-        "norm": the clip factor from the true sums scales both coefficients (as for BLURFusedAdamW);
-        "value": d is clamped to +-clip * scale. Clipping d afterwards would act on scale * d.
-        """
-        retain_coef, forget_coef = self._clipped_coefs(stats)
-        mode = self.hparams.mode if self.hparams.gradient_clip_val is None else ""  # "": apply retain_coef
-        combine_(retain_grads, forget_grads, retain_coef, forget_coef, mode=mode,
-                 backend=self.hparams.projection_backend)
-        if self.hparams.gradient_clip_val is not None and self.hparams.gradient_clip_algorithm == "value":
-            bound = scale * self.hparams.gradient_clip_val
-            for g in retain_grads:
-                local_tensor(g).clamp_(min=-bound, max=bound)
-
-    def _clipped_coefs(self, stats: BLURStats) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fused optimizer's coefficients, scaled so ||d|| <= gradient_clip_val.
-
-        ||d|| comes from the three global sums (BLURStats.direction_norm): no pass over d (which
-        is never written) and no extra all-reduce under FSDP. The factor is clip_grad_norm_'s,
-        min(1, max_norm / (||d|| + 1e-6)).
-        """
-        retain_coef, forget_coef = stats.retain_coef, stats.forget_coef
-        max_norm = self.hparams.gradient_clip_val
-        if max_norm is None or self.hparams.gradient_clip_algorithm != "norm":
-            return retain_coef, forget_coef
-        scale = (max_norm / (stats.direction_norm + 1e-6)).clamp(max=1.0).to(retain_coef.dtype)
-        return retain_coef * scale, forget_coef * scale
 
     def on_train_end(self) -> None:
         self._warn_if_skipped(self._skip_watch.read(wait=True))
