@@ -7,7 +7,8 @@ One optimizer step (k = accumulate_grad_batches micro-batches):
         .grad <- retain accumulator (swap back)   retain forward + backward
     at the boundary: blur_direction_(stash, .grad)  [clip]  optimizer.step  scheduler.step  zero
 
-Two gradient-sized buffers in all (the stash and .grad), never a copy; one activation graph
+Two gradient-sized buffers in all (the stash and .grad), never a copy (but under DDP's
+gradient_as_bucket_view, where both passes write one bucket: _own_grads); one activation graph
 alive at a time (each backward frees its graph before the next forward); both gradients
 accumulate over all k micro-batches. The projection runs on device with no host read.
 
@@ -15,7 +16,8 @@ A step whose losses or gradients are not finite is skipped, parameters and optim
 untouched. With an optimizer that can skip on the device (`BLURFusedAdamW`, or torch's
 Adam/AdamW/SGD with `fused=True`) the decision never leaves the device and the step makes no
 host read at all, so the CPU keeps running ahead of the GPU; any other optimizer costs one
-host read of a boolean per step. With `BLURFusedAdamW` the combine pass is folded into the
+host read of a boolean per step; under 16-mixed precision GradScaler decides (nonfinite.py).
+Every rank takes the same decision. With `BLURFusedAdamW` the combine pass is folded into the
 update: d is never written (pass 1, then one pass over g_r, g_f, p, m, v).
 """
 
