@@ -48,10 +48,11 @@ def combine_scaled_(
     unscales it. "norm": the factor from the sums scales both coefficients; "value": d is clamped
     to +-max_value * scale (a 0-dim device bound: no host read).
     """
+    forget_grads, retain_grads = [local_tensor(g) for g in forget_grads], [local_tensor(g) for g in retain_grads]
     retain_coef, forget_coef = clipped_coefs(stats, max_value, algorithm)
     combine_(retain_grads, forget_grads, retain_coef, forget_coef,
              mode=mode if max_value is None else "", backend=backend)  # "": the clipped retain_coef applies
     if max_value is not None and algorithm == "value":
         bound = scale * max_value
         for g in retain_grads:
-            local_tensor(g).clamp_(min=-bound, max=bound)
+            g.clamp_(min=-bound, max=bound)

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import torch
 
+from blur_lightning.backends import local_tensor
+
 NONFINITE_SKIP = ("auto", "device", "host")
 
 
@@ -83,7 +85,7 @@ def plant_nan_(grads: Sequence[torch.Tensor], finite: torch.Tensor) -> None:
     One element is enough for GradScaler's non-finite check over all gradients; a torch.where
     on the device, no host read, nothing written in the usual (finite) case but that element.
     """
-    for g in grads:
+    for g in map(local_tensor, grads):  # a DTensor's local shard: what the (sharded) scaler checks
         if g.numel() and g.is_contiguous():
             first = g.view(-1)[:1]
             first.copy_(torch.where(finite, first, torch.full_like(first, float("nan"))))

@@ -51,12 +51,23 @@ def weights(module):
     return {k: v.detach().clone() for k, v in module.model.state_dict().items()}
 
 
-def test_overflow_backs_the_scale_off_then_trains():
+def optimizer_factory(name: str, lr: float):
+    if name == "blur_fused":
+        from blur_lightning.kernels import BLURFusedAdamW
+
+        return functools.partial(BLURFusedAdamW, lr=lr, backend="torch")
+    if name == "adamw_fused":  # takes the scale and the skip flag from the scaler on the device
+        return functools.partial(torch.optim.AdamW, lr=lr, fused=True)
+    return functools.partial(torch.optim.SGD, lr=lr)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw_fused", "blur_fused"])
+def test_overflow_backs_the_scale_off_then_trains(optimizer):
     """S = 2^40 overflows the fp16 backward: each such step is skipped AND backs the scale off (by
     2^-8 here instead of GradScaler's 1/2, to keep the test short) until the steps are finite and
     training proceeds. Before: 8 of 8 skipped, the scale stayed 2^40, the weights never moved."""
-    module = BLURUnlearner(build_tiny_llama(), forget_loss="ga",
-                           optimizer=functools.partial(torch.optim.SGD, lr=0.05), export_dir=None)
+    module = BLURUnlearner(build_tiny_llama(), forget_loss="ga", optimizer=optimizer_factory(optimizer, 0.01),
+                           export_dir=None)
     before = weights(module)
     plugin = fp16_plugin(2.0**40, backoff_factor=2.0**-8)
     with pytest.warns(RuntimeWarning, match="skipped"):
@@ -79,13 +90,8 @@ def test_clipping_acts_on_the_true_direction(algorithm, optimizer):
     clip value, 0.1, whatever the loss scale (1024 here; before: 0.1 / 1024 = 9.77e-5)."""
     if optimizer == "blur_fused" and algorithm == "value":
         pytest.skip("BLURFusedAdamW refuses value clipping (d is never written)")
-    if optimizer == "sgd":
-        factory = functools.partial(torch.optim.SGD, lr=1.0)
-    else:
-        from blur_lightning.kernels import BLURFusedAdamW
-
-        # AdamW's first step moves each weight by lr * sign-like m/sqrt(v): compared with plain AdamW below
-        factory = functools.partial(BLURFusedAdamW, lr=1e-3, backend="torch")
+    # BLURFusedAdamW: d is never written, so it is compared with plain AdamW on the same step below
+    factory = optimizer_factory(optimizer, 1.0 if optimizer == "sgd" else 1e-3)
     module = BLURUnlearner(build_tiny_llama(), forget_loss="ga", optimizer=factory, export_dir=None,
                            gradient_clip_val=0.1, gradient_clip_algorithm=algorithm)
     before = weights(module)
