@@ -15,7 +15,9 @@ A case (all keys but name and layout optional):
     optimizer ("adamw", "adamw_fused", "sgd" or "blur_fused_adamw"), lr, clip,
     model_path (load by name: the lazy meta-device build),
     export_dir, save_at (micro-batch counts after which a checkpoint is saved, into ckpt_dir),
-    ckpt_path (resume from it).
+    ckpt_path (resume from it), npo_reference, data ({"forget", "retain", "tokenizer"}: QA JSONL files
+    through ForgetRetainDataModule, `rows` per rank per micro-batch, shuffled; vocab must be the
+    tokenizer's), max_steps.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ DEFAULTS = dict(
     world=1, shard_size=2, num_nodes=1, mode="forget_lower", forget_loss="npo", retain_loss="nll", gamma=0.7,
     alpha=2.0, vocab=101, rows=2, length=12, micro_batches=6, accumulate=2, optimizer="adamw", lr=1e-3,
     clip=None, model_path=None, export_dir=None, save_at=(), ckpt_dir=None, ckpt_path=None,
-    accelerator="cpu", backend="torch", param_dtype=None, reduce_dtype=None,
+    accelerator="cpu", backend="torch", param_dtype=None, reduce_dtype=None, npo_reference="auto", data=None,
+    max_steps=-1,
 )
 
 
@@ -122,7 +125,7 @@ def build_module(case: dict):
         model, mode=case["mode"], forget_loss=case["forget_loss"], retain_loss=case["retain_loss"],
         gamma=case["gamma"], alpha=case["alpha"], accumulate_grad_batches=case["accumulate"],
         gradient_clip_val=case["clip"], optimizer=optimizer, export_dir=case["export_dir"],
-        projection_backend=case["backend"], attn_implementation="eager",
+        projection_backend=case["backend"], attn_implementation="eager", npo_reference=case["npo_reference"],
     )
 
 
@@ -145,17 +148,29 @@ def run_case(case: dict, rank: int) -> dict:
                 trainer.save_checkpoint(path)
 
     module = build_module(case)
-    batches = rank_batches(case, rank) if case["layout"] != "single" else concatenated_batches(case)
     single = case["layout"] == "single"
+    if case["data"] is not None:  # numbered rows: the sampler gives each rank its share
+        from blur_lightning.data import ForgetRetainDataModule
+
+        data = case["data"]
+        loader = dict(datamodule=ForgetRetainDataModule(
+            forget_path=data["forget"], retain_path=data["retain"], tokenizer=data["tokenizer"], max_length=64,
+            batch_size=case["rows"] * (case["world"] if single else 1), seed=0,
+        ))
+    else:
+        batches = rank_batches(case, rank) if not single else concatenated_batches(case)
+        loader = dict(train_dataloaders=ResumableBatches(batches))
     trainer = pl.Trainer(
         accelerator=case["accelerator"], devices=1 if single else case["world"] // case["num_nodes"],
         num_nodes=1 if single else case["num_nodes"],
-        strategy=make_strategy(case), max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-        callbacks=[Record()],
+        strategy=make_strategy(case), max_epochs=1, max_steps=case["max_steps"], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        use_distributed_sampler=False, callbacks=[Record()], limit_val_batches=0,
     )
-    trainer.fit(module, train_dataloaders=ResumableBatches(batches), ckpt_path=case["ckpt_path"])
-    return {"state": full_state_dict(module.model), "stats": stats, "global_step": trainer.global_step}
+    trainer.fit(module, ckpt_path=case["ckpt_path"], **loader)
+    table = module._npo_cache.values.cpu() if module._npo_cache is not None else None
+    return {"state": full_state_dict(module.model), "stats": stats, "global_step": trainer.global_step,
+            "npo_table": table, "has_reference": module.reference_model is not None}
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
