@@ -156,8 +156,7 @@ class BLURUnlearner(pl.LightningModule):
     @property
     def npo_reference(self) -> str:
         """"model", "cache" or "none": the npo_reference setting resolved for this fit's data."""
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        hp = self.hparams
+        hp, datamodule = self.hparams, getattr(self._trainer, "datamodule", None) if self._trainer else None
         return reference_cache.resolve_npo_reference(hp.get("npo_reference", "auto"), hp.forget_loss,
                                                      hp.retain_loss, datamodule)
 
@@ -545,13 +544,7 @@ class BLURUnlearner(pl.LightningModule):
             distributed.restore_accumulation(self, *pending)
             self._pending_accumulation = None
         if self.npo_reference == "cache":  # after every restore: FSDP restores after on_fit_start
-            trainer = self.trainer
-            self._npo_cache = reference_cache.prepare(
-                self.model, trainer.datamodule, device=self.device, existing=self._npo_cache,
-                saved=self._npo_cache_saved, resuming=trainer.ckpt_path is not None,
-                sampler_kwargs=trainer.distributed_sampler_kwargs,
-                forward_context=trainer.precision_plugin.train_step_context,
-            )
+            self._npo_cache = reference_cache.prepare(self.model, self.trainer, self._npo_cache, self._npo_cache_saved)
             self._npo_cache_saved = None
 
     def resolve_export_dir(self) -> str | None:

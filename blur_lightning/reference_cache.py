@@ -163,34 +163,26 @@ def compute_logprobs(
 
 
 def prepare(
-    model: nn.Module,
-    datamodule: Any,
-    *,
-    device: torch.device,
-    existing: ReferenceLogProbs | None,
-    saved: dict[str, Any] | None,
-    resuming: bool,
-    sampler_kwargs: dict[str, int] | None = None,
-    forward_context: Callable[[], Any] | None = None,
+    model: nn.Module, trainer: Any, existing: ReferenceLogProbs | None, saved: dict[str, Any] | None
 ) -> ReferenceLogProbs:
     """The table for this fit: the checkpoint's (on resume), this module's own (a second fit on the
     same rows), or computed now from `model`, which must not have been updated yet.
 
     Args:
         model: the policy, before its first update (unless a table is saved or existing).
-        datamodule: gives the forget rows (`forget_rows`), their collator and `batch_size`.
-        device: where the table lives (the model's device).
+        trainer: gives the data module (forget rows, collator, batch size), the device, whether the
+            fit resumes (its restored weights are no reference), the ranks (distributed sampler
+            kwargs) and the training step's precision context.
         existing: the table of an earlier fit of the same module, if any.
         saved: the checkpoint's entry (`CHECKPOINT_KEY`), if resuming from one that has it.
-        resuming: whether the fit resumes from a checkpoint (its weights are no reference).
-        sampler_kwargs: the trainer's `distributed_sampler_kwargs` (num_replicas, rank), or None.
-        forward_context: the training step's precision context (autocast), as a callable.
 
     Raises:
         ValueError: a resume from a checkpoint without a table, rows that differ from those a
             saved or existing table was made of (a table cannot be recomputed once the model has
             moved), or a value that is not finite.
     """
+    datamodule, device = trainer.datamodule, trainer.strategy.root_device
+    resuming = trainer.ckpt_path is not None
     rows = forget_rows_of(datamodule)
     if rows is None:
         raise ValueError("npo_reference='cache': the data module has no forget rows")
@@ -215,13 +207,13 @@ def prepare(
             rank_zero_info(f"NPO reference: {len(rows)} cached log-probs restored from the checkpoint")
             return ReferenceLogProbs.from_state(found, device)
         return found
-    replicas = int((sampler_kwargs or {}).get("num_replicas", 1))
-    rank = int((sampler_kwargs or {}).get("rank", 0))
+    sampler_kwargs = trainer.distributed_sampler_kwargs or {}
+    replicas, rank = int(sampler_kwargs.get("num_replicas", 1)), int(sampler_kwargs.get("rank", 0))
     batch_size = int(getattr(datamodule, "batch_size", None) or 8)
     start = time.perf_counter()
     values = compute_logprobs(
         model, rows, datamodule._collator(), batch_size=batch_size, device=device,
-        replicas=replicas, rank=rank, forward_context=forward_context,
+        replicas=replicas, rank=rank, forward_context=trainer.precision_plugin.train_step_context,
     )
     finite = torch.isfinite(values)
     if not bool(finite.all()):  # read once, at fit start

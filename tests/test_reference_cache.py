@@ -87,7 +87,7 @@ def test_cache_equals_reference_model_path():
     (ref_module, ref_losses, ref_w), (cache_module, cache_losses, cache_w) = by_mode["model"], by_mode["cache"]
     assert ref_module.reference_model is not None and cache_module.reference_model is None
     assert cache_module._npo_cache.values.shape == (17,)
-    assert len(cache_losses) == len(ref_losses) == 5  # 4 + 1 (the epoch's last row) + ... 3 steps
+    assert len(cache_losses) == len(ref_losses) == 5  # micro-batches of 4, 4, 4, 4, 1: steps after 2, 4, 5
     loss_diff = max(abs(a - b) for pa, pb in zip(cache_losses, ref_losses) for a, b in zip(pa, pb))
     weight_diff = max_diff(cache_w, ref_w)
     assert loss_diff <= ATOL, (cache_losses, ref_losses)
