@@ -143,9 +143,13 @@ def test_resume_takes_the_checkpoints_table_not_the_restored_weights(tmp_path, m
     assert resume_diff <= ATOL
 
     # The wrong way, for contrast: ignore the checkpoint's table and compute one at resume.
-    original = reference_cache.prepare
-    monkeypatch.setattr(reference_cache, "prepare",
-                        lambda *a, **k: original(*a, **{**k, "saved": None, "resuming": False}))
+    def recompute(model, trainer, existing, saved):
+        dm = trainer.datamodule
+        values = reference_cache.compute_logprobs(model, dm.forget_rows, dm._collator(), batch_size=dm.batch_size,
+                                                  device=trainer.strategy.root_device)
+        return reference_cache.ReferenceLogProbs(values, "recomputed")
+
+    monkeypatch.setattr(reference_cache, "prepare", recompute)
     wrong = make_module("cache")
     fit(wrong, make_dm(), max_steps=4, ckpt_path=path)
     table_shift = (wrong._npo_cache.values - full._npo_cache.values).abs().max().item()
