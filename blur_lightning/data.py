@@ -12,6 +12,7 @@ Batch contract (what :class:`ForgetRetainDataModule` hands the LightningModule):
     for ``text`` rows on every real token. Padding is always ``-100``. Labels are *not* shifted:
     Hugging Face models shift them internally;
 
+* the forget side also has ``example_index`` (int64, ``B``): each row's index in ``forget_rows``;
 * with ``idk_column`` set, the forget side also has ``alt_input_ids``, ``alt_attention_mask`` and
   ``alt_labels``: the same question answered with the refusal in that column (for the ``idk`` loss);
 * ``val_dataloader()`` returns a list of loaders yielding single sides (``input_ids``,
@@ -387,6 +388,8 @@ class PadCollator:
         if "alt_input_ids" in rows[0]:
             alt = [{"input_ids": r["alt_input_ids"], "labels": r["alt_labels"]} for r in rows]
             batch.update(pad_side(alt, self.pad_token_id, prefix="alt_", pad_to_multiple_of=self.pad_to_multiple_of))
+        if "example_index" in rows[0]:  # (B,) row numbers: per-example values (the cached NPO reference)
+            batch["example_index"] = torch.tensor([r["example_index"] for r in rows], dtype=torch.long)
         return batch
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -428,7 +431,8 @@ class PairedDataset(Dataset):
 
     def __getitem__(self, index: tuple[int, int]) -> dict[str, Any]:
         forget_index, retain_index = index
-        return {"forget": self.forget[forget_index], "retain": self.retain[retain_index]}
+        forget = {**self.forget[forget_index], "example_index": forget_index}  # numbered: see PadCollator
+        return {"forget": forget, "retain": self.retain[retain_index]}
 
 
 def _permutation(n: int, seed: int, stream: int, counter: int, shuffle: bool) -> np.ndarray:

@@ -80,10 +80,17 @@ def npo_loss(
     paper, not of raw logits. It is bounded below by 0 and its gradient fades as pi_theta -> 0,
     which is why the forget gradient norm collapses within a few steps.
     """
-    logp, _ = sequence_logprob(logits, labels)
     with torch.no_grad():
         ref_logp, _ = sequence_logprob(ref_logits, labels)
-    log_ratio = logp - ref_logp
+    return npo_loss_from_logprobs(logits, ref_logp, labels, beta=beta)
+
+
+def npo_loss_from_logprobs(
+    logits: torch.Tensor, ref_logp: torch.Tensor, labels: torch.Tensor, beta: float = 0.1
+) -> torch.Tensor:
+    """NPO with the reference's sequence log-probs (B,) given: e.g. cached once per example."""
+    logp, _ = sequence_logprob(logits, labels)
+    log_ratio = logp - ref_logp.detach()
     return -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).mean()
 
 

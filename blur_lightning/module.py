@@ -32,7 +32,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from blur_lightning import attention, losses, nonfinite
+from blur_lightning import attention, losses, nonfinite, reference_cache
 from blur_lightning.clipping import clipped_coefs, combine_scaled_
 from blur_lightning.nonfinite import NONFINITE_SKIP, is_fused_blur_optimizer
 from blur_lightning.projection import MODES, BLURStats, blur_direction_, compute_stats
@@ -59,6 +59,9 @@ class BLURUnlearner(pl.LightningModule):
         alpha: the retain weight of the "rmu" mode.
         eps: squared norms at or below eps count as zero in the projection.
         npo_beta: NPO's inverse temperature.
+        npo_reference: where NPO's reference log-probs come from: "model" (a frozen copy, run on
+            every forget batch), "cache" (computed once at fit start, no copy: reference_cache.py)
+            or "auto" (the cache unless another loss needs the model or the data cannot be numbered).
         simnpo_beta: SimNPO's inverse temperature.
         simnpo_delta: SimNPO's reward margin, inside the beta product: log sigmoid(beta (nll/|y| - delta)).
         kl_mask: positions of the "kl" retain loss: "labels" (answer tokens) or "all" (open-unlearning).
@@ -98,6 +101,7 @@ class BLURUnlearner(pl.LightningModule):
         alpha: float = 1.0,
         eps: float = 1e-12,
         npo_beta: float = 0.1,
+        npo_reference: str = "auto",
         simnpo_beta: float = 2.5,
         simnpo_delta: float = 0.0,
         kl_mask: str = "labels",
@@ -133,6 +137,7 @@ class BLURUnlearner(pl.LightningModule):
         for name, value in (("gamma", gamma), ("alpha", alpha)):
             if not value >= 0:  # also refuses NaN
                 raise ValueError(f"{name}={value!r}: expected a number >= 0 (a negative weight reverses its objective)")
+        reference_cache.check_setting(npo_reference, forget_loss)
         if nonfinite_skip not in NONFINITE_SKIP:
             raise ValueError(f"nonfinite_skip={nonfinite_skip!r}: expected one of {NONFINITE_SKIP}")
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
@@ -145,6 +150,8 @@ class BLURUnlearner(pl.LightningModule):
         # The frozen reference lives outside the module tree: not in state_dict (checkpoints stay
         # one model big), not in parameters() (the optimizer never sees it).
         self._reference: list[nn.Module] = []
+        self._npo_cache: reference_cache.ReferenceLogProbs | None = None  # npo_reference "cache"
+        self._npo_cache_saved: dict | None = None  # from a checkpoint, until on_train_start
         self._forget_stash: list[torch.Tensor | None] | None = None
         self._micro_step = 0
         self._bucket_views: bool | None = None  # DDP's gradient_as_bucket_view (decided on the first step)
@@ -158,9 +165,15 @@ class BLURUnlearner(pl.LightningModule):
     @property
     def needs_reference(self) -> bool:
         return (
-            self.hparams.forget_loss in losses.NEEDS_REFERENCE_FORGET
-            or self.hparams.retain_loss in losses.NEEDS_REFERENCE_RETAIN
-        )
+            self.hparams.forget_loss in losses.NEEDS_REFERENCE_FORGET and self.npo_reference != "cache"
+        ) or self.hparams.retain_loss in losses.NEEDS_REFERENCE_RETAIN
+
+    @property
+    def npo_reference(self) -> str:
+        """"model", "cache" or "none": the npo_reference setting resolved for this fit's data."""
+        hp, datamodule = self.hparams, getattr(self._trainer, "datamodule", None) if self._trainer else None
+        return reference_cache.resolve_npo_reference(hp.get("npo_reference", "auto"), hp.forget_loss,
+                                                     hp.retain_loss, datamodule)
 
     @property
     def reference_model(self) -> nn.Module | None:
@@ -261,6 +274,9 @@ class BLURUnlearner(pl.LightningModule):
         logits = attention.forward(self.model, side).logits
         if name == "ga":
             return losses.gradient_ascent_loss(logits, side["labels"])
+        if name == "npo" and self._npo_cache is not None:
+            ref_logp = self._npo_cache.lookup(side)  # (B,): a gather on the device
+            return losses.npo_loss_from_logprobs(logits, ref_logp, side["labels"], beta=self.hparams.npo_beta)
         if name == "npo":
             ref_logits = self._reference_logits(side)
             return losses.npo_loss(logits, ref_logits, side["labels"], beta=self.hparams.npo_beta)
@@ -546,6 +562,8 @@ class BLURUnlearner(pl.LightningModule):
         from blur_lightning import distributed
 
         distributed.accumulation_state(self, checkpoint, self._trainer.strategy if self._trainer else None)
+        if self._npo_cache is not None:  # the reference of a resumed run: not the restored weights'
+            checkpoint[reference_cache.CHECKPOINT_KEY] = self._npo_cache.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         from blur_lightning import distributed
@@ -554,6 +572,7 @@ class BLURUnlearner(pl.LightningModule):
         ckpt_path = self._trainer.ckpt_path if self._trainer is not None else None
         # Restored in on_train_start: only then are the parameters sharded / wrapped / on device.
         self._pending_accumulation = (entry, ckpt_path) if entry is not None else None
+        self._npo_cache_saved = checkpoint.get(reference_cache.CHECKPOINT_KEY)
 
     def on_train_start(self) -> None:
         pending = getattr(self, "_pending_accumulation", None)
@@ -562,6 +581,9 @@ class BLURUnlearner(pl.LightningModule):
 
             distributed.restore_accumulation(self, *pending)
             self._pending_accumulation = None
+        if self.npo_reference == "cache":  # after every restore: FSDP restores after on_fit_start
+            self._npo_cache = reference_cache.prepare(self.model, self.trainer, self._npo_cache, self._npo_cache_saved)
+            self._npo_cache_saved = None
 
     def resolve_export_dir(self) -> str | None:
         export_dir = self.hparams.export_dir

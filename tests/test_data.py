@@ -185,8 +185,10 @@ def test_qa_labels_cover_exactly_the_answer_tokens(tmp_path, use_chat_template):
     assert set(batch) == {"forget", "retain"}
     for name, rows in (("forget", qa_rows(10)), ("retain", qa_rows(3, prefix="largest city"))):
         side = batch[name]
-        assert set(side) == {"input_ids", "attention_mask", "labels", "padded:attention_mask"}
-        tensors = [t for t in side.values() if torch.is_tensor(t)]
+        numbered = {"example_index"} if name == "forget" else set()  # (B,): rows of forget_rows
+        assert set(side) == {"input_ids", "attention_mask", "labels", "padded:attention_mask"} | numbered
+        assert name != "forget" or side["example_index"].tolist() == [0, 1, 2, 3]  # unshuffled
+        tensors = [t for k, t in side.items() if torch.is_tensor(t) and k not in numbered]
         assert all(t.dtype == torch.long and t.shape == side["input_ids"].shape for t in tensors)
         for i in range(4):
             row = rows[i % len(rows)]

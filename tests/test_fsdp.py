@@ -375,6 +375,82 @@ def test_export_is_consolidated_hf_model(two_rank_run):
 
 
 # --------------------------------------------------------------------------------------------
+# 2 processes, numbered QA rows: NPO's reference cached at fit start (npo_reference="cache")
+# --------------------------------------------------------------------------------------------
+def npo_cache_cases(out: str) -> dict[str, dict]:
+    """24 forget rows, 2 per rank per micro-batch, 2 micro-batches a step: 3 steps are one epoch."""
+    from blur_lightning.models import tiny_tokenizer
+
+    qa = os.path.join(HERE, "fixtures", "qa")
+    with open(os.path.join(qa, "forget.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    rows += [{**r, "question": r["question"] + " Again?"} for r in rows[: 24 - len(rows)]]
+    forget = os.path.join(out, "forget24.jsonl")
+    with open(forget, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    data = dict(forget=forget, retain=os.path.join(qa, "retain.jsonl"), tokenizer=os.path.join(HERE, "fixtures",
+                "tiny_tokenizer"))
+    ckpt_dir = os.path.join(out, "ckpt")
+    os.makedirs(ckpt_dir, exist_ok=True)
+    # SGD: a rank's batch of 2 pads to another width than one process's batch of 4, and AdamW's first
+    # steps (g / |g|) turn those 1e-7 roundings into lr-sized moves where a gradient is near 0
+    # (4e-4 at lr 1e-2 measured); the tables agree to 1e-6 whatever the optimizer.
+    common = dict(world=2, rows=2, accumulate=2, max_steps=3, data=data, vocab=len(tiny_tokenizer()),
+                  forget_loss="npo", retain_loss="nll", npo_reference="cache", optimizer="sgd", lr=0.2)
+    cases = [
+        dict(name="fsdp2_npo_cache", layout="fsdp2", save_at=[2], ckpt_dir=ckpt_dir, **common),
+        dict(name="fsdp2_npo_cache_resume", layout="fsdp2",
+             ckpt_path=os.path.join(ckpt_dir, "fsdp2_npo_cache.micro2.ckpt"), **common),
+        dict(name="ddp_npo_cache", layout="ddp", **common),
+    ]
+    return {c["name"]: c for c in cases}
+
+
+@pytest.fixture(scope="module")
+def npo_cache_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("npo_cache"))
+    cases = npo_cache_cases(out)
+    launch(list(cases.values()), nproc=2, out=out)
+    return out, cases
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("name", ["fsdp2_npo_cache", "ddp_npo_cache"])
+def test_cached_npo_reference_two_ranks_equal_one_process(npo_cache_run, name):
+    """Each rank computes half the table (strided), one all-reduce gives both the whole of it, and
+    the shuffled sampler's rows find their own values: 2 ranks = one process with the reference
+    model on the same rows (batches of 4), and = one process with the cache."""
+    out, cases = npo_cache_run
+    case = cases[name]
+    with_model = single_process({**case, "name": name + "_model", "npo_reference": "model"})
+    with_cache = single_process(case)
+    assert with_model["has_reference"] and not with_cache["has_reference"]
+    for rank in range(2):
+        got = load(out, name, rank)
+        assert got["global_step"] == 3 and not got["has_reference"]
+        torch.testing.assert_close(got["npo_table"], with_cache["npo_table"], rtol=0, atol=1e-6)
+        diff = assert_same_weights(got["state"], with_model["state"], ATOL, f"{name} rank {rank} vs model")
+        assert_same_weights(got["state"], with_cache["state"], ATOL, f"{name} rank {rank} vs cache")
+    assert_moved(with_model["state"], case)
+    print(f"{name}: max abs diff to one process with the reference model {diff:.3g}")
+
+
+@pytest.mark.timeout(400)
+def test_cached_npo_reference_resumes_from_a_sharded_checkpoint(npo_cache_run):
+    """FSDP restores the checkpoint after on_fit_start: the table must still be the saved one."""
+    out, cases = npo_cache_run
+    meta = torch.load(os.path.join(cases["fsdp2_npo_cache"]["ckpt_dir"], "fsdp2_npo_cache.micro2.ckpt", "meta.pt"),
+                      weights_only=False)
+    full = load(out, "fsdp2_npo_cache", 0)
+    assert torch.equal(meta["npo_reference_logprobs"]["values"], full["npo_table"])
+    for rank in range(2):
+        got = load(out, "fsdp2_npo_cache_resume", rank)
+        assert got["global_step"] == 3
+        assert torch.equal(got["npo_table"], full["npo_table"])
+        assert_same_weights(got["state"], full["state"], 1e-7, f"resume rank {rank}")
+
+
+# --------------------------------------------------------------------------------------------
 # 4 processes: HSDP on a 2x2 mesh
 # --------------------------------------------------------------------------------------------
 @pytest.mark.timeout(400)

@@ -112,6 +112,37 @@ def test_host_reads_per_step(name):
     assert module.trainer.global_step == 2
 
 
+@pytest.mark.parametrize("npo_reference", ["model", "cache"])
+@pytest.mark.parametrize("name", ["adamw_fused", "adamw_foreach"])
+def test_cached_npo_reference_reads_as_the_reference_model(name, npo_reference):
+    """Batches of ForgetRetainDataModule (SDPA, padded, numbered rows): the table lookup is a device
+    gather, so the cache path reads the host exactly as often as the reference-model path."""
+    import os
+
+    from blur_lightning.data import ForgetRetainDataModule
+    from blur_lightning.models import tiny_llama, tiny_tokenizer
+
+    fixtures = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+    qa = os.path.join(fixtures, "qa")
+    dm = ForgetRetainDataModule(
+        forget_path=os.path.join(qa, "forget.jsonl"), retain_path=os.path.join(qa, "retain.jsonl"),
+        tokenizer=os.path.join(fixtures, "tiny_tokenizer"), batch_size=4, max_length=64,
+    )
+    module = BLURUnlearner(
+        tiny_llama(vocab_size=len(tiny_tokenizer())), forget_loss="npo", npo_reference=npo_reference,
+        optimizer=OPTIMIZERS[name](), export_dir=None, accumulate_grad_batches=2, gradient_clip_val=0.5,
+    )
+    # foreach AdamW's own .item() on CPU step counts (see test_host_reads_per_step): ours only
+    reads = count_step_reads(module, only_in=None if name in DEVICE_SKIP else "/blur_lightning/")
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1000, limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=dm)
+    assert (module.reference_model is None) == (npo_reference == "cache")
+    assert reads == ([0, 0, 0, 0] if name in DEVICE_SKIP else [0, 1, 0, 1]), module._last_sites
+
+
 _X = torch.randn(4, 3)
 _MASK = _X > 0
 COUNTER_CASES = {  # name: (code, reads it makes on CUDA)

@@ -16,7 +16,9 @@ A case (all keys but name and layout optional):
     model_path (load by name: the lazy meta-device build),
     export_dir, save_at (micro-batch counts after which a checkpoint is saved, into ckpt_dir),
     ckpt_path (resume from it), bucket_view (DDP's gradient_as_bucket_view), inf_loss_at ([rank,
-    micro-batch]: that rank's forget loss is made infinite there, its gradient left finite).
+    micro-batch]: that rank's forget loss is made infinite there, its gradient left finite), npo_reference,
+    data ({"forget", "retain", "tokenizer"}: QA JSONL files through ForgetRetainDataModule, `rows` per rank per
+    micro-batch, shuffled; vocab must be the tokenizer's), max_steps.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ DEFAULTS = dict(
     alpha=2.0, vocab=101, rows=2, length=12, micro_batches=6, accumulate=2, optimizer="adamw", lr=1e-3,
     clip=None, model_path=None, export_dir=None, save_at=(), ckpt_dir=None, ckpt_path=None,
     accelerator="cpu", backend="torch", param_dtype=None, reduce_dtype=None, bucket_view=False, inf_loss_at=None,
+    npo_reference="auto", data=None, max_steps=-1,
 )
 
 
@@ -124,7 +127,7 @@ def build_module(case: dict):
         model, mode=case["mode"], forget_loss=case["forget_loss"], retain_loss=case["retain_loss"],
         gamma=case["gamma"], alpha=case["alpha"], accumulate_grad_batches=case["accumulate"],
         gradient_clip_val=case["clip"], optimizer=optimizer, export_dir=case["export_dir"],
-        projection_backend=case["backend"], attn_implementation="eager",
+        projection_backend=case["backend"], attn_implementation="eager", npo_reference=case["npo_reference"],
     )
 
 
@@ -149,18 +152,30 @@ def run_case(case: dict, rank: int) -> dict:
     module = build_module(case)
     if case["inf_loss_at"] is not None:
         infinite_forget_loss(module, rank, *case["inf_loss_at"])
-    batches = rank_batches(case, rank) if case["layout"] != "single" else concatenated_batches(case)
     single = case["layout"] == "single"
+    if case["data"] is not None:  # numbered rows: the sampler gives each rank its share
+        from blur_lightning.data import ForgetRetainDataModule
+
+        data = case["data"]
+        loader = dict(datamodule=ForgetRetainDataModule(
+            forget_path=data["forget"], retain_path=data["retain"], tokenizer=data["tokenizer"], max_length=64,
+            batch_size=case["rows"] * (case["world"] if single else 1), seed=0,
+        ))
+    else:
+        batches = rank_batches(case, rank) if not single else concatenated_batches(case)
+        loader = dict(train_dataloaders=ResumableBatches(batches))
     trainer = pl.Trainer(
         accelerator=case["accelerator"], devices=1 if single else case["world"] // case["num_nodes"],
         num_nodes=1 if single else case["num_nodes"],
-        strategy=make_strategy(case), max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-        callbacks=[Record()],
+        strategy=make_strategy(case), max_epochs=1, max_steps=case["max_steps"], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        use_distributed_sampler=False, callbacks=[Record()], limit_val_batches=0,
     )
-    trainer.fit(module, train_dataloaders=ResumableBatches(batches), ckpt_path=case["ckpt_path"])
+    trainer.fit(module, ckpt_path=case["ckpt_path"], **loader)
+    table = module._npo_cache.values.cpu() if module._npo_cache is not None else None
     return {"state": full_state_dict(module.model), "stats": stats, "global_step": trainer.global_step,
-            "skipped_steps": int(module.skipped_steps)}
+            "skipped_steps": int(module.skipped_steps), "npo_table": table,
+            "has_reference": module.reference_model is not None}
 
 
 def infinite_forget_loss(module, rank: int, at_rank: int, at_micro_batch: int) -> None:
