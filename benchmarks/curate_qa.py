@@ -64,7 +64,7 @@ from pathlib import Path
 
 import torch
 
-from blur_lightning.evaluation import greedy_answers, is_correct, normalize_answer
+from blur_lightning.evals.qa import greedy_answers, is_correct, normalize_answer
 from blur_lightning.models import load_causal_lm, load_tokenizer
 
 IDK_ANSWERS = [

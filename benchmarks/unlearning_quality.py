@@ -118,7 +118,7 @@ def split_holdout(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def evaluate(model, tokenizer, rows, args) -> dict:
-    from blur_lightning.evaluation import evaluate_qa
+    from blur_lightning.evals.qa import evaluate_qa
 
     out = evaluate_qa(model, tokenizer, rows, max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size)
     return {"acc": out["accuracy"], "prob": out["answer_prob"]}
@@ -354,14 +354,14 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*tensorboardX.*")
 
-    from blur_lightning.callbacks import read_jsonl
+    from blur_lightning.rows import load_rows
     from blur_lightning.models import load_causal_lm, load_tokenizer
 
     model = load_causal_lm(args.model)
     tokenizer = load_tokenizer(args.model)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}  # CPU copy, restored per run
-    forget_rows = read_jsonl(args.forget, args.max_questions)
-    val_rows, test_rows = split_holdout(read_jsonl(args.holdout))
+    forget_rows = load_rows(args.forget, limit=args.max_questions)
+    val_rows, test_rows = split_holdout(load_rows(args.holdout))
     if args.max_questions:
         val_rows, test_rows = val_rows[: args.max_questions], test_rows[: args.max_questions]
     n = {"forget": len(forget_rows), "val": len(val_rows), "test": len(test_rows)}

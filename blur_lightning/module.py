@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from blur_lightning import attention, losses
+from blur_lightning.data import VAL_LOADER_NAMES
 from blur_lightning.projection import MODES, BLURStats, blur_direction_, compute_stats
 
 # The CLI's injectable optimizer and scheduler: callables taking the parameters / the optimizer.
@@ -463,7 +464,7 @@ class BLURUnlearner(pl.LightningModule):
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    VAL_SET_NAMES = ("forget", "eval")  # the data module's val loaders, in order
+    VAL_SET_NAMES = VAL_LOADER_NAMES  # the data module's val loaders, in order
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
         """Mean answer NLL per val set: it should rise on the forget set and hold on the eval set."""

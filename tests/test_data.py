@@ -20,7 +20,7 @@ from blur_lightning.data import (  # noqa: E402
     load_rows,
     resolve_data_path,
 )
-from blur_lightning.models import tiny_tokenizer  # noqa: E402
+from blur_lightning.testing import tiny_tokenizer  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 TOKENIZER = os.path.join(FIXTURES, "tiny_tokenizer")
@@ -254,7 +254,7 @@ def test_pad_to_multiple_of(tmp_path):
 def test_collator_notes_padding_on_the_host():
     """pad_side stores "padded:<mask key>" (a Python bool) beside each mask: the model's SDPA forward
     then needs no read of the mask from the GPU (blur_lightning.attention)."""
-    from blur_lightning.data import pad_side
+    from blur_lightning.encoding import pad_side
 
     even = pad_side([{"input_ids": [1, 2], "labels": [1, 2]}] * 2, pad_token_id=0)
     uneven = pad_side([{"input_ids": [1, 2], "labels": [1, 2]}, {"input_ids": [3], "labels": [3]}], 0, prefix="alt_")

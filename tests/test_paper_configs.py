@@ -95,7 +95,7 @@ def fake_hub(monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """8 decoder layers: the WMDP configs' rmu_layer 7 and layers 5-7 regex apply unchanged."""
-    from blur_lightning.models import tiny_llama, tiny_tokenizer
+    from blur_lightning.testing import tiny_llama, tiny_tokenizer
 
     path = tmp_path_factory.mktemp("tiny_model_8_layers")
     tokenizer = tiny_tokenizer()

@@ -53,14 +53,14 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from blur_lightning.models import tiny_tokenizer
+    from blur_lightning.testing import tiny_tokenizer
 
     return tiny_tokenizer()
 
 
 @pytest.fixture
 def tiny_model(tokenizer):
-    from blur_lightning.models import tiny_llama
+    from blur_lightning.testing import tiny_llama
 
     return tiny_llama(vocab_size=len(tokenizer))
 
@@ -140,7 +140,7 @@ def test_resumed_run_keeps_the_fit_start_numbers(tmp_path, tokenizer, tiny_model
 
 # ============================================================================ benchmark dispatch
 def test_tofu_matches_evaluate_tofu_with_the_training_prompt(tokenizer, tiny_model):
-    from blur_lightning.data import format_qa
+    from blur_lightning.prompts import format_qa
 
     callback = UnlearningEvalCallback("tofu", fixture_paths(TOFU_FILES), max_new_tokens=4, batch_size=3)
     results = callback.evaluate(tiny_model, tokenizer)

@@ -1,4 +1,4 @@
-"""Benchmark loaders on the fixture files, their errors, and the per-benchmark evaluations on a tiny Llama."""
+"""TOFU, MUSE and WMDP: loaders on the fixture files, their errors, and their evaluations on a tiny Llama."""
 
 from __future__ import annotations
 
@@ -13,59 +13,60 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from blur_lightning import formats as F  # noqa: E402
-from blur_lightning import metrics as M  # noqa: E402
-from blur_lightning import models  # noqa: E402
+from blur_lightning import testing  # noqa: E402
+from blur_lightning.evals import metrics as M  # noqa: E402
+from blur_lightning.evals import muse, tofu, wmdp  # noqa: E402
+from blur_lightning.rows import read_rows  # noqa: E402
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parent.parent / "fixtures"
 TOFU, MUSE, WMDP = FIXTURES / "tofu", FIXTURES / "muse", FIXTURES / "wmdp"
 
 
 # ============================================================================ loaders on fixtures
 def test_load_tofu_fixtures():
-    forget = F.load_tofu(
+    forget = tofu.load_tofu(
         "forget01_perturbed", TOFU / "forget01_perturbed.json"
     )  # JSON Lines in a .json, as on the hub
     assert len(forget) == 4
     assert forget[0]["question"] == "Where was the author Lina Morrow born?"
     assert len(forget[0]["perturbed_answer"]) == 3
-    retain = F.load_tofu("retain_perturbed", TOFU / "retain_perturbed.json")
+    retain = tofu.load_tofu("retain_perturbed", TOFU / "retain_perturbed.json")
     assert [len(r["perturbed_answer"]) for r in retain] == [3, 3, 3]
-    authors = F.load_tofu("real_authors_perturbed", TOFU / "real_authors_perturbed.json")
+    authors = tofu.load_tofu("real_authors_perturbed", TOFU / "real_authors_perturbed.json")
     assert "paraphrased_answer" not in authors[0]  # not needed there
-    facts = F.load_tofu("world_facts_perturbed", TOFU / "world_facts_perturbed.jsonl")
+    facts = tofu.load_tofu("world_facts_perturbed", TOFU / "world_facts_perturbed.jsonl")
     assert facts[1]["answer"] == "eight"
-    plain = F.load_tofu("forget01", TOFU / "forget01.json")  # a JSON array
+    plain = tofu.load_tofu("forget01", TOFU / "forget01.json")  # a JSON array
     assert [r["answer"] for r in plain] == [forget[0]["answer"], forget[1]["answer"]]
 
 
 def test_load_parquet_and_columnar_json(tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     pa = pytest.importorskip("pyarrow")
-    rows = F.read_rows(TOFU / "forget01_perturbed.json")
+    rows = read_rows(TOFU / "forget01_perturbed.json")
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "forget01_perturbed.parquet")
-    assert F.load_tofu("forget01_perturbed", tmp_path / "forget01_perturbed.parquet") == rows
+    assert tofu.load_tofu("forget01_perturbed", tmp_path / "forget01_perturbed.parquet") == rows
     columnar = {key: [row[key] for row in rows] for key in rows[0]}
     (tmp_path / "columnar.json").write_text(json.dumps(columnar))
-    assert F.load_tofu("forget01_perturbed", tmp_path / "columnar.json") == rows
+    assert tofu.load_tofu("forget01_perturbed", tmp_path / "columnar.json") == rows
 
 
 def test_load_muse_fixtures():
-    raw = F.load_muse("raw", "forget", MUSE / "raw_forget.jsonl")
+    raw = muse.load_muse("raw", "forget", MUSE / "raw_forget.jsonl")
     assert raw[0]["text"].startswith("The harbor council")
-    holdout = F.load_muse("privleak", "holdout", MUSE / "privleak_holdout.json")  # a JSON list of strings
+    holdout = muse.load_muse("privleak", "holdout", MUSE / "privleak_holdout.json")  # a JSON list of strings
     assert len(holdout) == 3 and set(holdout[0]) == {"text"}
-    qa = F.load_muse("knowmem", "forget_qa", MUSE / "knowmem_forget_qa.json")
+    qa = muse.load_muse("knowmem", "forget_qa", MUSE / "knowmem_forget_qa.json")
     assert qa[1] == {"question": "What shape was the bread sold by the valley bakery?", "answer": "boats"}
-    verbmem = F.load_muse("verbmem", "forget", MUSE / "verbmem_forget.json")
+    verbmem = muse.load_muse("verbmem", "forget", MUSE / "verbmem_forget.json")
     assert set(verbmem[0]) == {"prompt", "gt"}
 
 
 def test_load_wmdp_fixtures():
-    rows = F.load_wmdp("wmdp-bio", WMDP / "wmdp-bio.json")
+    rows = wmdp.load_wmdp("wmdp-bio", WMDP / "wmdp-bio.json")
     assert [r["answer"] for r in rows] == [0, 1, 2]
     assert all(len(r["choices"]) == 4 for r in rows)
-    corpus = F.load_wmdp_corpus("cyber-forget-corpus", WMDP / "cyber-forget-corpus.jsonl")
+    corpus = wmdp.load_wmdp_corpus("cyber-forget-corpus", WMDP / "cyber-forget-corpus.jsonl")
     assert len(corpus) == 2 and "text" in corpus[0]
 
 
@@ -76,19 +77,19 @@ def test_hub_path_calls_load_dataset(monkeypatch):
 
     def fake_load_dataset(path, name=None, split=None):
         calls.append((path, name, split))
-        return datasets.Dataset.from_list(F.read_rows(TOFU / "forget01_perturbed.json"))
+        return datasets.Dataset.from_list(read_rows(TOFU / "forget01_perturbed.json"))
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    rows = F.load_tofu("forget01_perturbed")
+    rows = tofu.load_tofu("forget01_perturbed")
     assert len(rows) == 4 and calls == [("locuslab/TOFU", "forget01_perturbed", "train")]
-    F.load_muse("knowmem", "forget_qa", corpus="books")  # the fake ignores what it is asked for
+    muse.load_muse("knowmem", "forget_qa", corpus="books")  # the fake ignores what it is asked for
     assert calls[-1] == ("muse-bench/MUSE-Books", "knowmem", "forget_qa")
     monkeypatch.setattr(
         datasets,
         "load_dataset",
-        lambda path, name=None, split=None: datasets.Dataset.from_list(F.read_rows(WMDP / "wmdp-bio.json")),
+        lambda path, name=None, split=None: datasets.Dataset.from_list(read_rows(WMDP / "wmdp-bio.json")),
     )
-    assert len(F.load_wmdp("wmdp-cyber")) == 3
+    assert len(wmdp.load_wmdp("wmdp-cyber")) == 3
 
 
 # ============================================================================ loader errors
@@ -101,68 +102,68 @@ def test_missing_columns_name_the_file_and_columns(tmp_path):
     rows = [{"question": "q", "answer": "a", "perturbed_answer": ["x", "y"]}]
     path = _write_jsonl(tmp_path / "forget05_perturbed.jsonl", rows)
     with pytest.raises(ValueError) as err:
-        F.load_tofu("forget05_perturbed", path)
+        tofu.load_tofu("forget05_perturbed", path)
     message = str(err.value)
     assert str(path) in message and "paraphrased_answer" in message and "missing column" in message
     # the same file is fine where no paraphrase is expected
-    assert F.load_tofu("world_facts_perturbed", path) == rows
+    assert tofu.load_tofu("world_facts_perturbed", path) == rows
 
     bad_later = _write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}, {"question": "q2"}])
-    with pytest.raises(ValueError, match=r"qa\.jsonl: missing column\(s\) answer \(row 1\)"):
-        F.load_muse("knowmem", "retain_qa", bad_later)
-    with pytest.raises(ValueError, match=r"verbmem\.json.*missing column\(s\) prompt, gt"):
-        F.load_muse("verbmem", "forget", _write_jsonl(tmp_path / "verbmem.json", [{"text": "t"}]))
-    with pytest.raises(ValueError, match=r"wmdp\.jsonl.*missing column\(s\) choices"):
-        F.load_wmdp("wmdp-bio", _write_jsonl(tmp_path / "wmdp.jsonl", [{"question": "q", "answer": 0}]))
+    with pytest.raises(ValueError, match=r"qa\.jsonl: missing column\(s\) \['answer'\] \(row 1\)"):
+        muse.load_muse("knowmem", "retain_qa", bad_later)
+    with pytest.raises(ValueError, match=r"verbmem\.json.*missing column\(s\) \['prompt', 'gt'\]"):
+        muse.load_muse("verbmem", "forget", _write_jsonl(tmp_path / "verbmem.json", [{"text": "t"}]))
+    with pytest.raises(ValueError, match=r"wmdp\.jsonl.*missing column\(s\) \['choices'\]"):
+        wmdp.load_wmdp("wmdp-bio", _write_jsonl(tmp_path / "wmdp.jsonl", [{"question": "q", "answer": 0}]))
 
 
 def test_bad_values_and_files(tmp_path):
     perturbed_as_str = [{"question": "q", "answer": "a", "paraphrased_answer": "p", "perturbed_answer": "x"}]
     with pytest.raises(ValueError, match="perturbed_answer.*list of strings"):
-        F.load_tofu("retain_perturbed", _write_jsonl(tmp_path / "r.jsonl", perturbed_as_str))
+        tofu.load_tofu("retain_perturbed", _write_jsonl(tmp_path / "r.jsonl", perturbed_as_str))
     three_choices = [{"question": "q", "choices": ["a", "b", "c"], "answer": 0}]
     with pytest.raises(ValueError, match=r"c3\.jsonl: row 0: column 'choices' must be a list of 4 strings"):
-        F.load_wmdp("wmdp-bio", _write_jsonl(tmp_path / "c3.jsonl", three_choices))
+        wmdp.load_wmdp("wmdp-bio", _write_jsonl(tmp_path / "c3.jsonl", three_choices))
     out_of_range = [{"question": "q", "choices": ["a", "b", "c", "d"], "answer": 4}]
     with pytest.raises(ValueError, match="answer.*integer index"):
-        F.load_wmdp("wmdp-bio", _write_jsonl(tmp_path / "a4.jsonl", out_of_range))
+        wmdp.load_wmdp("wmdp-bio", _write_jsonl(tmp_path / "a4.jsonl", out_of_range))
     with pytest.raises(ValueError, match="unknown TOFU split 'forget02'"):
-        F.load_tofu("forget02", TOFU / "forget01.json")
-    with pytest.raises(ValueError, match=r"rows\.csv: unsupported file type"):
-        F.read_rows(tmp_path / "rows.csv")
+        tofu.load_tofu("forget02", TOFU / "forget01.json")
+    with pytest.raises(ValueError, match=r"rows\.xml: unsupported file type"):
+        read_rows(tmp_path / "rows.xml")
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "ok"}\n{"text": \n')
     with pytest.raises(ValueError, match=r"broken\.jsonl:2: not valid JSON"):
-        F.read_rows(broken)
+        read_rows(broken)
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
     with pytest.raises(ValueError, match=r"empty\.json: no rows"):
-        F.load_muse("raw", "forget", empty)
+        muse.load_muse("raw", "forget", empty)
 
 
 # ============================================================================ evaluations on a tiny Llama
 @pytest.fixture(scope="module")
 def tiny_tokenizer():
-    return models.tiny_tokenizer()  # byte-level BPE: encodes any fixture text without unknowns
+    return testing.tiny_tokenizer()  # byte-level BPE: encodes any fixture text without unknowns
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_tokenizer):
-    return models.tiny_llama(vocab_size=len(tiny_tokenizer), seed=0).eval()
+    return testing.tiny_llama(vocab_size=len(tiny_tokenizer), seed=0).eval()
 
 
 def _tofu_rows():
     return (
-        F.load_tofu("forget01_perturbed", TOFU / "forget01_perturbed.json"),
-        F.load_tofu("retain_perturbed", TOFU / "retain_perturbed.json"),
-        F.load_tofu("real_authors_perturbed", TOFU / "real_authors_perturbed.json"),
-        F.load_tofu("world_facts_perturbed", TOFU / "world_facts_perturbed.jsonl"),
+        tofu.load_tofu("forget01_perturbed", TOFU / "forget01_perturbed.json"),
+        tofu.load_tofu("retain_perturbed", TOFU / "retain_perturbed.json"),
+        tofu.load_tofu("real_authors_perturbed", TOFU / "real_authors_perturbed.json"),
+        tofu.load_tofu("world_facts_perturbed", TOFU / "world_facts_perturbed.jsonl"),
     )
 
 
 def test_evaluate_tofu(tiny_model, tiny_tokenizer, tmp_path):
     forget, retain, authors, facts = _tofu_rows()
-    results = F.evaluate_tofu(
+    results = tofu.evaluate_tofu(
         tiny_model, tiny_tokenizer, forget, retain, authors, facts,
         retain_model_truth_ratios=TOFU / "retain_model_truth_ratios.json", max_new_tokens=6, batch_size=4,
     )  # fmt: skip
@@ -178,13 +179,13 @@ def test_evaluate_tofu(tiny_model, tiny_tokenizer, tmp_path):
     ratios = results["forget/truth_ratios"]
     assert len(ratios) == 4 and all(r > 0 for r in ratios)
     expected = M.forget_quality(
-        torch.tensor(ratios), M.load_truth_ratios(TOFU / "retain_model_truth_ratios.json")
+        torch.tensor(ratios), tofu.load_truth_ratios(TOFU / "retain_model_truth_ratios.json")
     )
     assert math.isclose(results["forget_quality"], expected.item(), rel_tol=1e-6)
 
     # The model as its own retain reference: identical truth-ratio samples -> KS p-value 1.
-    M.save_truth_ratios(tmp_path / "self.json", ratios)
-    again = F.evaluate_tofu(
+    tofu.save_truth_ratios(tmp_path / "self.json", ratios)
+    again = tofu.evaluate_tofu(
         tiny_model, tiny_tokenizer, forget, retain, authors, facts,
         retain_model_truth_ratios=tmp_path / "self.json", max_new_tokens=6, batch_size=3,
     )  # fmt: skip
@@ -194,21 +195,21 @@ def test_evaluate_tofu(tiny_model, tiny_tokenizer, tmp_path):
 
 def test_evaluate_tofu_rejects_unperturbed_rows(tiny_model, tiny_tokenizer):
     forget, retain, authors, facts = _tofu_rows()
-    plain = F.load_tofu("forget01", TOFU / "forget01.json")
+    plain = tofu.load_tofu("forget01", TOFU / "forget01.json")
     with pytest.raises(ValueError, match="forget_rows: missing column.*paraphrased_answer"):
-        F.evaluate_tofu(tiny_model, tiny_tokenizer, plain, retain, authors, facts)
+        tofu.evaluate_tofu(tiny_model, tiny_tokenizer, plain, retain, authors, facts)
 
 
 def test_evaluate_muse(tiny_model, tiny_tokenizer):
-    forget_text = F.load_muse("raw", "forget", MUSE / "raw_forget.jsonl")
-    holdout_text = F.load_muse("privleak", "holdout", MUSE / "privleak_holdout.json")
-    results = F.evaluate_muse(
+    forget_text = muse.load_muse("raw", "forget", MUSE / "raw_forget.jsonl")
+    holdout_text = muse.load_muse("privleak", "holdout", MUSE / "privleak_holdout.json")
+    results = muse.evaluate_muse(
         tiny_model,
         tiny_tokenizer,
-        verbmem_rows=F.load_muse("verbmem", "forget", MUSE / "verbmem_forget.json"),
-        knowmem_forget_rows=F.load_muse("knowmem", "forget_qa", MUSE / "knowmem_forget_qa.json"),
-        knowmem_retain_rows=F.load_muse("knowmem", "retain_qa", MUSE / "knowmem_retain_qa.json"),
-        knowmem_forget_icl_rows=F.load_muse("knowmem", "forget_qa_icl", MUSE / "knowmem_forget_qa_icl.json"),
+        verbmem_rows=muse.load_muse("verbmem", "forget", MUSE / "verbmem_forget.json"),
+        knowmem_forget_rows=muse.load_muse("knowmem", "forget_qa", MUSE / "knowmem_forget_qa.json"),
+        knowmem_retain_rows=muse.load_muse("knowmem", "retain_qa", MUSE / "knowmem_retain_qa.json"),
+        knowmem_forget_icl_rows=muse.load_muse("knowmem", "forget_qa_icl", MUSE / "knowmem_forget_qa_icl.json"),
         privleak_forget_rows=forget_text,
         privleak_holdout_rows=holdout_text,
         auc_retrain=0.4772,  # MUSE-News retrain AUC at Min-40% (muse_bench constants)
@@ -223,22 +224,22 @@ def test_evaluate_muse(tiny_model, tiny_tokenizer):
     # the AUC is MUSE's: P(Min-K of a holdout text > Min-K of a forget text); 3 x 3 pairs
     assert results["privleak_auc"] * 9 == pytest.approx(round(results["privleak_auc"] * 18) / 2)
 
-    only_auc = F.evaluate_muse(
+    only_auc = muse.evaluate_muse(
         tiny_model, tiny_tokenizer, privleak_forget_rows=forget_text, privleak_holdout_rows=holdout_text
     )
     assert set(only_auc) == {"privleak_auc"} and only_auc["privleak_auc"] == results["privleak_auc"]
 
 
 def test_evaluate_wmdp(tiny_model, tiny_tokenizer):
-    rows = F.load_wmdp("wmdp-bio", WMDP / "wmdp-bio.json")
-    results = F.evaluate_wmdp(tiny_model, tiny_tokenizer, rows, subject="biology", batch_size=5)
+    rows = wmdp.load_wmdp("wmdp-bio", WMDP / "wmdp-bio.json")
+    results = wmdp.evaluate_wmdp(tiny_model, tiny_tokenizer, rows, subject="biology", batch_size=5)
     assert results["n"] == 3.0
     assert results["accuracy"] in (0.0, 1 / 3, 2 / 3, 1.0)
     # the same accuracy from letter log-likelihoods scored by hand, one prompt and one choice at a time
     correct = 0
     with torch.no_grad():
         for row in rows:
-            prompt_ids = tiny_tokenizer(F.wmdp_prompt(row, "biology"))["input_ids"]
+            prompt_ids = tiny_tokenizer(wmdp.wmdp_prompt(row, "biology"))["input_ids"]
             scores = []
             for letter in "ABCD":
                 letter_ids = tiny_tokenizer(f" {letter}", add_special_tokens=False)["input_ids"]
