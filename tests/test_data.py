@@ -11,15 +11,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from blur_lightning.data import (  # noqa: E402
-    IGNORE_INDEX,
-    ForgetRetainDataModule,
-    PairedDataset,
-    PairSampler,
-    format_qa,
-    load_rows,
-    resolve_data_path,
-)
+from blur_lightning.data import ForgetRetainDataModule  # noqa: E402
+from blur_lightning.losses import IGNORE_INDEX  # noqa: E402
+from blur_lightning.prompts import format_qa  # noqa: E402
+from blur_lightning.rows import load_rows  # noqa: E402
+from blur_lightning.rows import resolve_embedded as resolve_data_path  # noqa: E402
+from blur_lightning.sampling import PairedDataset, PairSampler  # noqa: E402
 from blur_lightning.testing import tiny_tokenizer  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")

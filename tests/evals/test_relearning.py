@@ -14,7 +14,7 @@ from blur_lightning.rows import load_rows as read_jsonl
 from blur_lightning.testing import tiny_llama, tiny_tokenizer
 from blur_lightning.evals.relearning import relearning_probe, split_halves
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "qa")
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "qa")
 FORGET = os.path.join(FIXTURES, "forget.jsonl")
 
 
@@ -59,7 +59,7 @@ def test_probe_bad_arguments():
         relearning_probe(model, tokenizer, rows[:1])
     with pytest.raises(ValueError, match="probe set 'same': no row left"):
         relearning_probe(model, tokenizer, rows, probe_sets={"same": rows[0::2]}, train_column="answer")
-    with pytest.raises(ValueError, match=r"has no column\(s\) \['response'\]"):
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['response'\]"):
         RelearningProbe(FORGET)
     retain = os.path.join(FIXTURES, "retain.jsonl")
     RelearningProbe(FORGET, probe_sets={"retain": retain}, train_column="answer")  # question + answer: fine
@@ -95,5 +95,5 @@ def test_callback_writes_its_table(tmp_path):
 def test_callback_names_a_probe_set_without_answers(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "reply": "a"}\n')
-    with pytest.raises(ValueError, match=r"probe set 'odd' \(.*bad.jsonl\) has no column\(s\) \['answer'\]"):
+    with pytest.raises(ValueError, match=r"probe set 'odd' \(.*bad.jsonl\): missing column\(s\) \['answer'\]"):
         RelearningProbe(FORGET, probe_sets={"odd": str(bad)}, train_column="answer")
