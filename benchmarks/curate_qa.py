@@ -8,7 +8,7 @@ topics) and keeps a candidate only if
 1. the gold answer does not appear in the question (otherwise an echo of the question would count
    as correct: "What is the capital of Djibouti?"), and
 2. greedy decoding with the evaluation settings (``greedy_answers``: chat template, first 16 new
-   tokens) contains the gold answer, as judged by ``blur_lightning.evaluation.is_correct`` (normalized,
+   tokens) contains the gold answer, as judged by ``blur_lightning.evals.qa.is_correct`` (normalized,
    whole-word containment), and
 3. a longer greedy answer (48 tokens) has a complete first sentence (or first few sentences)
    containing the gold answer; that text is stored as ``response``.

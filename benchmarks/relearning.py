@@ -6,7 +6,7 @@ initial weights and data order. Then, on the unlearned model:
 
 * accuracy on the forget questions, on the same capitals asked four other ways (``paraphrased``,
   never trained on) and on the held-out retain facts;
-* the relearning probe (``blur_lightning.relearning``): a copy fine-tuned on 40 of the capitals for
+* the relearning probe (``blur_lightning.evals.relearning``): a copy fine-tuned on 40 of the capitals for
   ``--probe-steps`` steps; accuracy on the other 40 (``held_back``) and on their paraphrases;
 * its control: a copy fine-tuned for as many steps on the retain facts instead; what comes back
   there comes back from any fine-tuning, not from the capitals.
@@ -149,8 +149,8 @@ def main(argv=None) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
-    from blur_lightning.rows import load_rows
     from blur_lightning.models import load_causal_lm, load_tokenizer
+    from blur_lightning.rows import load_rows
 
     model, tokenizer = load_causal_lm(args.model), load_tokenizer(args.model)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}

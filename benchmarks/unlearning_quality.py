@@ -14,7 +14,7 @@ Data (``blur_lightning/assets``): train on ``qa_forget`` (world capitals) and ``
 ``qa_holdout`` (facts never trained on) is dealt per topic into a validation half, used only to choose
 each method's setting, and a test half, reported. Forget accuracy is measured on the forget questions
 themselves, as in TOFU. Accuracy: greedy answer (``--max-new-tokens``) contains the gold answer;
-answer prob: exp(mean log p) of the gold answer (``blur_lightning.evaluation.evaluate_qa``).
+answer prob: exp(mean log p) of the gold answer (``blur_lightning.evals.qa.evaluate_qa``).
 
 Selection rule, per method: among the settings whose forget accuracy is at most ``--forget-target``
 (20%) of its value before unlearning, the one with the highest validation-half accuracy (ties: lower
@@ -354,8 +354,8 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*tensorboardX.*")
 
-    from blur_lightning.rows import load_rows
     from blur_lightning.models import load_causal_lm, load_tokenizer
+    from blur_lightning.rows import load_rows
 
     model = load_causal_lm(args.model)
     tokenizer = load_tokenizer(args.model)

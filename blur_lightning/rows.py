@@ -76,7 +76,7 @@ def is_local(path: str) -> bool:
 
 
 def parse_hub_spec(
-    spec: str, default_repo: str | None = None, default_split: str | None = None, *, owner: str = "this benchmark"
+    spec: str, default_repo: str | None = None, default_split: str | None = None, *, owner: str = "this set"
 ) -> tuple[str, str | None, str]:
     """``"hub:[OWNER/NAME:]CONFIG[:SPLIT]"`` -> (repo, config, split), defaults filled in.
 

@@ -15,7 +15,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from blur_lightning.encoding import encode_qa
-from blur_lightning.rows import resolve_embedded as resolve_data_path  # noqa: E402
 from blur_lightning.evals.qa import (  # noqa: E402
     answer_probability,
     evaluate_qa,
@@ -23,6 +22,7 @@ from blur_lightning.evals.qa import (  # noqa: E402
     is_correct,
     normalize_answer,
 )
+from blur_lightning.rows import resolve_embedded as resolve_data_path  # noqa: E402
 from blur_lightning.testing import tiny_llama, tiny_tokenizer  # noqa: E402
 
 QUESTIONS = [

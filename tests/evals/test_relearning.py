@@ -9,10 +9,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from blur_lightning.evals.relearning import RelearningProbe
+from blur_lightning.evals.relearning import RelearningProbe, relearning_probe, split_halves
 from blur_lightning.rows import load_rows as read_jsonl
 from blur_lightning.testing import tiny_llama, tiny_tokenizer
-from blur_lightning.evals.relearning import relearning_probe, split_halves
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "qa")
 FORGET = os.path.join(FIXTURES, "forget.jsonl")
