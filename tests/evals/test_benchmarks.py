@@ -249,3 +249,20 @@ def test_evaluate_wmdp(tiny_model, tiny_tokenizer):
                 scores.append(sum(logsm[len(prompt_ids) - 1 + j, t].item() for j, t in enumerate(letter_ids)))
             correct += int(max(range(4), key=scores.__getitem__) == row["answer"])
     assert results["accuracy"] == pytest.approx(correct / 3)
+
+
+def test_verbmem_reference_is_cut_with_special_tokens_as_muse_does():
+    """MUSE cuts gt to max_new_tokens ids of tokenizer(gt, add_special_tokens=True): with a tokenizer
+    that adds a bos (Llama-2, MUSE's model) the reference keeps one text token fewer (we kept 8 of 8)."""
+    from tokenizers import processors
+
+    with_bos = testing.tiny_tokenizer()
+    with_bos._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", with_bos.bos_token_id)]
+    )
+    gt = muse.load_muse("verbmem", "forget", MUSE / "verbmem_forget.json")[0]["gt"]
+    text_ids = with_bos(gt, add_special_tokens=False)["input_ids"]
+    (reference,) = muse.verbmem_references(with_bos, [gt], 8)
+    assert reference == with_bos.decode(text_ids[:7])
+    (plain,) = muse.verbmem_references(testing.tiny_tokenizer(), [gt], 8)  # no bos added: 8 text tokens
+    assert plain == with_bos.decode(text_ids[:8])

@@ -356,14 +356,21 @@ def test_forget_quality_of_a_model_against_itself_is_one_with_ties():
     """Per-example truth ratios are stored in float64: in float32 a model compared with its own
     float64 reference had tie groups split by rounding and got a KS p-value below 1."""
     g = torch.Generator().manual_seed(3)
-    para = -torch.rand(40, generator=g, dtype=torch.float64) * 3
-    pert = -torch.rand(40, 5, generator=g, dtype=torch.float64) * 3
-    para[20:], pert[20:] = para[:20], pert[:20]  # 20 tied pairs, as duplicated questions give
+    para = (-torch.rand(4, generator=g, dtype=torch.float64) * 3).repeat(10)  # 4 questions, 10 times each
+    pert = (-torch.rand(4, 5, generator=g, dtype=torch.float64) * 3).repeat(10, 1)  # (40, 5): tie groups of 10
     reference = M.truth_ratio(para, pert)
     metric = C.ForgetQuality(reference)
     metric.update(para, pert)
     assert metric.per_example().dtype == torch.float64
-    assert_close(metric.compute(), 1.0, rtol=0, atol=1e-12, what="p-value against itself")
+    assert_close(metric.compute(), 1.0, rtol=0, atol=1e-12, what="p-value against itself")  # float32: 0.165
+
+
+def test_tofu_utility_stems_rouge_by_default():
+    """TOFU ran rouge-score with use_stemmer=True; ModelUtility and RougeL used to default to none."""
+    utility = C.ModelUtility()
+    assert {m.stemmer for k, m in utility.children_metrics.items() if "rouge" in k} == {"porter"}
+    utility_none = C.ModelUtility(rouge_stemmer=None)
+    assert {m.stemmer for k, m in utility_none.children_metrics.items() if "rouge" in k} == {None}
 
 
 def test_truth_ratio_eps_is_open_unlearnings_convention():
