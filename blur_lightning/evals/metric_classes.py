@@ -21,11 +21,11 @@ from blur_lightning.evals.metrics import (
     RougeKind,
     TruthAggregation,
     _check_stemmer,
-    answer_probability,
     forget_quality,
     min_k_auc,
     min_k_scores,
     model_utility,
+    normalized_probability,
     priv_leak,
     relative_answer_probability,
     rouge_l_scores,
@@ -97,7 +97,7 @@ class AnswerProbability(_PerExampleMetric):
             sum_logprob: (B,) summed answer-token log-probs (mean log-probs if `n_tokens` is None).
             n_tokens: (B,) answer token counts, as returned by `sequence_logprobs`.
         """
-        self._append(answer_probability(sum_logprob, n_tokens))
+        self._append(normalized_probability(sum_logprob, n_tokens))
 
 
 class RelativeAnswerProbability(_PerExampleMetric):

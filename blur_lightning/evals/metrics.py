@@ -69,7 +69,7 @@ from torch import Tensor
 __all__ = [
     "ROUGE_STEMMERS",
     "TOFU_UTILITY_KEYS",
-    "answer_probability",
+    "normalized_probability",
     "auroc",
     "forget_quality",
     "harmonic_mean",
@@ -99,7 +99,7 @@ TOFU_UTILITY_STATS = ("prob", "rouge_l_recall", "truth_ratio")
 TOFU_UTILITY_KEYS = tuple(f"{split}/{stat}" for split in TOFU_UTILITY_SPLITS for stat in TOFU_UTILITY_STATS)
 
 # ============================================================================ pure functions
-def answer_probability(sum_logprob: Tensor, n_tokens: Tensor | None = None) -> Tensor:
+def normalized_probability(sum_logprob: Tensor, n_tokens: Tensor | None = None) -> Tensor:
     """Length-normalized answer probability exp(sum_logprob / n_tokens), per example.
 
     Args:

@@ -31,13 +31,13 @@ def assert_close(actual, expected, *, rtol=1e-12, atol=1e-12, what=""):
 
 
 # ============================================================================ hand-worked values
-def test_answer_probability_by_hand():
+def test_normalized_probability_by_hand():
     # answer 1: sum log-prob -6 over 3 tokens -> exp(-2) = 0.135335...
     # answer 2: three tokens of p = 1/2 -> sum 3 ln(1/2) -> exp(ln(1/2)) = 0.5
     # mean = (0.1353352832 + 0.5) / 2 = 0.3176676416
     sums = torch.tensor([-6.0, 3 * LN(0.5)])
     counts = torch.tensor([3, 3])
-    assert_close(M.answer_probability(sums, counts), [math.exp(-2), 0.5], rtol=1e-6)
+    assert_close(M.normalized_probability(sums, counts), [math.exp(-2), 0.5], rtol=1e-6)
     metric = C.AnswerProbability()
     metric.update(sums, counts)
     assert_close(metric.compute(), (math.exp(-2) + 0.5) / 2, rtol=1e-6)
@@ -246,7 +246,7 @@ def _metric_batches():
         "answer_probability": (
             C.AnswerProbability,
             [dict(sum_logprob=s, n_tokens=c) for s, c in zip(sums, counts)],
-            M.answer_probability(cat(sums), cat(counts)).mean(),
+            M.normalized_probability(cat(sums), cat(counts)).mean(),
         ),
         "truth_ratio": (
             lambda **kw: C.TruthRatio("closer_to_1", **kw),
