@@ -10,12 +10,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from blur_lightning import testing  # noqa: E402
 from blur_lightning.evals import metrics as M  # noqa: E402
 from blur_lightning.evals import muse, tofu, wmdp  # noqa: E402
+from blur_lightning.evals.metric_classes import ForgetQuality  # noqa: E402
 from blur_lightning.rows import read_rows  # noqa: E402
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
@@ -266,3 +268,51 @@ def test_verbmem_reference_is_cut_with_special_tokens_as_muse_does():
     assert reference == with_bos.decode(text_ids[:7])
     (plain,) = muse.verbmem_references(testing.tiny_tokenizer(), [gt], 8)  # no bos added: 8 text tokens
     assert plain == with_bos.decode(text_ids[:8])
+
+
+def _assert_close(actual, expected, *, rtol=1e-12, what=""):
+    a, e = torch.as_tensor(actual, dtype=torch.float64), torch.as_tensor(expected, dtype=torch.float64)
+    assert torch.allclose(a, e, rtol=rtol, atol=0), f"{what}: got {a.tolist()}, expected {e.tolist()}"
+
+
+# ============================================================ forget quality and its reference file
+def _tofu_like_losses(seed: int, n: int = 40, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.uniform(0.5, 3.0, size=n), rng.uniform(0.5, 3.0, size=(n, k))
+
+
+def test_forget_quality_matches_tofu_aggregate(tmp_path):
+    # aggregate_eval_stat.py get_forget_quality: ks_2samp of exp(mean perturb loss - paraphrase loss)
+    # (= 1/R) for both models; our ForgetQuality uses R itself: the KS p-value is the same.
+    stats = pytest.importorskip("scipy.stats")
+    para_u, pert_u = _tofu_like_losses(0)
+    para_r, pert_r = _tofu_like_losses(1)
+    expected = stats.ks_2samp(np.exp(pert_u.mean(-1) - para_u), np.exp(pert_r.mean(-1) - para_r)).pvalue
+
+    retain_log = {  # the retain model's eval_log_forget.json, as TOFU writes it
+        "avg_paraphrased_loss": {str(i): v for i, v in enumerate(para_r)},
+        "average_perturb_loss": {str(i): list(v) for i, v in enumerate(pert_r)},
+    }
+    (tmp_path / "eval_log_forget.json").write_text(json.dumps(retain_log))
+    ratios_r = M.truth_ratio(torch.tensor(-para_r), torch.tensor(-pert_r))
+    tofu.save_truth_ratios(tmp_path / "ratios.json", ratios_r)
+    (tmp_path / "list.json").write_text(json.dumps(ratios_r.tolist()))
+
+    for reference in ("eval_log_forget.json", "ratios.json", "list.json"):
+        metric = ForgetQuality(tofu.load_truth_ratios(tmp_path / reference))
+        metric.update(torch.tensor(-para_u[:25]), torch.tensor(-pert_u[:25]))
+        metric.update(torch.tensor(-para_u[25:]), torch.tensor(-pert_u[25:]))
+        _assert_close(metric.compute(), expected, rtol=1e-9, what=reference)
+    _assert_close(tofu.load_truth_ratios(tmp_path / "ratios.json"), ratios_r)
+
+
+def test_load_truth_ratios_errors(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"truth_ratio": ["a", "b"]}))
+    with pytest.raises(ValueError, match="bad.json"):
+        tofu.load_truth_ratios(bad)
+    bad.write_text(json.dumps(3.0))
+    with pytest.raises(ValueError, match="bad.json"):
+        tofu.load_truth_ratios(bad)
+
+
