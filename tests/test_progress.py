@@ -42,3 +42,17 @@ def test_training_bar_counts_steps_of_max_steps(tmp_path):
     trainer.fit(_Steps(), data)  # 2 batches an epoch: 3 epochs
     assert (bar.train_progress_bar.n, bar.train_progress_bar.total) == (5, 5)
     assert bar.train_progress_bar.desc.startswith("Step")
+
+
+def test_the_cli_swaps_lightnings_bar_for_the_step_bar():
+    import types
+
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from blur_lightning.cli import BLURCLI
+
+    other = object()
+    cli = types.SimpleNamespace(trainer=types.SimpleNamespace(callbacks=[TQDMProgressBar(refresh_rate=3), other]))
+    BLURCLI._count_steps_in_progress_bar(cli)
+    bar, kept = cli.trainer.callbacks
+    assert type(bar) is P.StepProgressBar and bar.refresh_rate == 3 and kept is other
