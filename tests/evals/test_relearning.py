@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from blur_lightning.evals.relearning import RelearningProbe, relearning_probe, split_halves
-from blur_lightning.rows import load_rows as read_jsonl
+from blur_lightning.rows import load_rows
 from blur_lightning.testing import tiny_llama, tiny_tokenizer
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "qa")
@@ -34,7 +34,7 @@ def test_probe_trains_a_copy_and_leaves_the_model():
     model, tokenizer = tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     mode = model.training
-    rows = read_jsonl(FORGET)  # 17 capitals: relearn 9, held back 8
+    rows = load_rows(FORGET)  # 17 capitals: relearn 9, held back 8
     paraphrased = [{**row, "question": row["question"].replace("What is", "Tell me")} for row in rows]
     results = relearning_probe(
         model, tokenizer, rows, probe_sets={"paraphrased": paraphrased}, steps=8, lr=1e-2, batch_size=4,
@@ -51,7 +51,7 @@ def test_probe_trains_a_copy_and_leaves_the_model():
 
 def test_probe_bad_arguments():
     model, tokenizer = tiny()
-    rows = read_jsonl(FORGET)
+    rows = load_rows(FORGET)
     with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
         relearning_probe(model, tokenizer, rows, steps=0)
     with pytest.raises(ValueError, match="at least 2 forget rows, got 1"):
