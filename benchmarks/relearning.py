@@ -15,7 +15,7 @@ Methods (each at the setting chosen in ``unlearning_quality.py``'s five-seed run
 ``blur`` (forget_lower, NPO + NLL, gamma 0.1), ``npo_sum`` (penalty, NPO + 3 NLL), ``graddiff``
 (penalty, GA + 3 NLL). About 8 minutes per method on 2 idle CPU cores::
 
-    python benchmarks/relearning.py                      # writes relearning.csv and its RESULTS.md section
+    python benchmarks/relearning.py    # appends to benchmarks/results/relearning.csv, rebuilds RESULTS.md's page
     python benchmarks/relearning.py --model PATH --steps 2 --probe-steps 2 --max-questions 8 --no-results
 """
 
@@ -33,10 +33,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import results_page  # noqa: E402
 from unlearning_quality import FORGET, HOLDOUT, MODEL, RETAIN, Setting, evaluate, unlearn  # noqa: E402
 
 PARAPHRASED = "embedded:qa_forget_paraphrased.jsonl"
-SECTION = "relearning"
 SETTINGS = {
     "blur": Setting("blur", "npo", "forget_lower", 0.1, 1e-5),
     "npo_sum": Setting("npo_sum", "npo", "penalty", 3.0, 1e-5),
@@ -64,9 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-questions", type=int, default=None, help="per eval set (a quick check)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--blur-gamma", type=float, default=0.1, help="BLUR's gamma (0.1: the demo's)")
-    p.add_argument("--tag", default="", help="suffix of the CSV and of the RESULTS.md section (a second run)")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
-    p.add_argument("--no-results", action="store_true", help="do not write benchmarks/RESULTS.md")
+    p.add_argument("--tag", default="demo_settings", help="the rows' tag in benchmarks/results/relearning.csv")
+    p.add_argument("--out", type=Path, default=results_page.RESULTS_DIR, help="CSV folder")
+    p.add_argument("--no-results", action="store_true", help="do not rebuild benchmarks/RESULTS.md's page")
     args = p.parse_args(argv)
     # what unlearning_quality.unlearn / evaluate read
     args.forget, args.retain, args.answer_column = FORGET, RETAIN, "response"
@@ -101,7 +101,7 @@ def row_of(name: str, evals: dict, probed: dict | None) -> dict:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    """Every row's keys as columns ("before" has no probe columns: left empty)."""
+    """The partial results of a run still going; every row's keys as columns ("before" has no probe columns)."""
     import csv
 
     fields = list(dict.fromkeys(key for row in rows for key in row))
@@ -163,7 +163,9 @@ def main(argv=None) -> None:
     retain_rows = load_rows(RETAIN)
     meta = {"date": common.today(), "commit": common.git_commit(), "device": common.device_name(torch.device("cpu"))}
 
-    suffix = f"_{args.tag}" if args.tag else ""
+    run_meta = {**meta, "tag": args.tag, "seed": args.seed, "steps": args.steps, "lr": args.lr,
+                "blur_gamma": args.blur_gamma, "probe_steps": args.probe_steps, "probe_lr": args.probe_lr}
+    partial = args.out / "relearning.partial.csv"
     rows = [row_of("before", {k: evaluate(model, tokenizer, v, args) for k, v in sets.items()}, None)]
     print(rows[-1], flush=True)
     for method in args.methods:
@@ -177,13 +179,16 @@ def main(argv=None) -> None:
         probed = probe(model, tokenizer, sets["forget"], sets["paraphrased"], retain_rows, args)
         rows.append(row_of(method, evals, probed))
         print(f"{method} ({time.perf_counter() - t0:.0f} s): {rows[-1]}", flush=True)
-        write_csv(args.out / f"relearning{suffix}.csv", rows)  # partial results survive
+        write_csv(partial, [{**run_meta, **row} for row in rows])  # survives a crash
 
     wall_s = time.perf_counter() - start
     text = markdown(rows, args, meta, wall_s, len(sets["forget"]))
     print("\n" + text, flush=True)
+    run_meta["wall_min"] = round(wall_s / 60)
+    common.append_csv(args.out / "relearning.csv", [{**run_meta, **row} for row in rows])
+    partial.unlink(missing_ok=True)
     if not args.no_results:
-        common.write_markdown_section(args.out / "RESULTS.md", SECTION + suffix.replace("_", "-"), text)
+        results_page.rebuild_if_default(args.out)
 
 
 if __name__ == "__main__":

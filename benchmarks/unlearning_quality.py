@@ -22,9 +22,11 @@ forget accuracy); when no setting gets there, the one with the lowest forget acc
 validation accuracy). The test half is evaluated only for a run that is its method's best so far
 (the final choice always is), which saves a third of the evaluation time.
 
-Writes ``benchmarks/unlearning_quality.csv`` (every run), ``benchmarks/unlearning_quality.png`` (forget vs
-retain accuracy, all runs, the chosen ones ringed) and the section "Unlearning quality on
-SmolLM2-135M-Instruct" of ``benchmarks/RESULTS.md``. About 20 minutes on 2 idle CPU cores::
+Appends every run to ``benchmarks/results/unlearning_quality.csv`` (with date, commit, machine and
+``--tag``; ``unlearning_quality.partial.csv`` holds a sweep still running), writes
+``benchmarks/results/unlearning_quality[_TAG].png`` (forget vs retain accuracy, all runs, the chosen
+ones ringed), prints this sweep's table and rebuilds the current-results page of
+``benchmarks/RESULTS.md`` (``results_page.py``). About 20 minutes on 2 idle CPU cores::
 
     python benchmarks/unlearning_quality.py                               # the full sweep
     python benchmarks/unlearning_quality.py --steps 2 --max-questions 8 --out /tmp/uq --no-results   # smoke
@@ -47,10 +49,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import results_page  # noqa: E402
 
 MODEL = "embedded:smollm2-135m-instruct"
 FORGET, RETAIN, HOLDOUT = "embedded:qa_forget.jsonl", "embedded:qa_retain.jsonl", "embedded:qa_holdout.jsonl"
-SECTION = "unlearning-quality"
 
 
 @dataclass(frozen=True)
@@ -186,13 +188,16 @@ def select(runs: list[Run], start_forget_acc: float, target: float) -> dict[str,
 
 
 # ============================================================================ outputs
-def csv_rows(runs: list[Run], before: Run, meta: dict) -> list[dict]:
+def csv_rows(runs: list[Run], before: Run, meta: dict, args) -> list[dict]:
     rows = []
     for r in [before, *runs]:
         s = r.setting
         rows.append(
             {
                 **meta,
+                "tag": args.tag or args.answer_column,
+                "seed": args.seed,
+                "answer_column": args.answer_column,
                 "method": s.method,
                 "forget_loss": s.forget_loss,
                 "mode": s.mode,
@@ -214,6 +219,7 @@ def csv_rows(runs: list[Run], before: Run, meta: dict) -> list[dict]:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
+    """(Re)write a whole file: the partial results of a sweep still running."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -267,7 +273,8 @@ def markdown(runs, before, chosen, args, meta, wall_s, n) -> str:
         f"{meta['date']}, commit {meta['commit']}, machine: 2-core CPU, {meta['device']}; "
         f"wall time {wall_s / 60:.1f} min for {len(runs)} runs (model load, the before-evaluation, training "
         f"and evaluation){args.contention_note}. Script: `benchmarks/unlearning_quality.py "
-        f"{' '.join(sys.argv[1:])}`; every run in `benchmarks/{stem}.csv`, plot `benchmarks/{stem}.png`.",
+        f"{' '.join(sys.argv[1:])}`; every run in `benchmarks/results/unlearning_quality.csv` (tag "
+        f"`{args.tag or args.answer_column}`), plot `benchmarks/results/{stem}.png`.",
         "",
         f"Set-up: {args.steps} optimizer steps, batch {args.batch_size} forget + {args.batch_size} retain "
         f"pairs, AdamW (no weight decay), lr {args.lr:g} unless swept, trained on the `{args.answer_column}` "
@@ -326,14 +333,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gammas", type=float, nargs="+", default=[0.5, 1.0], help="BLUR's gamma sweep")
     p.add_argument("--weights", type=float, nargs="+", default=[1.0, 3.0],
                    help="the retain-weight sweep of graddiff and npo_sum")
-    p.add_argument("--tag", default="", help="suffix of the CSV, PNG and RESULTS.md section (a second sweep)")
+    p.add_argument("--tag", default="", help="the runs' tag in the CSV and the PNG's suffix (default: answer column)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="16: the length the QA set was curated at")
     p.add_argument("--eval-batch-size", type=int, default=32)
     p.add_argument("--max-questions", type=int, default=None, help="per eval set (a quick check)")
     p.add_argument("--forget-target", type=float, default=0.2, help="forget accuracy <= this x its start")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0: 2 on an idle machine, else 1")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="CSV and PNG folder")
-    p.add_argument("--no-results", action="store_true", help="do not write benchmarks/RESULTS.md")
+    p.add_argument("--out", type=Path, default=results_page.RESULTS_DIR, help="CSV and PNG folder")
+    p.add_argument("--no-results", action="store_true", help="do not rebuild benchmarks/RESULTS.md's page")
     p.add_argument("--contention-note", default="", help="appended to the wall-time sentence")
     return p.parse_args(argv)
 
@@ -405,7 +412,7 @@ def main(argv=None) -> None:
             f"elapsed {(time.perf_counter() - t_start) / 60:.1f} min",
             flush=True,
         )
-        write_csv(args.out / f"{stem}.csv", csv_rows(runs, before, meta))  # partial results survive
+        write_csv(args.out / "unlearning_quality.partial.csv", csv_rows(runs, before, meta, args))  # survives a crash
 
     chosen = select(runs, before.forget["acc"], args.forget_target)
     for r in chosen.values():
@@ -416,12 +423,14 @@ def main(argv=None) -> None:
             f"; load average {load_start:.1f} at the start and {os.getloadavg()[0]:.1f} at the end "
             f"(other jobs on the 2 cores), {args.threads} torch thread(s)"
         )
-    write_csv(args.out / f"{stem}.csv", csv_rows(runs, before, {**meta, "wall_s": round(wall_s)}))
+    final_rows = csv_rows(runs, before, {**meta, "wall_s": round(wall_s)}, args)
+    common.append_csv(args.out / "unlearning_quality.csv", final_rows)
+    (args.out / "unlearning_quality.partial.csv").unlink(missing_ok=True)
     plot(runs, before, args.out / f"{stem}.png", args.forget_target)
     text = markdown(runs, before, chosen, args, meta, wall_s, n)
     print("\n" + text, flush=True)
     if not args.no_results:
-        common.write_markdown_section(args.out / "RESULTS.md", SECTION + (f"-{args.tag}" if args.tag else ""), text)
+        results_page.rebuild_if_default(args.out)
 
 
 if __name__ == "__main__":

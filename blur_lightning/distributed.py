@@ -23,7 +23,7 @@ What lives here:
                            device when the model is loaded by name), shard each decoder layer and the
                            root, shard the frozen reference the same way, install the hooks below.
     projection_group       the group(s) for the sums, from the gradients' layout (DTensor placements,
-                           FSDP1 sharding strategy); installed as `module.projection_group_fn`.
+                           FSDP1 sharding strategy); installed in `module.strategy_hooks`.
     clip_gradients_        norm / value clipping of sharded gradients over the same groups, no host sync.
     export_hf              gather full weights (a collective) and save_pretrained from rank 0.
     accumulation_state /   the forget stash and the retain .grad when a checkpoint falls inside an
@@ -47,6 +47,7 @@ from lightning.pytorch.strategies.parallel import ParallelStrategy
 from torch import nn
 
 from blur_lightning.projection import all_reduce_sums, local_tensor
+from blur_lightning.strategy_hooks import StrategyHooks
 
 SHARDINGS = ("full", "hybrid")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -274,10 +275,8 @@ def _materialize_from_rank0(model: nn.Module, full_model: nn.Module | None, devi
 
 
 def install_hooks(module) -> None:
-    """The group, clip and export hooks BLURUnlearner calls (see module.py)."""
-    module.projection_group_fn = projection_group_fn
-    module.clip_fn = clip_fn
-    module.export_fn = export_hf
+    """Fill the module's StrategyHooks (blur_lightning.strategy_hooks) for a sharded model."""
+    module.strategy_hooks = StrategyHooks(projection_group=projection_group_fn, clip=clip_fn, export=export_hf)
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,6 +393,18 @@ def projection_group(module, strategy):
     # DDP: every rank holds the all-reduced gradient, so the local sums are the global ones
     # (all-reducing them would count each element world_size times). One process: the same.
     return None
+
+
+def grads_alias_buckets(strategy) -> bool:
+    """Whether .grad is a view of DDP's bucket memory (DDPStrategy(gradient_as_bucket_view=True)).
+
+    Then the forget and the retain backward write the same memory, and BLURUnlearner copies a
+    gradient out before the other pass's backward (module._own_grads).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = getattr(strategy, "model", None)
+    return isinstance(model, DistributedDataParallel) and bool(getattr(model, "gradient_as_bucket_view", False))
 
 
 def projection_group_fn(module, strategy):

@@ -19,6 +19,14 @@ RETAIN_LOSSES = ("nll", "kl", "rmu")
 NEEDS_REFERENCE_FORGET = {"npo"}
 NEEDS_REFERENCE_RETAIN = {"kl", "rmu"}
 IGNORE_INDEX = -100
+# Which positions the KL retain loss and the RMU losses average over (tests/test_loss_conventions.py):
+#   KL   "labels": the answer tokens, mean per sequence (ours, the default: the retain NLL's positions)
+#        "all": every position, padding included, mean over B*T (open-unlearning, the BLUR authors' TOFU)
+#   RMU  "attention": prompt and answer tokens, no padding (ours, the default)
+#        "labels": answer tokens only (open-unlearning); "none": every position, padding included
+#        (the WMDP original's mse_loss). For text corpora (WMDP) labels == attention mask.
+KL_MASKS = ("labels", "all")
+RMU_MASKS = ("attention", "labels", "none")
 
 
 def _shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,22 +88,36 @@ def npo_loss(
 
 
 def simnpo_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float = 2.5, delta: float = 0.0) -> torch.Tensor:
-    """SimNPO (Fan et al. 2024), reference-free: -(2/beta) * mean log sigmoid(-(beta/|y|) log pi(y|x) - delta)."""
+    """SimNPO (Fan et al. 2024), reference-free: -(2/beta) * mean log sigmoid(beta * (nll(y|x)/|y| - delta)).
+
+    delta sits inside the beta product, as in the SimNPO authors' code, open-unlearning and the BLUR
+    authors' TOFU code, so a (beta, delta) from their configs (2.5, 2.0 on TOFU) means the same here.
+    """
     logp, count = sequence_logprob(logits, labels)
-    avg_logp = logp / count.clamp_min(1)
-    return -(2.0 / beta) * F.logsigmoid(-beta * avg_logp - delta).mean()
+    avg_nll = -logp / count.clamp_min(1)
+    return -(2.0 / beta) * F.logsigmoid(beta * (avg_nll - delta)).mean()
 
 
-def kl_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Retain KL(pi_ref || pi_theta) per token on the labelled positions, mean per sequence then over sequences."""
-    logits, shifted = _shift(logits, labels)
-    ref_logits = ref_logits[:, :-1, :]
-    mask = (shifted != IGNORE_INDEX).float()
+def kl_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, mask: str = "labels") -> torch.Tensor:
+    """Retain KL(pi_ref || pi_theta) per token.
+
+    mask="labels": on the positions predicting an answer token, mean per sequence then over
+    sequences. mask="all": every position of the (B, T) logits, padding included, mean over the
+    B*T positions (open-unlearning's kl_div(batchmean) on the flattened logits).
+    """
+    if mask not in KL_MASKS:
+        raise ValueError(f"kl_mask={mask!r}: expected one of {KL_MASKS}")
+    if mask == "labels":
+        logits, shifted = _shift(logits, labels)
+        ref_logits = ref_logits[:, :-1, :]
     logp = F.log_softmax(logits.float(), dim=-1)
     with torch.no_grad():
         ref_logp = F.log_softmax(ref_logits.float(), dim=-1)
-    kl = (ref_logp.exp() * (ref_logp - logp)).sum(dim=-1)  # (B, T-1)
-    per_seq = (kl * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(dim=-1)  # (B, T-1), or (B, T) for "all"
+    if mask == "all":
+        return kl.mean()
+    weights = (shifted != IGNORE_INDEX).float()
+    per_seq = (kl * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
     return per_seq.mean()
 
 
@@ -109,15 +131,32 @@ def rmu_control_vector(hidden_size: int, steering_coef: float, seed: int = 0) ->
     return steering_coef * u / u.norm()
 
 
-def rmu_forget_loss(hidden: torch.Tensor, control: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean over sequences of the per-token MSE between layer activations (B, T, H) and control (H,)."""
-    mask = attention_mask.float()
+def rmu_mask(side: dict[str, torch.Tensor], kind: str = "attention") -> torch.Tensor | None:
+    """The (B, T) positions the RMU losses average over: "attention", "labels" or "none" (None: all)."""
+    if kind not in RMU_MASKS:
+        raise ValueError(f"rmu_mask={kind!r}: expected one of {RMU_MASKS}")
+    if kind == "none":
+        return None
+    if kind == "labels":  # activations at position t, as open-unlearning pairs them: no shift
+        return side["labels"] != IGNORE_INDEX
+    return side["attention_mask"]
+
+
+def _masked_token_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over sequences of the per-sequence mean over masked positions; None: a plain mean."""
+    if mask is None:
+        return per_token.mean()
+    mask = mask.to(per_token.dtype)
+    return ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)).mean()
+
+
+def rmu_forget_loss(hidden: torch.Tensor, control: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per-token MSE between layer activations (B, T, H) and control (H,), averaged per `rmu_mask`."""
     per_token = (hidden.float() - control.to(hidden.device)).pow(2).mean(dim=-1)  # (B, T)
-    return ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)).mean()
+    return _masked_token_mean(per_token, mask)
 
 
-def rmu_retain_loss(hidden: torch.Tensor, ref_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean over sequences of the per-token MSE between the policy's and the frozen model's activations."""
-    mask = attention_mask.float()
+def rmu_retain_loss(hidden: torch.Tensor, ref_hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per-token MSE between the policy's and the frozen model's activations, averaged per `rmu_mask`."""
     per_token = (hidden.float() - ref_hidden.detach().float()).pow(2).mean(dim=-1)
-    return ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)).mean()
+    return _masked_token_mean(per_token, mask)

@@ -7,7 +7,8 @@ One optimizer step (k = accumulate_grad_batches micro-batches):
         .grad <- retain accumulator (swap back)   retain forward + backward
     at the boundary: blur_direction_(stash, .grad)  [clip]  optimizer.step  scheduler.step  zero
 
-Two gradient-sized buffers in all (the stash and .grad), never a copy; one activation graph
+Two gradient-sized buffers in all (the stash and .grad), never a copy (but under DDP's
+gradient_as_bucket_view, where both passes write one bucket: _own_grads); one activation graph
 alive at a time (each backward frees its graph before the next forward); both gradients
 accumulate over all k micro-batches. The projection runs on device with no host read.
 
@@ -15,7 +16,8 @@ A step whose losses or gradients are not finite is skipped, parameters and optim
 untouched. With an optimizer that can skip on the device (`BLURFusedAdamW`, or torch's
 Adam/AdamW/SGD with `fused=True`) the decision never leaves the device and the step makes no
 host read at all, so the CPU keeps running ahead of the GPU; any other optimizer costs one
-host read of a boolean per step. With `BLURFusedAdamW` the combine pass is folded into the
+host read of a boolean per step; under 16-mixed precision GradScaler decides (nonfinite.py).
+Every rank takes the same decision. With `BLURFusedAdamW` the combine pass is folded into the
 update: d is never written (pass 1, then one pass over g_r, g_f, p, m, v).
 """
 
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import re
-import sys
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -31,9 +32,12 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from blur_lightning import attention, losses
+from blur_lightning import attention, losses, nonfinite
+from blur_lightning.clipping import clipped_coefs, combine_scaled_
 from blur_lightning.data import VAL_LOADER_NAMES
+from blur_lightning.nonfinite import NONFINITE_SKIP, is_fused_blur_optimizer
 from blur_lightning.projection import MODES, BLURStats, blur_direction_, compute_stats
+from blur_lightning.strategy_hooks import StrategyHooks
 
 # The CLI's injectable optimizer and scheduler: callables taking the parameters / the optimizer.
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -57,7 +61,10 @@ class BLURUnlearner(pl.LightningModule):
         eps: squared norms at or below eps count as zero in the projection.
         npo_beta: NPO's inverse temperature.
         simnpo_beta: SimNPO's inverse temperature.
-        simnpo_delta: SimNPO's reward margin.
+        simnpo_delta: SimNPO's reward margin, inside the beta product: log sigmoid(beta (nll/|y| - delta)).
+        kl_mask: positions of the "kl" retain loss: "labels" (answer tokens) or "all" (open-unlearning).
+        rmu_mask: positions of the "rmu" losses: "attention" (prompt and answer), "labels" (answers,
+            open-unlearning) or "none" (every position, padding included: the WMDP original).
         rmu_layer: decoder layer whose output activations the "rmu" losses act on (0-based).
         rmu_steering_coef: RMU's scale c of the random control vector for forget activations.
         rmu_seed: seed of RMU's random control vector.
@@ -94,6 +101,8 @@ class BLURUnlearner(pl.LightningModule):
         npo_beta: float = 0.1,
         simnpo_beta: float = 2.5,
         simnpo_delta: float = 0.0,
+        kl_mask: str = "labels",
+        rmu_mask: str = "attention",
         rmu_layer: int = 7,
         rmu_steering_coef: float = 6.5,
         rmu_seed: int = 0,
@@ -112,6 +121,10 @@ class BLURUnlearner(pl.LightningModule):
             raise ValueError(f"forget_loss={forget_loss!r}: expected one of {losses.FORGET_LOSSES}")
         if retain_loss not in losses.RETAIN_LOSSES:
             raise ValueError(f"retain_loss={retain_loss!r}: expected one of {losses.RETAIN_LOSSES}")
+        if kl_mask not in losses.KL_MASKS:
+            raise ValueError(f"kl_mask={kl_mask!r}: expected one of {losses.KL_MASKS}")
+        if rmu_mask not in losses.RMU_MASKS:
+            raise ValueError(f"rmu_mask={rmu_mask!r}: expected one of {losses.RMU_MASKS}")
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: expected one of {MODES}")
         if accumulate_grad_batches < 1:
@@ -135,9 +148,11 @@ class BLURUnlearner(pl.LightningModule):
         self._reference: list[nn.Module] = []
         self._forget_stash: list[torch.Tensor | None] | None = None
         self._micro_step = 0
+        self._bucket_views: bool | None = None  # DDP's gradient_as_bucket_view (decided on the first step)
         self._loss_sums: dict[str, torch.Tensor] = {}
         self._warned_nonfinite = False
-        self._skip_watch = _SkipWatch()
+        self._skip_watch = nonfinite.SkipWatch()
+        self.strategy_hooks = StrategyHooks()  # filled by distributed.install_hooks when sharded
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long), persistent=True)
 
     # ------------------------------------------------------------------ model
@@ -199,6 +214,7 @@ class BLURUnlearner(pl.LightningModule):
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def on_fit_start(self) -> None:
+        self._bucket_views = None
         ref = self.reference_model
         if ref is not None:
             ref.to(self.device)
@@ -237,7 +253,7 @@ class BLURUnlearner(pl.LightningModule):
         if name == "rmu":
             hidden = self._layer_activations(self.model, side)
             control = self._rmu_control(hidden.shape[-1], hidden.device)
-            return losses.rmu_forget_loss(hidden, control, side["attention_mask"])
+            return losses.rmu_forget_loss(hidden, control, losses.rmu_mask(side, self.hparams.rmu_mask))
         if name == "idk":
             if "alt_input_ids" not in side:
                 raise ValueError("forget_loss='idk' needs refusal answers: set data.idk_column")
@@ -258,10 +274,10 @@ class BLURUnlearner(pl.LightningModule):
             hidden = self._layer_activations(self.model, side)
             with torch.no_grad():
                 ref_hidden = self._layer_activations(self.reference_model, side)
-            return losses.rmu_retain_loss(hidden, ref_hidden, side["attention_mask"])
+            return losses.rmu_retain_loss(hidden, ref_hidden, losses.rmu_mask(side, self.hparams.rmu_mask))
         logits = attention.forward(self.model, side).logits
         if self.hparams.retain_loss == "kl":
-            return losses.kl_loss(logits, self._reference_logits(side), side["labels"])
+            return losses.kl_loss(logits, self._reference_logits(side), side["labels"], self.hparams.kl_mask)
         return losses.nll_loss(logits, side["labels"])
 
     # ------------------------------------------------------------------ the step
@@ -276,13 +292,16 @@ class BLURUnlearner(pl.LightningModule):
             p.grad = g
         loss_forget = self.forget_loss(batch["forget"])
         self.manual_backward(loss_forget / k)  # frees the forget graph before the retain forward
-        self._forget_stash = [p.grad for p in params]
+        self._forget_stash = self._own_grads([p.grad for p in params])
 
         # Retain pass: the retain accumulator back into .grad.
         for p, g in zip(params, retain_accumulator):
             p.grad = g
         loss_retain = self.retain_loss(batch["retain"])
         self.manual_backward(loss_retain / k)
+        if k > 1:  # the next forget backward must not write over the retain accumulator
+            for p, g in zip(params, self._own_grads([p.grad for p in params])):
+                p.grad = g
 
         self._accumulate_loss("forget_loss", loss_forget.detach() / k)
         self._accumulate_loss("retain_loss", loss_retain.detach() / k)
@@ -291,6 +310,21 @@ class BLURUnlearner(pl.LightningModule):
         if self._micro_step == k or self._is_last_batch():
             out.update(self._optimizer_step(params))
         return out
+
+    def _own_grads(self, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """grads, or copies where DDP's gradient_as_bucket_view made them views of its buckets.
+
+        Both passes' backward write the same bucket memory, so a gradient kept across the other
+        pass's backward needs its own: one copy per pass, as many as default DDP makes (bucket to
+        .grad) and the same memory (docs/FSDP.md has the measured cost).
+        """
+        if self._bucket_views is None:
+            from blur_lightning import distributed
+
+            self._bucket_views = distributed.grads_alias_buckets(getattr(self._trainer, "strategy", None))
+        if not self._bucket_views:
+            return grads
+        return [None if g is None else g.clone() for g in grads]
 
     def _is_last_batch(self) -> bool:
         trainer = self._trainer
@@ -302,18 +336,19 @@ class BLURUnlearner(pl.LightningModule):
     def _projection_group(self):
         """The process group(s) the three sums are reduced over; None for a single process."""
         strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
-        fn = getattr(self, "projection_group_fn", None)
-        if fn is not None:
-            return fn(self, strategy)
-        return None
+        fn = self.strategy_hooks.projection_group
+        return fn(self, strategy) if fn is not None else None
 
     def _optimizer_step(self, params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
         optimizer = self.optimizers()
         inner = getattr(optimizer, "optimizer", optimizer)  # under the LightningOptimizer wrapper
-        fused = _is_fused_blur_optimizer(inner)
+        fused = is_fused_blur_optimizer(inner)
+        scaler = nonfinite.grad_scaler(self._trainer)  # 16-mixed: the gradients carry its scale
+        scale = nonfinite.current_scale(scaler)
         kept, forget_grads, retain_grads = _paired_grads(params, self._forget_stash)
-        # With BLURFusedAdamW only pass 1 runs here: the optimizer forms d on the fly.
-        project = compute_stats if fused else blur_direction_
+        # With BLURFusedAdamW only pass 1 runs here: the optimizer forms d on the fly. Under a
+        # GradScaler the combine waits for the clip factor, folded into the coefficients.
+        project = compute_stats if fused or scale is not None else blur_direction_
         stats = project(
             forget_grads,
             retain_grads,
@@ -323,23 +358,40 @@ class BLURUnlearner(pl.LightningModule):
             eps=self.hparams.eps,
             group=self._projection_group(),
             backend=self.hparams.projection_backend,
+            grad_scale=scale,
         )
         loss_forget, loss_retain = self._loss_sums["forget_loss"], self._loss_sums["retain_loss"]
         checks = torch.stack([loss_forget.float(), loss_retain.float(), stats.sq_forget, stats.sq_retain])
-        finite_on_device = torch.isfinite(checks).all()
+        # One rank's infinite loss must skip the step on every rank (the losses are rank-local).
+        finite_on_device = nonfinite.agree_across_ranks(torch.isfinite(checks).all())
         self.skipped_steps += (~finite_on_device).long()  # counted on the device, no read
         # Logging costs ~0.6 ms of host time per value (13 values: ~8 ms a step); done here, before
         # the optimizer launch, it overlaps the GPU still finishing the backward and the projection.
         self._log_step(loss_forget, loss_retain, stats, optimizer)
         step_kwargs = {}
         if fused:
-            retain_coef, forget_coef = self._clipped_coefs(stats)
+            retain_coef, forget_coef = clipped_coefs(stats, self.hparams.gradient_clip_val)
+            if scale is not None:  # the scaler unscales g_r (p.grad) in place, not the stash g_f
+                forget_coef = forget_coef / scale.to(forget_coef.dtype)
             step_kwargs = {
                 "forget_grads": dict(zip(kept, forget_grads)),
                 "retain_coef": retain_coef,
                 "forget_coef": forget_coef,
             }
-        if self._skips_on_device(inner):
+        on_device = self._skips_on_device(inner)
+        if scale is not None:
+            # GradScaler decides: a NaN planted on a non-finite step makes it skip the update and
+            # back its scale off; its own check is the step's one host read (none when fused).
+            if not fused:
+                hp = self.hparams
+                combine_scaled_(forget_grads, retain_grads, stats, scale, max_value=hp.gradient_clip_val,
+                                algorithm=hp.gradient_clip_algorithm, mode=hp.mode, backend=hp.projection_backend)
+            nonfinite.plant_nan_(retain_grads, finite_on_device)
+            self._warn_if_skipped(self._skip_watch.read())
+            optimizer.step(**step_kwargs)
+            self._step_scheduler()
+            self._skip_watch.post(self.skipped_steps)
+        elif on_device:
             self._warn_if_skipped(self._skip_watch.read())  # the previous steps' count: no stall
             found_inf = (~finite_on_device).float()
             if not fused:
@@ -373,7 +425,7 @@ class BLURUnlearner(pl.LightningModule):
             return False
         plugin = getattr(self._trainer, "precision_plugin", None) if self._trainer is not None else None
         scaler = getattr(plugin, "scaler", None)
-        supported = scaler is None and _skips_on_device(optimizer)
+        supported = scaler is None and nonfinite.skips_on_device(optimizer)
         if choice == "device" and not supported:
             why = "a GradScaler (16-mixed precision) skips steps itself" if scaler is not None else (
                 f"{type(optimizer).__name__} cannot skip a step on the device"
@@ -408,20 +460,6 @@ class BLURUnlearner(pl.LightningModule):
                 gradient_clip_algorithm=self.hparams.gradient_clip_algorithm,
             )
 
-    def _clipped_coefs(self, stats: BLURStats) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fused optimizer's coefficients, scaled so ||d|| <= gradient_clip_val.
-
-        ||d|| comes from the three global sums (BLURStats.direction_norm): no pass over d (which
-        is never written) and no extra all-reduce under FSDP. The factor is clip_grad_norm_'s,
-        min(1, max_norm / (||d|| + 1e-6)).
-        """
-        retain_coef, forget_coef = stats.retain_coef, stats.forget_coef
-        max_norm = self.hparams.gradient_clip_val
-        if max_norm is None:
-            return retain_coef, forget_coef
-        scale = (max_norm / (stats.direction_norm + 1e-6)).clamp(max=1.0).to(retain_coef.dtype)
-        return retain_coef * scale, forget_coef * scale
-
     def on_train_end(self) -> None:
         self._warn_if_skipped(self._skip_watch.read(wait=True))
 
@@ -451,7 +489,7 @@ class BLURUnlearner(pl.LightningModule):
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.trainable_parameters())
         if (
-            _is_fused_blur_optimizer(optimizer)
+            is_fused_blur_optimizer(optimizer)
             and self.hparams.gradient_clip_val is not None
             and self.hparams.gradient_clip_algorithm == "value"
         ):
@@ -481,7 +519,7 @@ class BLURUnlearner(pl.LightningModule):
         export_dir = self.resolve_export_dir()
         if export_dir is None:
             return
-        export_fn = getattr(self, "export_fn", None)
+        export_fn = self.strategy_hooks.export
         if export_fn is not None:  # the FSDP path gathers full weights first
             export_fn(self, export_dir)
             return
@@ -491,12 +529,12 @@ class BLURUnlearner(pl.LightningModule):
             export_hf(self.model, self.tokenizer, export_dir)
 
     def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Lightning's clipping, or the shard-aware one a distributed set-up installs as `clip_fn`.
+        """Lightning's clipping, or the shard-aware one a distributed set-up installs (strategy_hooks.clip).
 
         Lightning clips each rank's shards by their own norm (FSDP2) or refuses (FSDP1); the
         installed one reduces the squared norm over the projection's groups.
         """
-        clip_fn = getattr(self, "clip_fn", None)
+        clip_fn = self.strategy_hooks.clip
         if clip_fn is None:
             super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
@@ -559,60 +597,3 @@ def _paired_grads(
         forget_grads.append(forget)
         retain_grads.append(retain)
     return kept, forget_grads, retain_grads
-
-
-NONFINITE_SKIP = ("auto", "device", "host")
-
-def _is_fused_blur_optimizer(optimizer) -> bool:
-    """Whether optimizer is a BLURFusedAdamW, without importing Triton when it cannot be one."""
-    adamw = sys.modules.get("blur_lightning.kernels.adamw")
-    return adamw is not None and isinstance(optimizer, adamw.BLURFusedAdamW)
-
-
-def _skips_on_device(optimizer) -> bool:
-    """Whether optimizer.step reads a `found_inf` device flag and then leaves everything untouched.
-
-    torch's fused Adam, AdamW and SGD do (it is how GradScaler skips without a sync); the foreach
-    and for-loop implementations refuse the flag.
-    """
-    if _is_fused_blur_optimizer(optimizer):
-        return True
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)):
-        return all(group.get("fused") for group in optimizer.param_groups)
-    return False
-
-
-class _SkipWatch:
-    """The device's skipped-step count, read on the host without stalling the stream.
-
-    post() queues a non-blocking copy into pinned memory and records an event; read() returns the
-    copied value once the event has passed (None before), so the warning about a skipped step
-    comes at most a step late and the step itself never waits. On the CPU there is no stream to
-    stall and the value is read at once.
-    """
-
-    def __init__(self) -> None:
-        self._host: torch.Tensor | None = None
-        self._event = None
-
-    def post(self, count: torch.Tensor) -> None:
-        if count.device.type != "cuda":
-            self._host, self._event = count.detach().clone(), None
-            return
-        if self._host is None:
-            self._host = torch.zeros((), dtype=count.dtype, pin_memory=True)
-        self._host.copy_(count.detach(), non_blocking=True)
-        if self._event is None:
-            self._event = torch.cuda.Event()
-        self._event.record()  # re-recorded each step: query() then tracks the newest copy
-
-    def read(self, wait: bool = False) -> int | None:
-        if self._host is None:
-            return None
-        if self._event is not None:
-            if wait:
-                self._event.synchronize()
-            elif not self._event.query():
-                return None
-        # tolist(): a read of host memory, which HostReadCounter rightly does not count.
-        return int(self._host.tolist())

@@ -27,15 +27,15 @@ kernels (`blur_lightning.kernels`); the PyTorch path below is the CPU path and t
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+# re-exported: callers name them from here
+from blur_lightning.backends import BACKEND_ENV, BACKENDS, local_tensor, resolve_backend  # noqa: F401
+
 MODES = ("forget_lower", "forget_upper", "penalty", "rmu")
-BACKENDS = ("auto", "torch", "triton")
-BACKEND_ENV = "BLUR_BACKEND"  # overrides backend="auto" (tests force "triton" on CPU this way)
 
 
 @dataclass(frozen=True)
@@ -112,31 +112,6 @@ def check_inputs(forget_grads: Sequence[torch.Tensor], retain_grads: Sequence[to
             )
         if f.device != r.device:
             raise ValueError(f"device mismatch at index {i}: forget on {f.device}, retain on {r.device}")
-
-
-def resolve_backend(backend: str, tensors: Sequence[torch.Tensor]) -> str:
-    """'auto' picks Triton for CUDA tensors when it imports, else PyTorch; BLUR_BACKEND overrides 'auto'."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
-    if backend == "auto":
-        backend = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
-        if backend not in BACKENDS:
-            raise ValueError(f"{BACKEND_ENV}={backend!r}: expected one of {BACKENDS}")
-    if backend != "auto":
-        return backend
-    if tensors and all(t.is_cuda for t in tensors) and _triton_available():
-        return "triton"
-    return "torch"
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-
-        from blur_lightning import kernels  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,12 +263,21 @@ def compute_stats(
     group=None,
     backend: str = "auto",
     device: torch.device | None = None,
+    grad_scale: torch.Tensor | None = None,
 ) -> BLURStats:
-    """Pass 1 plus the coefficients, without touching the gradients (the fused optimizer uses this)."""
+    """Pass 1 plus the coefficients, without touching the gradients (the fused optimizer uses this).
+
+    grad_scale: the factor both gradients carry (a GradScaler's scale, a 0-dim device tensor), or
+    None. The sums are divided by its square, so they, the eps guards and the logged norms are
+    the true gradients' (exactly, for GradScaler's powers of two); the coefficients are ratios of
+    sums and do not change. The gradients themselves stay scaled.
+    """
     check_mode_args(mode, gamma, alpha, eps)
     forget_grads, retain_grads = _local(forget_grads), _local(retain_grads)
     sums = partial_sums(forget_grads, retain_grads, backend=backend, device=device)
     sums = all_reduce_sums(sums, group)
+    if grad_scale is not None:
+        sums = sums / grad_scale.to(sums.dtype).square()
     retain_coef, forget_coef, coef = direction_coefs(sums, mode=mode, gamma=gamma, alpha=alpha, eps=eps)
     # float32 coefficients for float32/bf16/fp16 gradients (what the kernels read); float64 ones
     # only when a gradient is float64, so a float64 oracle test sees float64 arithmetic.
@@ -314,6 +298,7 @@ def blur_direction_(
     eps: float = 1e-12,
     group=None,
     backend: str = "auto",
+    grad_scale: torch.Tensor | None = None,
 ) -> BLURStats:
     """Write the BLUR direction into `retain_grads`, in place.
 
@@ -329,6 +314,8 @@ def blur_direction_(
             sums are all-reduced, so the inner products cover every shard on every rank. None:
             the lists hold the whole model. DTensors are reduced over their local shards.
         backend: "auto" (Triton on CUDA, else PyTorch; env BLUR_BACKEND overrides), "torch", "triton".
+        grad_scale: the loss scale both gradients carry (see compute_stats): the sums come out
+            true; d is written with the same scale.
 
     Returns:
         BLURStats of 0-dim float32 tensors on the gradients' device. No host synchronisation.
@@ -340,16 +327,11 @@ def blur_direction_(
     forget_grads, retain_grads = _local(forget_grads), _local(retain_grads)
     backend = resolve_backend(backend, retain_grads)
     stats = compute_stats(
-        forget_grads, retain_grads, gamma=gamma, mode=mode, alpha=alpha, eps=eps, group=group, backend=backend
+        forget_grads, retain_grads, gamma=gamma, mode=mode, alpha=alpha, eps=eps, group=group, backend=backend,
+        grad_scale=grad_scale,
     )
     combine_(retain_grads, forget_grads, stats.retain_coef, stats.forget_coef, mode=mode, backend=backend)
     return stats
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard (a view: writing it writes the DTensor); any other tensor as it is."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None else t
 
 
 def _local(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:

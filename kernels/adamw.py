@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blur_lightning.projection import local_tensor
+from blur_lightning.backends import local_tensor, resolve_backend
 
 from . import _launch
 
@@ -160,8 +160,6 @@ def blur_adamw_step_(
     Raises:
         ValueError: length/size/device mismatch, a non-contiguous tensor, an unsupported dtype.
     """
-    from blur_lightning.projection import resolve_backend
-
     if not params:
         return
     if resolve_backend(backend, params) == "torch":

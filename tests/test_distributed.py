@@ -314,3 +314,29 @@ def test_no_window_no_entry():
     distributed.accumulation_state(module, checkpoint, None)
     assert checkpoint == {}
 
+
+
+# --------------------------------------------------------------------------------------------
+# the module's strategy hooks: an explicit interface, not attributes found by name
+# --------------------------------------------------------------------------------------------
+def test_strategy_hooks_are_declared_filled_and_called(tmp_path):
+    from conftest import build_tiny_llama
+
+    from blur_lightning.module import BLURUnlearner
+    from blur_lightning.strategy_hooks import StrategyHooks
+
+    module = BLURUnlearner(build_tiny_llama(), export_dir=str(tmp_path))
+    assert module.strategy_hooks == StrategyHooks()  # one process: nothing installed
+    assert module._projection_group() is None
+    distributed.install_hooks(module)
+    assert module.strategy_hooks == StrategyHooks(
+        projection_group=distributed.projection_group_fn, clip=distributed.clip_fn, export=distributed.export_hf
+    )
+    calls = []
+    module.strategy_hooks = StrategyHooks(
+        projection_group=lambda m, strategy: calls.append(("group", m, strategy)) or "the group",
+        clip=lambda m, value, algorithm: calls.append(("clip", value, algorithm)),
+    )
+    assert module._projection_group() == "the group"
+    module.clip_gradients(None, 0.5, "norm")
+    assert calls == [("group", module, None), ("clip", 0.5, "norm")]

@@ -227,6 +227,12 @@ def two_rank_cases(out: str, model_dir: str) -> dict[str, dict]:
              retain_loss="nll", vocab=101, optimizer="blur_fused_adamw", lr=1e-3, clip=0.3, **common),
         dict(name="ddp_forget_lower", layout="ddp", mode="forget_lower", forget_loss="npo", retain_loss="nll",
              vocab=101, optimizer="sgd", lr=0.05, **common),
+        # DDP with gradient_as_bucket_view=True: .grad is DDP's bucket memory, shared by both passes
+        dict(name="ddp_bucket_view", layout="ddp", bucket_view=True, optimizer="sgd", lr=0.05, **common),
+        dict(name="ddp_bucket_view_k1", layout="ddp", bucket_view=True, optimizer="sgd", lr=0.05, world=2,
+             micro_batches=3, accumulate=1),
+        # rank 1's forget loss is infinite in micro-batch 2 (step 2), its gradients finite: both ranks skip
+        dict(name="ddp_inf_loss_one_rank", layout="ddp", inf_loss_at=[1, 2], optimizer="sgd", lr=0.05, **common),
         # 4 steps uninterrupted, checkpoints after micro-batch 4 (step 2) and 5 (inside window 3)
         dict(name="ckpt_full_run", layout="fsdp2", world=2, micro_batches=8, accumulate=2, save_at=[4, 5],
              ckpt_dir=ckpt_dir),
@@ -296,6 +302,40 @@ def test_ddp_two_ranks_equal_one_process_sums_counted_once(two_rank_run):
         assert_same_sums(got["stats"], want["stats"])
     assert_moved(want["state"], case)
     print(f"ddp: max abs diff {diff:.3g}")
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("name", ["ddp_bucket_view", "ddp_bucket_view_k1"])
+def test_ddp_gradient_as_bucket_view_equals_one_process(two_rank_run, name):
+    """With gradient_as_bucket_view=True DDP points .grad at its buckets: the forget stash must not
+    stay there, or the retain backward overwrites it (before: g_f == g_r from step 2, coef exactly
+    gamma - 1, weights 8e-2 away from one process)."""
+    out, cases = two_rank_run
+    case = cases[name]
+    want = single_process(case)
+    for rank in range(2):
+        got = load(out, name, rank)
+        assert got["global_step"] == want["global_step"] == 3
+        diff = assert_same_weights(got["state"], want["state"], ATOL, f"{name} rank {rank}")
+        assert_same_sums(got["stats"], want["stats"])
+    assert_moved(want["state"], case)
+    print(f"{name}: max abs diff {diff:.3g}")
+
+
+@pytest.mark.timeout(400)
+def test_infinite_loss_on_one_rank_skips_the_step_on_both(two_rank_run):
+    """The skip decision is reduced over the ranks: both skip step 2 and end equal to one process
+    that skipped it (before: rank 1 skipped alone and the replicas drifted apart)."""
+    out, cases = two_rank_run
+    case = cases["ddp_inf_loss_one_rank"]
+    ranks = [load(out, case["name"], rank) for rank in range(2)]
+    assert [r["skipped_steps"] for r in ranks] == [1, 1]
+    assert_same_weights(ranks[1]["state"], ranks[0]["state"], 0.0, "rank 1 vs rank 0")
+    with pytest.warns(RuntimeWarning, match="1 step\\(s\\) skipped"):
+        want = blur_worker.run_case({**case, "layout": "single", "inf_loss_at": [0, 2]}, 0)
+    assert want["skipped_steps"] == 1
+    assert_same_weights(ranks[0]["state"], want["state"], ATOL, "2 ranks vs one process")
+    assert_moved(want["state"], case)
 
 
 @pytest.mark.timeout(400)

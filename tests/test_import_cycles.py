@@ -7,13 +7,8 @@ import ast
 import os
 import sys
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = {"blur_lightning": "blur_lightning", "blur_lightning.kernels": "kernels"}
-# Being removed on another branch (kernels.adamw imports projection.local_tensor / resolve_backend);
-# the lead drops this entry after merging it. Any other cycle fails the test.
-KNOWN_CYCLE = frozenset({"blur_lightning.kernels", "blur_lightning.kernels.adamw", "blur_lightning.projection"})
 
 
 def package_modules(root: str, packages: dict[str, str]) -> dict[str, str]:
@@ -120,10 +115,6 @@ def test_no_cycle_among_the_evaluation_modules():
     assert not evals, f"import cycles through the evaluation wing: {evals}"
 
 
-def test_no_import_cycle_in_the_package(request):
+def test_no_import_cycle_in_the_package():
     groups = strongly_connected(import_graph())
-    others = [g for g in groups if g != KNOWN_CYCLE]
-    assert not others, "import cycles: " + "; ".join(" <-> ".join(sorted(g)) for g in others)
-    if KNOWN_CYCLE in groups:  # only that one left: expected to fail until the other branch is merged
-        request.applymarker(pytest.mark.xfail(reason="kernels <-> projection: fixed on another branch", strict=False))
     assert not groups, "import cycles: " + "; ".join(" <-> ".join(sorted(g)) for g in groups)

@@ -135,7 +135,7 @@ def test_paper_settings(config, capsys):
         assert model["model"] == "meta-llama/Llama-3.2-1B-Instruct"
         assert (model["forget_loss"], model["retain_loss"], model["mode"]) == ("npo", "nll", "forget_lower")
         assert (model["gamma"], lr, trainer["max_epochs"]) == (1.0, 1e-5, 10)
-        assert (data["batch_size"], model["accumulate_grad_batches"]) == (4, 4)
+        assert (data["batch_size"], model["accumulate_grad_batches"]) == (4, 8)
         assert (data["forget_path"], data["forget_subset"]) == ("locuslab/TOFU", f"forget{n}")
         assert (data["retain_path"], data["retain_subset"]) == ("locuslab/TOFU", f"retain{100 - int(n)}")
         assert eval_callback(cfg)["splits"]["forget"] == f"hub:forget{n}_perturbed"
@@ -168,6 +168,58 @@ def test_paper_settings(config, capsys):
         )] + ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]  # fmt: skip
         trained = [name for name in mistral if regex.search(name)]
         assert trained == [f"model.layers.{i}.mlp.down_proj.weight" for i in (5, 6, 7)]
+
+
+TOFU_FORGET_ROWS = {"01": 40, "05": 200, "10": 400}  # locuslab/TOFU forget01 / 05 / 10
+
+
+@pytest.mark.parametrize("config", PAPER_CONFIGS)
+def test_paper_optimizer_and_schedule(config, capsys):
+    """The authors' optimizer settings and lr schedule (docs/PAPER_CONFIGS.md). TOFU: 32 pairs a step
+    (their 4 x 4 x 2 GPUs), one warm-up epoch from 0, linear decay to 0 at the last of 10 epochs;
+    MUSE and WMDP: constant lr, no weight decay."""
+    cfg = parsed_config(config, capsys)
+    model, data, trainer = cfg["model"], cfg["data"], cfg["trainer"]
+    optimizer = model["optimizer"]["init_args"]
+    lr = optimizer["lr"]
+    if config not in TOFU:
+        assert optimizer["weight_decay"] == 0.0
+        assert model["scheduler"] is None
+        if config in MUSE:
+            assert data["batch_size"] * model["accumulate_grad_batches"] == 32  # the authors' 4 x 8 GPUs
+            assert model["npo_beta"] == {"News": 0.05, "Books": 0.4}[MUSE[config][0]]  # the paper's tables
+        return
+    assert optimizer["weight_decay"] == 0.01
+    assert data["batch_size"] * model["accumulate_grad_batches"] * trainer["devices"] == 32
+    scheduler = model["scheduler"]
+    assert scheduler["class_path"] == "blur_lightning.schedules.LinearWarmupDecay"
+    rows = TOFU_FORGET_ROWS[TOFU[config]]
+    steps_per_epoch = math.ceil(rows / 32)  # the module also steps on an epoch's last, partial window
+    args = scheduler["init_args"]
+    assert (args["warmup_steps"], args["total_steps"]) == (steps_per_epoch, trainer["max_epochs"] * steps_per_epoch)
+    from blur_lightning.schedules import LinearWarmupDecay
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    schedule = LinearWarmupDecay(opt, **args)
+    lrs = []
+    for _ in range(args["total_steps"]):
+        lrs.append(opt.param_groups[0]["lr"])  # the lr this optimizer step uses
+        opt.step()
+        schedule.step()
+    assert lrs[0] == 0.0  # the Trainer's warm-up starts at 0
+    assert lrs[args["warmup_steps"]] == pytest.approx(lr, rel=1e-12)  # the peak right after the warm-up
+    assert max(lrs) == pytest.approx(lr, rel=1e-12)
+    assert lrs[-1] == pytest.approx(lr / (args["total_steps"] - args["warmup_steps"]), rel=1e-9)  # last step
+    assert opt.param_groups[0]["lr"] == 0.0  # decayed to 0 at the end
+    assert all(a >= b for a, b in zip(lrs[args["warmup_steps"]:], lrs[args["warmup_steps"] + 1:]))
+
+
+def test_linear_warmup_decay_refuses_bad_lengths():
+    from blur_lightning.schedules import LinearWarmupDecay
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match="warmup_steps=5, total_steps=5"):
+        LinearWarmupDecay(opt, warmup_steps=5, total_steps=5)
 
 
 # ============================================================================ two steps on a tiny model

@@ -182,3 +182,20 @@ def test_stats_derived_norms():
     stats = blur_direction_(forget, retain, gamma=0.3, backend="torch")
     d = torch.cat([t.reshape(-1) for t in retain])
     torch.testing.assert_close(stats.direction_norm.double(), d.norm(), rtol=1e-4, atol=1e-6)
+
+
+def test_kernels_import_nothing_from_the_projection():
+    """kernels/ sits below projection.py: an import back (even inside a function) is a cycle
+    projection -> kernels -> kernels.adamw -> projection. Both take what they share from backends.py."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "kernels"
+    offenders = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else (
+                [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            offenders += [f"{path.name}:{node.lineno} imports {n}" for n in names
+                          if n.startswith("blur_lightning.projection")]
+    assert not offenders, offenders

@@ -15,7 +15,8 @@ A case (all keys but name and layout optional):
     optimizer ("adamw", "adamw_fused", "sgd" or "blur_fused_adamw"), lr, clip,
     model_path (load by name: the lazy meta-device build),
     export_dir, save_at (micro-batch counts after which a checkpoint is saved, into ckpt_dir),
-    ckpt_path (resume from it).
+    ckpt_path (resume from it), bucket_view (DDP's gradient_as_bucket_view), inf_loss_at ([rank,
+    micro-batch]: that rank's forget loss is made infinite there, its gradient left finite).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ DEFAULTS = dict(
     world=1, shard_size=2, num_nodes=1, mode="forget_lower", forget_loss="npo", retain_loss="nll", gamma=0.7,
     alpha=2.0, vocab=101, rows=2, length=12, micro_batches=6, accumulate=2, optimizer="adamw", lr=1e-3,
     clip=None, model_path=None, export_dir=None, save_at=(), ckpt_dir=None, ckpt_path=None,
-    accelerator="cpu", backend="torch", param_dtype=None, reduce_dtype=None,
+    accelerator="cpu", backend="torch", param_dtype=None, reduce_dtype=None, bucket_view=False, inf_loss_at=None,
 )
 
 
@@ -95,7 +96,8 @@ def make_strategy(case: dict):
     if layout == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
-        return DDPStrategy(process_group_backend="gloo" if case["accelerator"] == "cpu" else None)
+        return DDPStrategy(process_group_backend="gloo" if case["accelerator"] == "cpu" else None,
+                           gradient_as_bucket_view=case["bucket_view"])
     from blur_lightning.distributed import FSDP2Strategy
 
     precision = dict(param_dtype=case["param_dtype"], reduce_dtype=case["reduce_dtype"])
@@ -145,6 +147,8 @@ def run_case(case: dict, rank: int) -> dict:
                 trainer.save_checkpoint(path)
 
     module = build_module(case)
+    if case["inf_loss_at"] is not None:
+        infinite_forget_loss(module, rank, *case["inf_loss_at"])
     batches = rank_batches(case, rank) if case["layout"] != "single" else concatenated_batches(case)
     single = case["layout"] == "single"
     trainer = pl.Trainer(
@@ -155,7 +159,21 @@ def run_case(case: dict, rank: int) -> dict:
         callbacks=[Record()],
     )
     trainer.fit(module, train_dataloaders=ResumableBatches(batches), ckpt_path=case["ckpt_path"])
-    return {"state": full_state_dict(module.model), "stats": stats, "global_step": trainer.global_step}
+    return {"state": full_state_dict(module.model), "stats": stats, "global_step": trainer.global_step,
+            "skipped_steps": int(module.skipped_steps)}
+
+
+def infinite_forget_loss(module, rank: int, at_rank: int, at_micro_batch: int) -> None:
+    """On rank at_rank, micro-batch at_micro_batch (0-based): forget loss + inf, a detached constant,
+    so the loss is infinite while every gradient stays finite (only that rank can tell)."""
+    original, calls = module.forget_loss, [0]
+
+    def forget_loss(side):
+        loss = original(side)
+        calls[0] += 1
+        return loss + float("inf") if rank == at_rank and calls[0] == at_micro_batch + 1 else loss
+
+    module.forget_loss = forget_loss
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
