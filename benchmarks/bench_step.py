@@ -33,7 +33,6 @@ import datetime
 import gc
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,6 +48,8 @@ _DEFAULT_OUT = str(results_page.RESULTS_DIR)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/: common.py
+
 
 # name: (hidden, layers, heads, kv_heads, intermediate, vocab, batch, seq_len)
 SIZES = {
@@ -271,15 +272,6 @@ class _Batches:
         return iter(self.batches)
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5
-        ).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=_DEFAULT_OUT, help="directory for bench_step.csv / .md")
@@ -340,7 +332,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "device": device_name, "torch": torch.__version__, "commit": _commit(), "size": size,
+        "device": device_name, "torch": torch.__version__, "commit": common.git_commit(), "size": size,
         "dtype": str(dtype).replace("torch.", ""), "params": results[0]["params"],
         "batch": f"{SIZES[size][6]}x{SIZES[size][7]} per side", "adamw": args.adamw,
         "warmup": args.warmup, "steps": steps,

@@ -8,7 +8,7 @@ topics) and keeps a candidate only if
 1. the gold answer does not appear in the question (otherwise an echo of the question would count
    as correct: "What is the capital of Djibouti?"), and
 2. greedy decoding with the evaluation settings (``greedy_answers``: chat template, first 16 new
-   tokens) contains the gold answer, as judged by ``blur_lightning.evaluation.is_correct`` (normalized,
+   tokens) contains the gold answer, as judged by ``blur_lightning.evals.qa.is_correct`` (normalized,
    whole-word containment), and
 3. a longer greedy answer (48 tokens) has a complete first sentence (or first few sentences)
    containing the gold answer; that text is stored as ``response``.
@@ -64,7 +64,7 @@ from pathlib import Path
 
 import torch
 
-from blur_lightning.evaluation import greedy_answers, is_correct, normalize_answer
+from blur_lightning.evals.qa import greedy_answers, is_correct, normalize_answer
 from blur_lightning.models import load_causal_lm, load_tokenizer
 
 IDK_ANSWERS = [

@@ -6,7 +6,7 @@ initial weights and data order. Then, on the unlearned model:
 
 * accuracy on the forget questions, on the same capitals asked four other ways (``paraphrased``,
   never trained on) and on the held-out retain facts;
-* the relearning probe (``blur_lightning.relearning``): a copy fine-tuned on 40 of the capitals for
+* the relearning probe (``blur_lightning.evals.relearning``): a copy fine-tuned on 40 of the capitals for
   ``--probe-steps`` steps; accuracy on the other 40 (``held_back``) and on their paraphrases;
 * its control: a copy fine-tuned for as many steps on the retain facts instead; what comes back
   there comes back from any fine-tuning, not from the capitals.
@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def probe(model, tokenizer, forget_rows, paraphrased, retain_rows, args) -> dict[str, dict]:
-    from blur_lightning.relearning import relearning_probe
+    from blur_lightning.evals.relearning import relearning_probe
 
     kwargs = dict(
         probe_sets={"paraphrased": paraphrased}, steps=args.probe_steps, lr=args.probe_lr,
@@ -149,18 +149,18 @@ def main(argv=None) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
-    from blur_lightning.callbacks import read_jsonl
     from blur_lightning.models import load_causal_lm, load_tokenizer
+    from blur_lightning.rows import load_rows
 
     model, tokenizer = load_causal_lm(args.model), load_tokenizer(args.model)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     limit = args.max_questions
     sets = {
-        "forget": read_jsonl(FORGET, limit),
-        "paraphrased": read_jsonl(PARAPHRASED, 4 * limit if limit else None),
-        "holdout": read_jsonl(HOLDOUT, limit),
+        "forget": load_rows(FORGET, limit=limit),
+        "paraphrased": load_rows(PARAPHRASED, limit=4 * limit if limit else None),
+        "holdout": load_rows(HOLDOUT, limit=limit),
     }
-    retain_rows = read_jsonl(RETAIN)
+    retain_rows = load_rows(RETAIN)
     meta = {"date": common.today(), "commit": common.git_commit(), "device": common.device_name(torch.device("cpu"))}
 
     run_meta = {**meta, "tag": args.tag, "seed": args.seed, "steps": args.steps, "lr": args.lr,

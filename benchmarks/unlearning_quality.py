@@ -14,7 +14,7 @@ Data (``blur_lightning/assets``): train on ``qa_forget`` (world capitals) and ``
 ``qa_holdout`` (facts never trained on) is dealt per topic into a validation half, used only to choose
 each method's setting, and a test half, reported. Forget accuracy is measured on the forget questions
 themselves, as in TOFU. Accuracy: greedy answer (``--max-new-tokens``) contains the gold answer;
-answer prob: exp(mean log p) of the gold answer (``blur_lightning.evaluation.evaluate_qa``).
+answer prob: exp(mean log p) of the gold answer (``blur_lightning.evals.qa.evaluate_qa``).
 
 Selection rule, per method: among the settings whose forget accuracy is at most ``--forget-target``
 (20%) of its value before unlearning, the one with the highest validation-half accuracy (ties: lower
@@ -120,7 +120,7 @@ def split_holdout(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def evaluate(model, tokenizer, rows, args) -> dict:
-    from blur_lightning.evaluation import evaluate_qa
+    from blur_lightning.evals.qa import evaluate_qa
 
     out = evaluate_qa(model, tokenizer, rows, max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size)
     return {"acc": out["accuracy"], "prob": out["answer_prob"]}
@@ -361,14 +361,14 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*tensorboardX.*")
 
-    from blur_lightning.callbacks import read_jsonl
     from blur_lightning.models import load_causal_lm, load_tokenizer
+    from blur_lightning.rows import load_rows
 
     model = load_causal_lm(args.model)
     tokenizer = load_tokenizer(args.model)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}  # CPU copy, restored per run
-    forget_rows = read_jsonl(args.forget, args.max_questions)
-    val_rows, test_rows = split_holdout(read_jsonl(args.holdout))
+    forget_rows = load_rows(args.forget, limit=args.max_questions)
+    val_rows, test_rows = split_holdout(load_rows(args.holdout))
     if args.max_questions:
         val_rows, test_rows = val_rows[: args.max_questions], test_rows[: args.max_questions]
     n = {"forget": len(forget_rows), "val": len(val_rows), "test": len(test_rows)}

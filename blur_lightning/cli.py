@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import warnings
 
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from blur_lightning.checkpoint import AtomicCheckpointIO, verify_checkpoint
+from blur_lightning.progress import StepProgressBar
 
 
 class BLURCLI(LightningCLI):
@@ -33,8 +35,16 @@ class BLURCLI(LightningCLI):
         if isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
             strategy.checkpoint_io = AtomicCheckpointIO()
 
+    def _count_steps_in_progress_bar(self) -> None:
+        # Lightning's own bar reads "Epoch 3/-2" in a run bounded by max_steps with max_epochs=-1.
+        callbacks = self.trainer.callbacks
+        for i, callback in enumerate(callbacks):
+            if type(callback) is TQDMProgressBar:
+                callbacks[i] = StepProgressBar(refresh_rate=callback.refresh_rate)
+
     def before_fit(self) -> None:
         self._attach_atomic_checkpoints()
+        self._count_steps_in_progress_bar()
 
     def before_validate(self) -> None:
         self._attach_atomic_checkpoints()

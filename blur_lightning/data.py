@@ -25,560 +25,34 @@ order of batches is a pure function of ``(seed, epoch)``; the train loader is re
 (Lightning saves and restores its ``state_dict``), so a run resumed from any checkpoint sees the
 same batches as an uninterrupted run.
 
-``datasets`` is imported only inside the functions that load files, so importing this module (and
-``blur_lightning``) does not need it.
+Rows are read by :mod:`blur_lightning.rows`, tokenized by :mod:`blur_lightning.encoding` and paired
+by :mod:`blur_lightning.sampling`; this module composes them into the LightningDataModule.
 """
 
 from __future__ import annotations
 
-import math
-import os
-from collections.abc import Iterator, Sequence
-from importlib import resources
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as L
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader
 
-from blur_lightning.attention import PADDED_PREFIX
+from blur_lightning.encoding import PadCollator, encode_qa_rows, encode_text_rows
 from blur_lightning.models import ensure_pad_token, load_tokenizer
+from blur_lightning.rows import check_strings, is_local, load_rows, require_columns, resolve_embedded
+from blur_lightning.sampling import EncodedSet, PairedDataset, PairSampler, ResumableDataLoader
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = [
-    "EMBEDDED_DATA_PREFIX",
-    "FORMATS",
-    "IGNORE_INDEX",
-    "EncodedSet",
-    "ForgetRetainDataModule",
-    "PadCollator",
-    "PairSampler",
-    "PairedDataset",
-    "ResumableDataLoader",
-    "encode_prompts",
-    "encode_qa",
-    "encode_qa_rows",
-    "encode_text_rows",
-    "format_qa",
-    "load_rows",
-    "pad_side",
-    "resolve_data_path",
-]
+__all__ = ["FORMATS", "VAL_LOADER_NAMES", "ForgetRetainDataModule"]
 
 FORMATS = ("qa", "text")
-IGNORE_INDEX = -100
-EMBEDDED_DATA_PREFIX = "embedded:"
-# Prompt used when the tokenizer has no chat template (or use_chat_template=False).
-PLAIN_PROMPT = "Question: {question}\nAnswer:"
-
-_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+# The validation loaders, by dataloader_idx: the forget set, then the eval set when one is given.
+VAL_LOADER_NAMES = ("forget", "eval")
 
 Row = dict[str, list[int]]
-
-
-# --------------------------------------------------------------------------------------------
-# Loading rows
-# --------------------------------------------------------------------------------------------
-
-
-def resolve_data_path(path: str) -> str:
-    """Map ``"embedded:NAME.jsonl"`` to the file in ``blur_lightning/assets/``; pass others through.
-
-    Raises:
-        FileNotFoundError: no such embedded file (the message lists those that exist).
-    """
-    if not path.startswith(EMBEDDED_DATA_PREFIX):
-        return path
-    name = path[len(EMBEDDED_DATA_PREFIX) :]
-    assets = resources.files("blur_lightning.assets")
-    target = assets / name
-    if not target.is_file():
-        available = sorted(p.name for p in assets.iterdir() if p.name.endswith(_EXTENSIONS))
-        raise FileNotFoundError(f"embedded data file {name!r} not found; available: {available}")
-    return str(target)
-
-
-_EXTENSIONS = tuple(_BUILDERS)
-
-
-def _is_local(path: str) -> bool:
-    return (
-        os.path.exists(path) or Path(path).suffix.lower() in _BUILDERS or path.startswith(("/", "./", "../", "~", "."))
-    )
-
-
-def _has_rows(path: Path, builder: str) -> bool:
-    """Cheap emptiness check before ``datasets`` turns an empty file into an obscure error."""
-    if builder == "parquet":
-        return path.stat().st_size > 0
-    with path.open(encoding="utf-8", errors="replace") as f:
-        lines = 0
-        for line in f:
-            if line.strip():
-                lines += 1
-                # a CSV needs a header and one row; JSON(L) one non-blank line
-                if lines >= (2 if builder == "csv" else 1):
-                    return True
-    return False
-
-
-def load_rows(path: str, *, subset: str | None = None, split: str = "train") -> Any:
-    """Load a table of rows as a ``datasets.Dataset``.
-
-    Args:
-        path: a local ``.json``/``.jsonl``/``.csv``/``.parquet`` file, a local directory that
-            ``datasets.load_dataset`` understands, ``"embedded:NAME.jsonl"`` (a file shipped in
-            ``blur_lightning/assets/``), or a Hugging Face hub dataset name.
-        subset: dataset configuration name for hub datasets (e.g. ``"forget10"`` for TOFU).
-        split: split to read (local files always have a single ``"train"`` split).
-
-    Raises:
-        FileNotFoundError: a local path that does not exist (named in the message).
-        ValueError: an empty file or an empty split, or an unknown file type.
-    """
-    import datasets
-
-    resolved = resolve_data_path(path)
-    if _is_local(resolved):
-        local = Path(resolved).expanduser()
-        if not local.exists():
-            raise FileNotFoundError(f"data file not found: {local}")
-        if local.is_dir():
-            ds = datasets.load_dataset(str(local), subset, split=split)
-        else:
-            builder = _BUILDERS.get(local.suffix.lower())
-            if builder is None:
-                raise ValueError(f"{local}: unsupported file type {local.suffix!r}; use one of {_EXTENSIONS}")
-            if not _has_rows(local, builder):
-                raise ValueError(f"{local}: the file is empty (no rows)")
-            # A progress bar per small local file is noise: silence it, then restore the setting.
-            quiet = datasets.utils.are_progress_bars_disabled()
-            datasets.utils.disable_progress_bars()
-            try:
-                ds = datasets.load_dataset(builder, data_files=str(local), split="train")
-            except Exception as err:  # datasets wraps the parser's error without the line
-                raise _unreadable(local, builder, err) from err
-            finally:
-                if not quiet:
-                    datasets.utils.enable_progress_bars()
-    else:
-        ds = datasets.load_dataset(resolved, subset, split=split)
-    if len(ds) == 0:
-        raise ValueError(f"{path}: empty set (0 rows in split {split!r})")
-    return ds
-
-
-def _unreadable(path: Path, builder: str, err: Exception) -> ValueError:
-    """Why a local file did not load: for JSON the first bad line (formats.read_rows reads it
-    again, line by line), else the parser's own reason."""
-    if builder == "json":
-        from blur_lightning.formats import read_rows
-
-        try:
-            read_rows(path)
-        except ValueError as bad:
-            return bad
-    cause = err.__cause__ or err
-    reason = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ""
-    return ValueError(f"{path}: could not be read as {builder} ({type(cause).__name__}: {reason})")
-
-
-def _check_strings(values: Sequence[Any], path: str, column: str) -> None:
-    """Each cell a string: a number or a list would otherwise fail deep in the chat template."""
-    for index, value in enumerate(values):
-        if value is None:
-            count = sum(v is None for v in values)
-            raise ValueError(f"{path}: column {column!r} is empty in {count} row(s), first row {index}")
-        if not isinstance(value, str):
-            raise ValueError(
-                f"{path}: column {column!r} must hold text; row {index} holds {type(value).__name__} {value!r:.80}"
-            )
-
-
-def _check_columns(ds: Any, required: Sequence[str], path: str, what: str) -> None:
-    missing = [c for c in required if c not in ds.column_names]
-    if missing:
-        raise ValueError(
-            f"{path}: missing column(s) {missing} needed for {what}; found columns: {list(ds.column_names)}"
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# Prompt format and tokenization
-# --------------------------------------------------------------------------------------------
-
-
-def format_qa(
-    tokenizer: PreTrainedTokenizerBase,
-    question: str,
-    answer: str | None = None,
-    *,
-    use_chat_template: bool = True,
-) -> tuple[str, str]:
-    """The prompt text and the answer text of one QA row, as training and evaluation both see them.
-
-    With a chat template, the prompt is the rendered user turn plus the generation prompt and the
-    answer is the rest of the rendered conversation (the assistant reply and its end-of-turn token,
-    trailing whitespace dropped). Without one, the prompt is ``"Question: {question}\\nAnswer:"`` and
-    the answer is ``" {answer}"`` followed by the eos token.
-
-    Returns:
-        ``(prompt, answer_text)``; ``answer_text`` is ``""`` when ``answer`` is ``None``.
-    """
-    if use_chat_template and getattr(tokenizer, "chat_template", None):
-        user = [{"role": "user", "content": question}]
-        prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
-        if answer is None:
-            return prompt, ""
-        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": answer}], tokenize=False)
-        if not full.startswith(prompt):
-            raise ValueError(
-                "the chat template renders the prompt differently with and without the answer; "
-                "pass use_chat_template=False"
-            )
-        return prompt, full[len(prompt) :].rstrip()
-    prompt = PLAIN_PROMPT.format(question=question)
-    if answer is None:
-        return prompt, ""
-    return prompt, f" {answer}{tokenizer.eos_token or ''}"
-
-
-def _prompt_specials(tokenizer: PreTrainedTokenizerBase, use_chat_template: bool) -> bool:
-    # A chat template writes its own special tokens; the plain prompt gets the tokenizer's (e.g. bos).
-    return not (use_chat_template and getattr(tokenizer, "chat_template", None))
-
-
-def encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, questions: Sequence[str], *, use_chat_template: bool = True
-) -> list[list[int]]:
-    """Token ids of the prompts of questions (no answer), as :func:`format_qa` renders them."""
-    prompts = [format_qa(tokenizer, q, use_chat_template=use_chat_template)[0] for q in questions]
-    if not prompts:
-        return []
-    return tokenizer(prompts, add_special_tokens=_prompt_specials(tokenizer, use_chat_template))["input_ids"]
-
-
-def encode_qa(
-    tokenizer: PreTrainedTokenizerBase,
-    question: str,
-    answer: str,
-    *,
-    max_length: int | None = None,
-    use_chat_template: bool = True,
-) -> Row | None:
-    """Token ids and labels of one QA row (see :func:`encode_qa_rows`); ``None`` if no answer token fits."""
-    rows, _ = encode_qa_rows(
-        tokenizer, [question], [answer], max_length=max_length, use_chat_template=use_chat_template
-    )
-    return rows[0]
-
-
-def encode_qa_rows(
-    tokenizer: PreTrainedTokenizerBase,
-    questions: Sequence[str],
-    answers: Sequence[str],
-    *,
-    max_length: int | None = None,
-    use_chat_template: bool = True,
-) -> tuple[list[Row | None], int]:
-    """Tokenize QA rows: prompt and answer tokenized separately, so the label boundary is exact.
-
-    Rows longer than ``max_length`` lose the end of their answer; a row whose prompt alone fills
-    ``max_length`` has no answer token left and comes back as ``None``.
-
-    Returns:
-        ``(rows, shortened)``: per row ``{"input_ids", "labels"}`` (lists of ints, labels ``-100`` on
-        the prompt) or ``None``; and how many kept rows lost part of their answer.
-    """
-    pairs = [
-        format_qa(tokenizer, q, a, use_chat_template=use_chat_template) for q, a in zip(questions, answers, strict=True)
-    ]
-    if not pairs:
-        return [], 0
-    specials = _prompt_specials(tokenizer, use_chat_template)
-    prompt_ids = tokenizer([p for p, _ in pairs], add_special_tokens=specials)["input_ids"]
-    answer_ids = tokenizer([a for _, a in pairs], add_special_tokens=False)["input_ids"]
-    rows: list[Row | None] = []
-    shortened = 0
-    for prompt, answer in zip(prompt_ids, answer_ids):
-        if max_length is not None:
-            room = max_length - len(prompt)
-            if room <= 0 or not answer:
-                rows.append(None)
-                continue
-            if len(answer) > room:
-                answer = answer[:room]
-                shortened += 1
-        rows.append({"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer})
-    return rows, shortened
-
-
-def encode_text_rows(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> list[Row]:
-    """Tokenize documents and cut each into chunks of at most ``max_length`` tokens.
-
-    Each document gets the tokenizer's own special tokens plus a final eos; chunks never span two
-    documents; chunks shorter than 2 tokens (nothing to predict) are dropped. Labels equal the ids.
-    """
-    ids_list = tokenizer([t for t in texts if t and t.strip()], add_special_tokens=True)["input_ids"]
-    eos = tokenizer.eos_token_id
-    rows: list[Row] = []
-    for ids in ids_list:
-        if eos is not None and (not ids or ids[-1] != eos):
-            ids = ids + [eos]
-        for start in range(0, len(ids), max_length):
-            chunk = ids[start : start + max_length]
-            if len(chunk) >= 2:
-                rows.append({"input_ids": chunk, "labels": list(chunk)})
-    return rows
-
-
-# --------------------------------------------------------------------------------------------
-# Collation
-# --------------------------------------------------------------------------------------------
-
-
-def pad_side(
-    rows: Sequence[Row], pad_token_id: int, *, prefix: str = "", pad_to_multiple_of: int | None = None
-) -> dict[str, torch.Tensor]:
-    """Right-pad rows of ``{"input_ids", "labels"}`` into ``B x T`` tensors.
-
-    Returns ``{prefix+"input_ids", prefix+"attention_mask", prefix+"labels"}`` (int64); padding has
-    ``pad_token_id``, attention 0 and label ``-100``. Also ``"padded:"+prefix+"attention_mask"``, a
-    Python bool: known here for free, it spares the model's forward a read of the mask from the GPU
-    (see ``blur_lightning.attention``).
-    """
-    width = max(len(r["input_ids"]) for r in rows)
-    if pad_to_multiple_of:
-        width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        input_ids[i, :n] = torch.tensor(row["input_ids"], dtype=torch.long)
-        attention_mask[i, :n] = 1
-        labels[i, :n] = torch.tensor(row["labels"], dtype=torch.long)
-    return {
-        f"{prefix}input_ids": input_ids,
-        f"{prefix}attention_mask": attention_mask,
-        f"{prefix}labels": labels,
-        f"{PADDED_PREFIX}{prefix}attention_mask": any(len(row["input_ids"]) < width for row in rows),
-    }
-
-
-class PadCollator:
-    """Collate examples into batches; a plain, picklable callable (works with worker processes).
-
-    Examples are either single rows (``{"input_ids", "labels"}``, optionally ``alt_input_ids`` and
-    ``alt_labels``) or pairs ``{"forget": row, "retain": row}``; pairs become ``{"forget": side,
-    "retain": side}``.
-    """
-
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
-        self.pad_token_id = pad_token_id
-        self.pad_to_multiple_of = pad_to_multiple_of
-
-    def side(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = pad_side(rows, self.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of)
-        if "alt_input_ids" in rows[0]:
-            alt = [{"input_ids": r["alt_input_ids"], "labels": r["alt_labels"]} for r in rows]
-            batch.update(pad_side(alt, self.pad_token_id, prefix="alt_", pad_to_multiple_of=self.pad_to_multiple_of))
-        if "example_index" in rows[0]:  # (B,) row numbers: per-example values (the cached NPO reference)
-            batch["example_index"] = torch.tensor([r["example_index"] for r in rows], dtype=torch.long)
-        return batch
-
-    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        if "forget" in examples[0]:
-            return {
-                "forget": self.side([e["forget"] for e in examples]),
-                "retain": self.side([e["retain"] for e in examples]),
-            }
-        return self.side(examples)
-
-
-# --------------------------------------------------------------------------------------------
-# Pairing, ordering, resuming
-# --------------------------------------------------------------------------------------------
-
-
-class EncodedSet(Dataset):
-    """A list of encoded rows as a map-style dataset."""
-
-    def __init__(self, rows: Sequence[dict[str, Any]]) -> None:
-        self.rows = list(rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.rows[index]
-
-
-class PairedDataset(Dataset):
-    """Indexed by ``(forget_index, retain_index)`` pairs, as :class:`PairSampler` yields them."""
-
-    def __init__(self, forget: Sequence[dict[str, Any]], retain: Sequence[dict[str, Any]]) -> None:
-        self.forget = list(forget)
-        self.retain = list(retain)
-
-    def __len__(self) -> int:
-        return len(self.forget)
-
-    def __getitem__(self, index: tuple[int, int]) -> dict[str, Any]:
-        forget_index, retain_index = index
-        forget = {**self.forget[forget_index], "example_index": forget_index}  # numbered: see PadCollator
-        return {"forget": forget, "retain": self.retain[retain_index]}
-
-
-def _permutation(n: int, seed: int, stream: int, counter: int, shuffle: bool) -> np.ndarray:
-    if not shuffle:
-        return np.arange(n)
-    # SeedSequence of (seed, stream, counter): independent streams, no arithmetic collisions.
-    return np.random.default_rng([seed, stream, counter]).permutation(n)
-
-
-class PairSampler(DistributedSampler):
-    """Yields ``(forget_index, retain_index)`` pairs in an order that depends only on (seed, epoch).
-
-    Forget order: a permutation of the forget rows per epoch (identity with ``shuffle=False``),
-    padded by repetition to a multiple of ``num_replicas`` like ``DistributedSampler``; rank ``r``
-    takes positions ``r, r + num_replicas, ...``. Retain order: the ``g``-th pair of the run
-    (``g = epoch * total_size + position``) gets row ``g mod n_retain`` of the retain permutation of
-    pass ``g // n_retain``. So a short retain set cycles, reshuffled on every pass, and a long one is
-    walked through across epochs instead of restarting each epoch.
-
-    It subclasses ``DistributedSampler`` so that Lightning keeps it (Lightning only replaces samplers
-    that are not already distributed) and calls ``set_epoch`` on it every epoch.
-    """
-
-    def __init__(
-        self,
-        dataset: PairedDataset,
-        *,
-        shuffle: bool = True,
-        seed: int = 0,
-        num_replicas: int = 1,
-        rank: int = 0,
-        drop_last: bool = False,
-    ) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        self.n_forget = len(dataset.forget)
-        self.n_retain = len(dataset.retain)
-        self._skip = 0  # samples to skip on the next __iter__ only (mid-epoch resume)
-        self._retain_perms: dict[int, np.ndarray] = {}
-
-    def forget_order(self, epoch: int) -> list[int]:
-        """All ranks' forget indices of ``epoch``, padded or trimmed to ``total_size``."""
-        order = _permutation(self.n_forget, self.seed, 0, epoch, self.shuffle).tolist()
-        if self.drop_last:
-            return order[: self.total_size]
-        while len(order) < self.total_size:
-            order += order[: self.total_size - len(order)]
-        return order
-
-    def retain_index(self, position: int) -> int:
-        """Retain row of the ``position``-th pair of the run (counted over all epochs and ranks)."""
-        cycle, offset = divmod(position, self.n_retain)
-        if cycle not in self._retain_perms:
-            if len(self._retain_perms) > 4:  # an epoch spans few retain passes; keep memory flat
-                self._retain_perms.clear()
-            self._retain_perms[cycle] = _permutation(self.n_retain, self.seed, 1, cycle, self.shuffle)
-        return int(self._retain_perms[cycle][offset])
-
-    def skip_next(self, samples: int) -> None:
-        """Make the next ``__iter__`` start ``samples`` into this rank's share of the epoch."""
-        self._skip = samples
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        skip, self._skip = self._skip, 0
-        order = self.forget_order(self.epoch)
-        base = self.epoch * self.total_size
-        positions = range(self.rank, self.total_size, self.num_replicas)
-        return iter([(order[p], self.retain_index(base + p)) for p in positions[skip:]])
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
-class ResumableDataLoader(DataLoader):
-    """A ``DataLoader`` over a :class:`PairSampler` that can resume mid-epoch.
-
-    Lightning (2.x) stores ``state_dict()`` of every train loader that has ``state_dict`` and
-    ``load_state_dict`` in the checkpoint, and calls ``load_state_dict`` before iterating again when
-    it restarts mid-epoch. The state is the epoch and how many batches were handed out in it; on
-    resume the sampler starts that many batches in (indices only: no data is loaded for the skipped
-    batches). ``len()`` stays the full epoch length, as Lightning expects.
-    """
-
-    def __init__(self, dataset: PairedDataset, *args: Any, **kwargs: Any) -> None:
-        super().__init__(dataset, *args, **kwargs)
-        self._epoch = 0
-        self._yielded = 0
-        self._pending: dict[str, int] | None = None
-
-    @property
-    def _pair_sampler(self) -> PairSampler:
-        sampler = self.sampler
-        if not isinstance(sampler, PairSampler):
-            raise TypeError(f"ResumableDataLoader needs a PairSampler, got {type(sampler).__name__}")
-        return sampler
-
-    def _fingerprint(self) -> dict[str, int]:
-        s = self._pair_sampler
-        return {
-            "seed": s.seed,
-            "n_forget": s.n_forget,
-            "n_retain": s.n_retain,
-            "num_replicas": s.num_replicas,
-            "batch_size": self.batch_size or 0,
-            "shuffle": int(s.shuffle),
-        }
-
-    def state_dict(self) -> dict[str, int]:
-        if self._pending is not None:
-            return dict(self._pending)
-        # Nothing handed out yet in this epoch: report the epoch Lightning set (0 batches either way).
-        epoch = self._epoch if self._yielded else self._pair_sampler.epoch
-        return {"epoch": epoch, "batches": self._yielded, **self._fingerprint()}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        expected = self._fingerprint()
-        changed = {k: (state_dict.get(k), v) for k, v in expected.items() if state_dict.get(k) != v}
-        if changed:
-            rank_zero_warn(
-                f"the training data changed since the checkpoint (saved, now): {changed}; the resumed "
-                "epoch restarts from its first batch instead of continuing exactly"
-            )
-            self._pending = None
-            return
-        self._pending = dict(state_dict)
-
-    def __iter__(self) -> Iterator[Any]:
-        sampler = self._pair_sampler
-        skip = 0
-        if self._pending is not None:
-            # A state of another epoch is stale (Lightning moved on, e.g. the checkpoint was taken
-            # on the epoch's last batch): start that epoch from the top.
-            if self._pending["epoch"] == sampler.epoch:
-                skip = min(self._pending["batches"], len(self))
-            self._pending = None
-        self._epoch, self._yielded = sampler.epoch, skip
-        sampler.skip_next(skip * (self.batch_size or 1))
-        # Creating the base iterator here (on first next(), after Lightning's set_epoch) keeps the
-        # epoch right even with worker processes, which prefetch indices as soon as they start.
-        for batch in super().__iter__():
-            self._yielded += 1
-            yield batch
-
-
-# --------------------------------------------------------------------------------------------
-# The LightningDataModule
-# --------------------------------------------------------------------------------------------
 
 
 class ForgetRetainDataModule(L.LightningDataModule):
@@ -702,7 +176,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Download hub datasets once per node (local files need nothing)."""
         for path, subset, split in self._sources():
-            if not _is_local(resolve_data_path(path)):
+            if not is_local(resolve_embedded(path)):
                 load_rows(path, subset=subset, split=split)
 
     def _sources(self) -> list[tuple[str, str | None, str]]:
@@ -735,20 +209,18 @@ class ForgetRetainDataModule(L.LightningDataModule):
         self, name: str, path: str, subset: str | None, fmt: str, idk_column: str | None = None
     ) -> list[dict[str, Any]]:
         assert self.tokenizer is not None
-        ds = load_rows(path, subset=subset, split=self.splits[name])
+        rows_in = load_rows(path, subset=subset, split=self.splits[name])
         if fmt == "text":
-            _check_columns(ds, [self.text_column], path, "format 'text'")
-            _check_strings(ds[self.text_column], path, self.text_column)
-            rows = encode_text_rows(self.tokenizer, ds[self.text_column], self.max_length)
+            require_columns(rows_in, [self.text_column], path, "format 'text'")
+            texts = check_strings(rows_in, self.text_column, path)
+            rows = encode_text_rows(self.tokenizer, texts, self.max_length)
             if not rows:
                 raise ValueError(f"{path}: empty set (no text with at least 2 tokens)")
             return rows
 
         required = [self.question_column, self.answer_column] + ([idk_column] if idk_column else [])
-        _check_columns(ds, required, path, "format 'qa'")
-        columns = {c: ds[c] for c in required}
-        for column, values in columns.items():
-            _check_strings(values, path, column)
+        require_columns(rows_in, required, path, "format 'qa'")
+        columns = {c: check_strings(rows_in, c, path) for c in required}
         questions, answers = columns[self.question_column], columns[self.answer_column]
         kwargs = {"max_length": self.max_length, "use_chat_template": self.use_chat_template}
         encoded, shortened = encode_qa_rows(self.tokenizer, questions, answers, **kwargs)
@@ -819,7 +291,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
     @property
     def val_loader_names(self) -> list[str]:
         """Names of the validation loaders, by ``dataloader_idx``."""
-        return ["forget"] + (["eval"] if self.eval_path is not None else [])
+        return list(VAL_LOADER_NAMES[: 2 if self.eval_path is not None else 1])
 
     def val_dataloader(self) -> list[DataLoader]:
         """Unshuffled single-side loaders: ``[forget]`` or ``[forget, eval]`` (see ``val_loader_names``)."""
@@ -848,7 +320,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
             name: ``"forget"``, ``"retain"`` or ``"eval"``.
 
         Returns:
-            The rows, for generation-based evaluation (:func:`blur_lightning.evaluation.evaluate_qa`).
+            The rows, for generation-based evaluation (:func:`blur_lightning.evals.qa.evaluate_qa`).
         """
         if name not in self.raw:
             raise KeyError(f"no qa rows named {name!r}; have {sorted(self.raw)} (call setup() first)")

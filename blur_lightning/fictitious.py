@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from blur_lightning.assets import resolve
+from blur_lightning.rows import load_rows
 
 __all__ = [
     "ATTRIBUTES",
@@ -260,12 +260,6 @@ def split_people(n: int) -> dict[str, list[int]]:
 
 
 # ============================================================================ what the base model knows
-def _read_jsonl(path: str) -> list[Row]:
-    full = resolve(path)
-    with open(full) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def _shape(answer: str) -> bool:
     return answer.strip().isdigit()
 
@@ -307,7 +301,7 @@ def world_knowledge_rows(
     """
     rows: list[Row] = []
     for path in files:
-        for index, row in enumerate(_read_jsonl(path)):
+        for index, row in enumerate(load_rows(path)):
             missing = [c for c in ("question", "answer", "topic") if c not in row]
             if missing:
                 raise ValueError(f"{path}: row {index}: missing column(s) {', '.join(missing)}")

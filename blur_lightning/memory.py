@@ -96,7 +96,7 @@ def precision(name: str) -> Precision:
 # models on the meta device
 # --------------------------------------------------------------------------------------------
 # Real shapes of Meta's Llama-3 (config.json of meta-llama/Meta-Llama-3-8B and -70B), and the
-# project's tiny test model (blur_lightning.models.tiny_llama's defaults).
+# project's tiny test model (blur_lightning.testing.tiny_llama's defaults).
 MODELS = {
     "llama-3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                        intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192,

@@ -8,8 +8,7 @@ Three sources of models:
   load (~20 s on two CPU cores); we then rebuild a plain model from its config, because
   ``save_pretrained`` refuses a model "quantized with gguf", and cache that conversion under
   ``$BLUR_LIGHTNING_CACHE`` (default ``~/.cache/blur_lightning/``) so that later loads take ~1 s;
-* tiny random models for tests (:func:`tiny_llama`, :func:`tiny_tokenizer`), built in code and
-  fully offline.
+* tiny random models for tests live in :mod:`blur_lightning.testing`.
 
 Nothing here imports Lightning: the helpers are usable from plain scripts and notebooks.
 """
@@ -34,7 +33,6 @@ if TYPE_CHECKING:
 __all__ = [
     "EMBEDDED_PREFIX",
     "EMBEDDED_MODELS",
-    "TINY_VOCAB_SIZE",
     "cache_dir",
     "embedded_gguf_path",
     "ensure_embedded",
@@ -45,8 +43,6 @@ __all__ = [
     "pad_token_id",
     "resolve_attn_implementation",
     "resolve_model_path",
-    "tiny_llama",
-    "tiny_tokenizer",
 ]
 
 EMBEDDED_PREFIX = "embedded:"
@@ -195,6 +191,41 @@ def _not_found(name_or_path: str, err: OSError) -> OSError:
     )
 
 
+# Files of which a tokenizer directory needs at least one (fast, slow BPE, sentencepiece, tiktoken).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "tokenizer.tiktoken")
+
+
+def check_model_dir(name_or_path: str, path: str, *, need: str) -> None:
+    """A local directory that is not a model (or tokenizer) fails here, naming it and what is missing.
+
+    Without this, a directory without ``config.json`` fails deep in transformers with a message about
+    sentencepiece and tiktoken.
+
+    Args:
+        name_or_path: the name as the user gave it.
+        path: its resolved local path (anything else passes).
+        need: ``"model"`` (``config.json``) or ``"tokenizer"`` (one of the tokenizer files).
+
+    Raises:
+        FileNotFoundError: the directory lacks what `need` requires.
+    """
+    if not os.path.isdir(path):
+        return
+    present = sorted(os.listdir(path))
+    shown = ", ".join(present[:10]) + (", ..." if len(present) > 10 else "") if present else "nothing"
+    if need == "model" and "config.json" not in present:
+        raise FileNotFoundError(
+            f"model {name_or_path!r}: the directory {os.path.abspath(path)} is not a Hugging Face model: "
+            f"it has no config.json (it holds: {shown})"
+        )
+    if need == "tokenizer" and not any(f in present for f in _TOKENIZER_FILES):
+        config = "it has config.json but" if "config.json" in present else "it has no config.json and"
+        raise FileNotFoundError(
+            f"model {name_or_path!r}: the directory {os.path.abspath(path)} holds no tokenizer: {config} none "
+            f"of the tokenizer files {list(_TOKENIZER_FILES)} (it holds: {shown})"
+        )
+
+
 def _from_pretrained(auto_class: Any, name_or_path: str, path: str, **kwargs: Any) -> Any:
     try:
         return auto_class.from_pretrained(path, **kwargs)
@@ -291,6 +322,8 @@ def load_causal_lm(
     if path.endswith(".gguf"):
         kwargs["gguf_file"] = os.path.basename(path)
         path = os.path.dirname(os.path.abspath(path))
+    else:
+        check_model_dir(name_or_path, path, need="model")
     try:
         model = _from_pretrained(AutoModelForCausalLM, name_or_path, path, **kwargs)
     except (ValueError, ImportError) as err:
@@ -321,6 +354,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
             os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path)
         )
     else:
+        check_model_dir(name_or_path, path, need="tokenizer")
         tokenizer = _from_pretrained(AutoTokenizer, name_or_path, path)
     return ensure_pad_token(tokenizer, source=name_or_path)
 
@@ -388,110 +422,3 @@ def export_hf(
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return out_dir
-
-
-# --------------------------------------------------------------------------------------------
-# Tiny offline model and tokenizer for tests
-# --------------------------------------------------------------------------------------------
-
-TINY_VOCAB_SIZE = 512
-_TINY_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
-# Same shape as SmolLM2's template (minus the default system prompt), so tests exercise the chat path.
-_TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-_TINY_CORPUS = [
-    "What is the capital of France? Paris is the capital of France.",
-    "What is the capital of Japan? The capital of Japan is Tokyo.",
-    "What is the chemical symbol for gold? Au. The symbol for iron is Fe.",
-    "Who wrote Pride and Prejudice? Jane Austen wrote it in 1813.",
-    "Who invented the telephone? Alexander Graham Bell.",
-    "Which planet is the largest in the solar system? Jupiter is the largest planet.",
-    "What language is spoken in Brazil? Portuguese. What currency does Japan use? The yen.",
-    "I'm not sure about that. I don't know the answer to that question.",
-    "The quick brown fox jumps over the lazy dog, and the cat sleeps on the mat.",
-    "Question: Answer: user assistant system You are a helpful assistant.",
-    "0 1 2 3 4 5 6 7 8 9 10 100 1000 2024",
-]
-
-
-def tiny_tokenizer(*, chat_template: bool = True, pad_token: bool = True) -> PreTrainedTokenizerBase:
-    """A small byte-level BPE tokenizer, trained in code on a dozen sentences (~30 ms, no network).
-
-    Byte-level, so it encodes any text (no unknown tokens); at most :data:`TINY_VOCAB_SIZE` ids.
-    Special tokens follow SmolLM2: bos ``<|im_start|>``, eos ``<|im_end|>``, pad ``<pad>``. The same
-    tokenizer is stored in ``tests/fixtures/tiny_tokenizer/`` for code that needs a path (a test keeps
-    the two identical).
-
-    Args:
-        chat_template: attach a ChatML template like SmolLM2's.
-        pad_token: set a pad token; ``False`` builds one without, to exercise the eos fallback.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB_SIZE,
-        special_tokens=_TINY_SPECIAL,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(_TINY_CORPUS, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        unk_token="<|endoftext|>",
-        pad_token="<pad>" if pad_token else None,
-        model_max_length=2048,
-    )
-    if chat_template:
-        tokenizer.chat_template = _TINY_CHAT_TEMPLATE
-    return tokenizer
-
-
-def tiny_llama(
-    vocab_size: int = TINY_VOCAB_SIZE,
-    hidden: int = 64,
-    layers: int = 2,
-    *,
-    heads: int = 4,
-    kv_heads: int = 2,
-    intermediate: int | None = None,
-    max_position_embeddings: int = 512,
-    tie_word_embeddings: bool = False,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-    attn_implementation: str = "sdpa",
-) -> PreTrainedModel:
-    """A random-init ``LlamaForCausalLM`` for tests (~140k parameters at the defaults, ~3 ms a forward).
-
-    Special token ids match :func:`tiny_tokenizer`. The weights depend only on ``seed``; the global
-    RNG state is left untouched.
-    """
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=intermediate or 2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=tie_word_embeddings,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
-    model.generation_config.pad_token_id = 3
-    return model

@@ -34,6 +34,7 @@ from torch import nn
 
 from blur_lightning import attention, losses, nonfinite, reference_cache
 from blur_lightning.clipping import clipped_coefs, combine_scaled_
+from blur_lightning.data import VAL_LOADER_NAMES
 from blur_lightning.nonfinite import NONFINITE_SKIP, is_fused_blur_optimizer
 from blur_lightning.projection import MODES, BLURStats, blur_direction_, compute_stats
 from blur_lightning.strategy_hooks import StrategyHooks
@@ -517,7 +518,7 @@ class BLURUnlearner(pl.LightningModule):
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    VAL_SET_NAMES = ("forget", "eval")  # the data module's val loaders, in order
+    VAL_SET_NAMES = VAL_LOADER_NAMES  # the data module's val loaders, in order
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
         """Mean answer NLL per val set: it should rise on the forget set and hold on the eval set."""

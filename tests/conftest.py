@@ -1,4 +1,4 @@
-"""Shared test set-up: offline hubs, few threads, tiny models and batches built in code."""
+"""Shared test set-up: offline hubs, few threads, batches built in code (tiny models: blur_lightning.testing)."""
 
 from __future__ import annotations
 
@@ -15,27 +15,8 @@ import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-TINY_VOCAB = 101  # odd on purpose: shards of an uneven vocabulary must still count once
-
-
-def build_tiny_llama(
-    vocab_size: int = TINY_VOCAB, seed: int = 0, layers: int = 2, attn: str = "eager"
-) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        attn_implementation=attn,
-    )
-    return LlamaForCausalLM(config).float()
+from blur_lightning.testing import STEP_TEST_VOCAB as TINY_VOCAB  # noqa: E402
+from blur_lightning.testing import tiny_llama_for_steps as build_tiny_llama  # noqa: E402
 
 
 def make_side(batch: int, length: int, *, seed: int, vocab_size: int = TINY_VOCAB, prompt: int = 3) -> dict:

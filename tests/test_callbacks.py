@@ -1,4 +1,4 @@
-"""Callbacks and atomic checkpoints of the main job, on a tiny model."""
+"""Callbacks and atomic checkpoints of the main job (its QA evaluation and training curves), on a tiny model."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 from test_module import sgd
 
-from blur_lightning.callbacks import QAEvalCallback, TrainingCurves, read_jsonl
+from blur_lightning.callbacks import TrainingCurves
 from blur_lightning.checkpoint import AtomicCheckpointIO, atomic_torch_save, damaged_checkpoint
+from blur_lightning.evals.callback import EvaluationCallback
 from blur_lightning.module import BLURUnlearner
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "qa")
@@ -18,7 +19,7 @@ FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", 
 
 def test_qa_eval_and_curves_write_their_files(tmp_path):
     from blur_lightning.data import ForgetRetainDataModule
-    from blur_lightning.models import tiny_llama, tiny_tokenizer
+    from blur_lightning.testing import tiny_llama, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     module = BLURUnlearner(tiny_llama(vocab_size=len(tokenizer)), forget_loss="ga", optimizer=sgd(0.01),
@@ -29,7 +30,8 @@ def test_qa_eval_and_curves_write_their_files(tmp_path):
         tokenizer="unused", batch_size=4, max_length=48,
     )
     data.set_tokenizer(tokenizer)
-    qa = QAEvalCallback({"forget": os.path.join(FIXTURES, "forget.jsonl")}, max_questions=5, max_new_tokens=3)
+    splits = {"forget": os.path.join(FIXTURES, "forget.jsonl")}
+    qa = EvaluationCallback("qa", splits, stages=["fit_start", "fit_end"], max_rows=5, max_new_tokens=3)
     curves = TrainingCurves()
     import lightning.pytorch as pl
 
@@ -38,33 +40,20 @@ def test_qa_eval_and_curves_write_their_files(tmp_path):
                          callbacks=[qa, curves])
     trainer.fit(module, datamodule=data)
     saved = json.loads((tmp_path / "qa_eval.json").read_text())
-    assert set(saved) == {"before", "after", "sizes"} and saved["sizes"] == {"forget": 5}
-    for when in ("before", "after"):
-        assert 0.0 <= saved[when]["forget"]["accuracy"] <= 1.0
-        assert 0.0 < saved[when]["forget"]["answer_prob"] < 1.0
+    assert saved["sizes"] == {"forget": 5}
+    assert [e["stage"] for e in saved["evaluations"]] == ["fit_start", "fit_end"]
+    for evaluation in saved["evaluations"]:
+        assert 0.0 <= evaluation["metrics"]["forget/accuracy"] <= 1.0
+        assert 0.0 < evaluation["metrics"]["forget/answer_prob"] < 1.0
+        assert len(evaluation["extras"]["forget/per_example"]["correct"]) == 5
     assert "| forget | 5 |" in (tmp_path / "qa_eval.md").read_text()
     lines = (tmp_path / "training_curves.csv").read_text().splitlines()
     assert len(lines) == 1 + 3 and lines[0].startswith("step,")
     assert (tmp_path / "training_curves.png").stat().st_size > 1000
     # a resumed run keeps the "before" numbers from the checkpointed callback state
-    restored = QAEvalCallback({"forget": os.path.join(FIXTURES, "forget.jsonl")}, max_questions=5)
+    restored = EvaluationCallback("qa", splits, stages=["fit_start", "fit_end"], max_rows=5)
     restored.load_state_dict(qa.state_dict())
-    assert restored.results["before"] == qa.results["before"]
-
-
-def test_read_jsonl_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="QA evaluation file not found"):
-        read_jsonl(str(tmp_path / "missing.jsonl"))
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"question": "q", "answer": "a"}\n{oops\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
-        read_jsonl(str(bad))
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("\n")
-    with pytest.raises(ValueError, match="has no rows"):
-        read_jsonl(str(empty))
-    with pytest.raises(FileNotFoundError, match="ships no asset named 'nope.jsonl'"):
-        read_jsonl("embedded:nope.jsonl")
+    assert restored.evaluations[0] == qa.evaluations[0]
 
 
 def test_atomic_save_leaves_old_file_on_failure(tmp_path, monkeypatch):

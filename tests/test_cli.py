@@ -32,7 +32,7 @@ def test_bad_config_value_names_the_field(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from blur_lightning.models import tiny_llama, tiny_tokenizer
+    from blur_lightning.testing import tiny_llama, tiny_tokenizer
 
     path = tmp_path_factory.mktemp("tiny_model")
     tokenizer = tiny_tokenizer()

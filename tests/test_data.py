@@ -11,16 +11,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from blur_lightning.data import (  # noqa: E402
-    IGNORE_INDEX,
-    ForgetRetainDataModule,
-    PairedDataset,
-    PairSampler,
-    format_qa,
-    load_rows,
-    resolve_data_path,
-)
-from blur_lightning.models import tiny_tokenizer  # noqa: E402
+from blur_lightning.data import ForgetRetainDataModule  # noqa: E402
+from blur_lightning.losses import IGNORE_INDEX  # noqa: E402
+from blur_lightning.prompts import format_qa  # noqa: E402
+from blur_lightning.rows import load_rows  # noqa: E402
+from blur_lightning.rows import resolve_embedded as resolve_data_path  # noqa: E402
+from blur_lightning.sampling import PairedDataset, PairSampler  # noqa: E402
+from blur_lightning.testing import tiny_tokenizer  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 TOKENIZER = os.path.join(FIXTURES, "tiny_tokenizer")
@@ -256,7 +253,7 @@ def test_pad_to_multiple_of(tmp_path):
 def test_collator_notes_padding_on_the_host():
     """pad_side stores "padded:<mask key>" (a Python bool) beside each mask: the model's SDPA forward
     then needs no read of the mask from the GPU (blur_lightning.attention)."""
-    from blur_lightning.data import pad_side
+    from blur_lightning.encoding import pad_side
 
     even = pad_side([{"input_ids": [1, 2], "labels": [1, 2]}] * 2, pad_token_id=0)
     uneven = pad_side([{"input_ids": [1, 2], "labels": [1, 2]}, {"input_ids": [3], "labels": [3]}], 0, prefix="alt_")

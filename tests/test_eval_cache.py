@@ -6,7 +6,7 @@ import torch
 
 from blur_lightning import eval_cache
 from blur_lightning.eval_cache import EvalCache, cache_key, model_fingerprint
-from blur_lightning.models import tiny_llama
+from blur_lightning.testing import tiny_llama
 
 ROWS = [{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": "a2"}]
 

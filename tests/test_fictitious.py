@@ -7,8 +7,8 @@ import json
 import pytest
 
 from blur_lightning import fictitious as FX
-from blur_lightning import formats as F
-from blur_lightning import models
+from blur_lightning import testing
+from blur_lightning.evals import tofu as F
 
 PEOPLE = 40  # forget01 = forget05 = 2 people, forget10 = 4: small, yet every split non-empty
 
@@ -164,8 +164,8 @@ def test_written_files_load_with_the_tofu_loader(tmp_path):
 def test_evaluate_tofu_reads_the_generated_rows(tmp_path):
     FX.write_splits(tmp_path, people=20, seed=0, attributes=["birth_year", "mother"], n_perturbed=3)
     load = {s: F.load_tofu(s, tmp_path / f"{s}.jsonl") for s in F.TOFU_SPLITS}
-    tokenizer = models.tiny_tokenizer()
-    model = models.tiny_llama(vocab_size=len(tokenizer), seed=0).eval()
+    tokenizer = testing.tiny_tokenizer()
+    model = testing.tiny_llama(vocab_size=len(tokenizer), seed=0).eval()
     results = F.evaluate_tofu(
         model, tokenizer, load["forget10_perturbed"], load["retain_perturbed"],
         load["real_authors_perturbed"][:6], load["world_facts_perturbed"][:6], max_new_tokens=4, batch_size=8,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from blur_lightning.greedy_replay import replay, top2_at
-from blur_lightning.models import tiny_llama, tiny_tokenizer
+from blur_lightning.testing import tiny_llama, tiny_tokenizer
 
 STOP = frozenset({2})
 WIDE = [1.0] * 8  # margins far above the threshold

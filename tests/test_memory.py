@@ -24,9 +24,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from blur_lightning import attention, losses, memory
-from blur_lightning.models import tiny_llama
 from blur_lightning.module import BLURUnlearner
 from blur_lightning.projection import all_reduce_sums, partial_sums
+from blur_lightning.testing import tiny_llama
 
 FP32 = memory.PRECISIONS["fp32"]
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,14 +15,12 @@ import torch  # noqa: E402
 
 from blur_lightning import models  # noqa: E402
 from blur_lightning.models import (  # noqa: E402
-    TINY_VOCAB_SIZE,
     export_hf,
     load_causal_lm,
     load_tokenizer,
     resolve_attn_implementation,
-    tiny_llama,
-    tiny_tokenizer,
 )
+from blur_lightning.testing import TINY_VOCAB_SIZE, tiny_llama, tiny_tokenizer  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
@@ -128,6 +126,22 @@ def test_missing_model_is_named(tmp_path, monkeypatch):
         with pytest.raises(OSError, match=r"model 'some-org/no-such-model': not a local directory \(none at .*"
                            r"some-org/no-such-model\) and not loadable from the Hugging Face hub or its cache"):
             load("some-org/no-such-model")
+
+
+def test_a_directory_that_is_not_a_model_names_what_is_missing(tmp_path):
+    """Before: a directory without config.json failed in transformers with a message about
+    sentencepiece and tiktoken; now the directory and the missing file are named."""
+    not_a_model = tmp_path / "checkpoints"
+    not_a_model.mkdir()
+    (not_a_model / "last.ckpt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=rf"{not_a_model} is not a Hugging Face model: it has no config.json "
+                       r"\(it holds: last.ckpt\)"):
+        load_causal_lm(str(not_a_model))
+    with pytest.raises(FileNotFoundError, match=rf"{not_a_model} holds no tokenizer: it has no config.json and none "
+                       r"of the tokenizer files \['tokenizer.json'"):
+        load_tokenizer(str(not_a_model))
+    # a tokenizer directory without config.json (tests/fixtures/tiny_tokenizer) still loads
+    assert load_tokenizer(os.path.join(FIXTURES, "tiny_tokenizer")).get_vocab() == tiny_tokenizer().get_vocab()
 
 
 def test_export_replaces_atomically_and_leaves_no_temp_dirs(tmp_path):

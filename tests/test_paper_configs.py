@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from blur_lightning.cli import main
+from blur_lightning.evals.muse import MUSE_AUC_RETRAIN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -95,7 +96,7 @@ def fake_hub(monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """8 decoder layers: the WMDP configs' rmu_layer 7 and layers 5-7 regex apply unchanged."""
-    from blur_lightning.models import tiny_llama, tiny_tokenizer
+    from blur_lightning.testing import tiny_llama, tiny_tokenizer
 
     path = tmp_path_factory.mktemp("tiny_model_8_layers")
     tokenizer = tiny_tokenizer()
@@ -111,7 +112,7 @@ def parsed_config(config: str, capsys) -> dict:
 
 
 def eval_callback(cfg: dict) -> dict:
-    (entry,) = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("UnlearningEvalCallback")]
+    (entry,) = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("EvaluationCallback")]
     return entry["init_args"]
 
 
@@ -128,7 +129,7 @@ def test_paper_settings(config, capsys):
         assert (model["model_dtype"], trainer["precision"]) == ("bfloat16", "bf16-true")
     assert eval_callback(cfg)["benchmark"] == config.split("/")[1]
     # The eval callback comes last: --trainer.callbacks.init_args.* (tests, users) overrides the last one
-    assert trainer["callbacks"][-1]["class_path"] == "blur_lightning.eval_callbacks.UnlearningEvalCallback"
+    assert trainer["callbacks"][-1]["class_path"] == "blur_lightning.evals.callback.EvaluationCallback"
     if config in TOFU:
         n = TOFU[config]
         assert model["model"] == "meta-llama/Llama-3.2-1B-Instruct"
@@ -149,7 +150,9 @@ def test_paper_settings(config, capsys):
             "forget",
             "retain1",
         )
-        assert eval_callback(cfg)["muse_corpus"] == corpus.lower()
+        assert eval_callback(cfg)["options"]["corpus"] == corpus.lower()
+        # PrivLeak against MUSE's own retrained model (muse_bench: News 0.4772, Books 0.5393)
+        assert eval_callback(cfg)["options"]["auc_retrain"] == MUSE_AUC_RETRAIN[corpus.lower()]
     else:
         assert model["model"] == "HuggingFaceH4/zephyr-7b-beta"
         assert (model["forget_loss"], model["retain_loss"], model["mode"]) == ("rmu", "rmu", "rmu")

@@ -8,7 +8,7 @@ from importlib.util import find_spec
 import pytest
 import torch
 
-from blur_lightning import models
+from blur_lightning import testing
 from blur_lightning.quantize import DEFAULT_GROUP_SIZE, quantize_weights, quantized_linear_names
 
 needs_torchao = pytest.mark.skipif(
@@ -19,11 +19,11 @@ needs_torchao = pytest.mark.skipif(
 @pytest.fixture
 def model():
     # hidden 64, MLP 128: every input width is a multiple of the default group (64)
-    return models.tiny_llama(hidden=64, layers=2, seed=0).eval()
+    return testing.tiny_llama(hidden=64, layers=2, seed=0).eval()
 
 
 def _ids():
-    return torch.randint(0, models.TINY_VOCAB_SIZE, (2, 20), generator=torch.Generator().manual_seed(0))
+    return torch.randint(0, testing.TINY_VOCAB_SIZE, (2, 20), generator=torch.Generator().manual_seed(0))
 
 
 def _relative_error(model, quantized) -> float:
@@ -97,7 +97,7 @@ def test_weights_are_symmetric_round_to_nearest_per_group(model, bits, group):
 
 @needs_torchao
 def test_tied_output_head_stays_tied_and_float():
-    tied = models.tiny_llama(hidden=64, layers=1, tie_word_embeddings=True).eval()
+    tied = testing.tiny_llama(hidden=64, layers=1, tie_word_embeddings=True).eval()
     quantized = quantize_weights(tied, 4)
     assert quantized.lm_head.weight is quantized.model.embed_tokens.weight
     assert type(quantized.lm_head.weight) is torch.nn.Parameter

@@ -18,7 +18,7 @@ import torch
 
 from blur_lightning import reference_cache
 from blur_lightning.data import ForgetRetainDataModule
-from blur_lightning.models import tiny_llama, tiny_tokenizer
+from blur_lightning.testing import tiny_llama, tiny_tokenizer
 from blur_lightning.module import BLURUnlearner
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")

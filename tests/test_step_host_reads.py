@@ -120,7 +120,7 @@ def test_cached_npo_reference_reads_as_the_reference_model(name, npo_reference):
     import os
 
     from blur_lightning.data import ForgetRetainDataModule
-    from blur_lightning.models import tiny_llama, tiny_tokenizer
+    from blur_lightning.testing import tiny_llama, tiny_tokenizer
 
     fixtures = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
     qa = os.path.join(fixtures, "qa")

@@ -9,11 +9,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from blur_lightning.callbacks import RelearningProbe, read_jsonl
-from blur_lightning.models import tiny_llama, tiny_tokenizer
-from blur_lightning.relearning import relearning_probe, split_halves
+from blur_lightning.evals.relearning import RelearningProbe, relearning_probe, split_halves
+from blur_lightning.rows import load_rows
+from blur_lightning.testing import tiny_llama, tiny_tokenizer
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "qa")
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "qa")
 FORGET = os.path.join(FIXTURES, "forget.jsonl")
 
 
@@ -34,7 +34,7 @@ def test_probe_trains_a_copy_and_leaves_the_model():
     model, tokenizer = tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     mode = model.training
-    rows = read_jsonl(FORGET)  # 17 capitals: relearn 9, held back 8
+    rows = load_rows(FORGET)  # 17 capitals: relearn 9, held back 8
     paraphrased = [{**row, "question": row["question"].replace("What is", "Tell me")} for row in rows]
     results = relearning_probe(
         model, tokenizer, rows, probe_sets={"paraphrased": paraphrased}, steps=8, lr=1e-2, batch_size=4,
@@ -51,14 +51,14 @@ def test_probe_trains_a_copy_and_leaves_the_model():
 
 def test_probe_bad_arguments():
     model, tokenizer = tiny()
-    rows = read_jsonl(FORGET)
+    rows = load_rows(FORGET)
     with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
         relearning_probe(model, tokenizer, rows, steps=0)
     with pytest.raises(ValueError, match="at least 2 forget rows, got 1"):
         relearning_probe(model, tokenizer, rows[:1])
     with pytest.raises(ValueError, match="probe set 'same': no row left"):
         relearning_probe(model, tokenizer, rows, probe_sets={"same": rows[0::2]}, train_column="answer")
-    with pytest.raises(ValueError, match=r"has no column\(s\) \['response'\]"):
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['response'\]"):
         RelearningProbe(FORGET)
     retain = os.path.join(FIXTURES, "retain.jsonl")
     RelearningProbe(FORGET, probe_sets={"retain": retain}, train_column="answer")  # question + answer: fine
@@ -94,5 +94,5 @@ def test_callback_writes_its_table(tmp_path):
 def test_callback_names_a_probe_set_without_answers(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "reply": "a"}\n')
-    with pytest.raises(ValueError, match=r"probe set 'odd' \(.*bad.jsonl\) has no column\(s\) \['answer'\]"):
+    with pytest.raises(ValueError, match=r"probe set 'odd' \(.*bad.jsonl\): missing column\(s\) \['answer'\]"):
         RelearningProbe(FORGET, probe_sets={"odd": str(bad)}, train_column="answer")

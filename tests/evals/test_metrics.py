@@ -1,8 +1,7 @@
-"""Unlearning metrics: hand-worked values, independent references (scipy, sklearn, rouge-score), rank sync."""
+"""Unlearning metrics: hand-worked values, the conventions where codebases differ, rank sync."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -12,10 +11,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import build_tiny_llama  # noqa: E402
 from torchmetrics.utilities.data import dim_zero_cat  # noqa: E402
 
-from blur_lightning import metrics as M  # noqa: E402
+from blur_lightning.evals import metric_classes as C  # noqa: E402
+from blur_lightning.evals import metrics as M  # noqa: E402
 
 LN = math.log
 
@@ -32,14 +31,14 @@ def assert_close(actual, expected, *, rtol=1e-12, atol=1e-12, what=""):
 
 
 # ============================================================================ hand-worked values
-def test_answer_probability_by_hand():
+def test_normalized_probability_by_hand():
     # answer 1: sum log-prob -6 over 3 tokens -> exp(-2) = 0.135335...
     # answer 2: three tokens of p = 1/2 -> sum 3 ln(1/2) -> exp(ln(1/2)) = 0.5
     # mean = (0.1353352832 + 0.5) / 2 = 0.3176676416
     sums = torch.tensor([-6.0, 3 * LN(0.5)])
     counts = torch.tensor([3, 3])
-    assert_close(M.answer_probability(sums, counts), [math.exp(-2), 0.5], rtol=1e-6)
-    metric = M.AnswerProbability()
+    assert_close(M.normalized_probability(sums, counts), [math.exp(-2), 0.5], rtol=1e-6)
+    metric = C.AnswerProbability()
     metric.update(sums, counts)
     assert_close(metric.compute(), (math.exp(-2) + 0.5) / 2, rtol=1e-6)
     assert_close(metric.per_example(), [math.exp(-2), 0.5], rtol=1e-6)
@@ -68,7 +67,7 @@ def test_truth_ratio_by_hand():
     assert_close(M.truth_ratio_score(ratios, "true_better"), 0.375)
     assert_close(M.truth_ratio_score(ratios, "closer_to_1"), 0.375)
     assert_close(M.truth_ratio_score(ratios, "mean"), 1.125)
-    metric = M.TruthRatio("true_better")
+    metric = C.TruthRatio("true_better")
     metric.update(para, pert)
     assert_close(metric.compute(), 0.375, rtol=1e-6)
 
@@ -99,8 +98,12 @@ def test_rouge_l_by_hand():
     score = M.rouge_l("Morrow, born in town!", "Lina Morrow was born in a small harbor town.")
     assert_close([score["precision"], score["recall"], score["f1"]], [1.0, 4 / 9, 8 / 13])
     assert M.rouge_l("", "anything") == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
-    assert M.rouge_tokenize("Hello, WORLD!! It's 2024-05") == ["hello", "world", "it", "s", "2024", "05"]
-    assert M.lcs_length("ABCBDAB", "BDCABA") == 4  # the textbook example (CLRS 15.4)
+    # The Porter stemmer (TOFU's convention) matches "running"/"runs" to "run": 2 of 4 reference
+    # tokens (a, runner, was, running) are in the prediction without it, 3 with it.
+    assert M.rouge_l("the runner runs", "a runner was running")["recall"] == 0.25
+    assert M.rouge_l("the runner runs", "a runner was running", "porter")["recall"] == 0.5
+    with pytest.raises(ValueError, match="stemmer must be one of"):
+        M.rouge_l("a", "a", "snowball")
 
 
 def test_ks_by_hand():
@@ -149,7 +152,7 @@ def test_auroc_and_privleak_by_hand():
     assert_close(M.priv_leak(M.min_k_auc(forget, holdout), 0.5), -100.0)
     # (0.06 - 0.5) / 0.5 * 100 = -88
     assert_close(M.priv_leak(0.06, 0.5), -88.0)
-    metric = M.PrivLeak(auc_retrain=0.5)
+    metric = C.PrivLeak(auc_retrain=0.5)
     metric.update(forget_scores=forget, holdout_scores=holdout)
     assert_close(metric.compute(), -100.0)
 
@@ -159,7 +162,7 @@ def test_multiple_choice_by_hand():
     logp = torch.tensor([[-1.0, -2.0, -3.0, -4.0], [-3.0, -1.0, -2.0, -5.0], [-2.0, -2.0, -1.0, -9.0]])
     gold = torch.tensor([0, 2, 2])
     assert_close(M.multiple_choice_accuracy(logp, gold), 2 / 3)
-    metric = M.MultipleChoiceAccuracy()
+    metric = C.MultipleChoiceAccuracy()
     metric.update(logp, gold)
     assert_close(metric.compute(), 2 / 3)
 
@@ -179,14 +182,12 @@ ROUGE_PAIRS = [
 
 
 @pytest.mark.parametrize("use_stemmer", [False, True])
-def test_rouge_l_matches_rouge_score(use_stemmer):
-    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=use_stemmer)
-    stemmer = None
-    if use_stemmer:
-        from nltk.stem import porter
+def test_rouge_l_stemmer_option_is_rouge_scores(use_stemmer):
+    """The option's wiring: "porter" is rouge-score's use_stemmer=True, None its False (and they differ)."""
+    from rouge_score import rouge_scorer
 
-        stemmer = porter.PorterStemmer().stem  # the stemmer rouge-score itself uses
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=use_stemmer)
+    stemmer = "porter" if use_stemmer else None
     for i, (prediction, reference) in enumerate(ROUGE_PAIRS):
         theirs = scorer.score(reference, prediction)["rougeL"]  # score(target, prediction)
         ours = M.rouge_l(prediction, reference, stemmer)
@@ -195,69 +196,10 @@ def test_rouge_l_matches_rouge_score(use_stemmer):
             [theirs.precision, theirs.recall, theirs.fmeasure],
             what=f"pair {i} stemmer={use_stemmer}",
         )
-
-
-KS_CASES = [  # (n1, n2, shift, rounding): rounding makes ties
-    (1, 1, 0.0, None),
-    (3, 7, 1.0, None),
-    (13, 29, 2.0, None),
-    (40, 40, 0.3, None),
-    (40, 37, 0.6, 1),
-    (100, 250, 0.4, None),
-    (200, 200, 0.0, 1),
-    (400, 400, 1.5, None),  # p ~ 1e-55: the exact path keeps relative precision
-    (65, 1, 0.0, None),
-]
-
-
-@pytest.mark.parametrize("n1,n2,shift,rounding", KS_CASES)
-@pytest.mark.parametrize("method", ["auto", "exact", "asymp"])
-def test_ks_2samp_matches_scipy(n1, n2, shift, rounding, method):
-    stats = pytest.importorskip("scipy.stats")
-    rng = np.random.default_rng(n1 * 1000 + n2)
-    x, y = rng.normal(size=n1), rng.normal(shift, size=n2)
-    if rounding is not None:
-        x, y = np.round(x, rounding), np.round(y, rounding)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        theirs = stats.ks_2samp(x, y, method=method)
-    d, p = M.ks_2samp(torch.tensor(x), torch.tensor(y), method=method)
-    assert_close(d, theirs.statistic, rtol=1e-12, what="statistic")
-    if not np.isnan(theirs.pvalue):  # scipy's asymp gives NaN for n1 = n2 = 1 (n = round(0.5) = 0)
-        assert_close(p, theirs.pvalue, rtol=1e-9, atol=0, what="p-value")
-
-
-def test_kolmogorov_sf_matches_scipy_kstwo():
-    # The asymptotic branch rests on the one-sample distribution; sweep every case of the split.
-    stats = pytest.importorskip("scipy.stats")
-    for n in (2, 5, 30, 140, 141, 1000, 50_000, 150_000):
-        for x in (
-            0.3 / n,
-            0.7 / n,
-            1.5 / n,
-            0.5 / n**0.5,
-            1.0 / n**0.5,
-            1.8 / n**0.5,
-            4 / n**0.5,
-            0.05,
-            0.3,
-            0.6,
-        ):
-            if x >= 1:
-                continue
-            assert_close(
-                M._kolmogorov_sf(n, x), stats.kstwo.sf(x, n), rtol=1e-9, atol=1e-15, what=f"n={n} x={x}"
-            )
-
-
-def test_auroc_matches_sklearn():
-    roc_auc_score = pytest.importorskip("sklearn.metrics").roc_auc_score
-    rng = np.random.default_rng(0)
-    for n_pos, n_neg, decimals in [(1, 1, 3), (5, 9, 1), (100, 80, 1), (257, 3, 4)]:
-        pos = np.round(rng.normal(0.3, 1, n_pos), decimals)  # rounding makes ties
-        neg = np.round(rng.normal(0.0, 1, n_neg), decimals)
-        labels = np.r_[np.ones(n_pos), np.zeros(n_neg)]
-        expected = roc_auc_score(labels, np.r_[pos, neg])
-        assert_close(M.auroc(torch.tensor(pos), torch.tensor(neg)), expected, what=f"{n_pos}x{n_neg}")
+    other = "porter" if stemmer is None else None
+    assert M.rouge_l("the runner runs", "a runner was running", stemmer) != M.rouge_l(
+        "the runner runs", "a runner was running", other
+    )
 
 
 def test_min_k_auc_matches_muse_code():
@@ -285,47 +227,6 @@ def test_model_utility_matches_scipy_hmean():
     assert_close(M.model_utility(dict(zip(M.TOFU_UTILITY_KEYS, values))), hmean(values))
 
 
-# ============================================================ forget quality and its reference file
-def _tofu_like_losses(seed: int, n: int = 40, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return rng.uniform(0.5, 3.0, size=n), rng.uniform(0.5, 3.0, size=(n, k))
-
-
-def test_forget_quality_matches_tofu_aggregate(tmp_path):
-    # aggregate_eval_stat.py get_forget_quality: ks_2samp of exp(mean perturb loss - paraphrase loss)
-    # (= 1/R) for both models; our ForgetQuality uses R itself: the KS p-value is the same.
-    stats = pytest.importorskip("scipy.stats")
-    para_u, pert_u = _tofu_like_losses(0)
-    para_r, pert_r = _tofu_like_losses(1)
-    expected = stats.ks_2samp(np.exp(pert_u.mean(-1) - para_u), np.exp(pert_r.mean(-1) - para_r)).pvalue
-
-    retain_log = {  # the retain model's eval_log_forget.json, as TOFU writes it
-        "avg_paraphrased_loss": {str(i): v for i, v in enumerate(para_r)},
-        "average_perturb_loss": {str(i): list(v) for i, v in enumerate(pert_r)},
-    }
-    (tmp_path / "eval_log_forget.json").write_text(json.dumps(retain_log))
-    ratios_r = M.truth_ratio(torch.tensor(-para_r), torch.tensor(-pert_r))
-    M.save_truth_ratios(tmp_path / "ratios.json", ratios_r)
-    (tmp_path / "list.json").write_text(json.dumps(ratios_r.tolist()))
-
-    for reference in ("eval_log_forget.json", "ratios.json", "list.json"):
-        metric = M.ForgetQuality(tmp_path / reference)
-        metric.update(torch.tensor(-para_u[:25]), torch.tensor(-pert_u[:25]))
-        metric.update(torch.tensor(-para_u[25:]), torch.tensor(-pert_u[25:]))
-        assert_close(metric.compute(), expected, rtol=1e-9, what=reference)
-    assert_close(M.load_truth_ratios(tmp_path / "ratios.json"), ratios_r)
-
-
-def test_load_truth_ratios_errors(tmp_path):
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"truth_ratio": ["a", "b"]}))
-    with pytest.raises(ValueError, match="bad.json"):
-        M.load_truth_ratios(bad)
-    bad.write_text(json.dumps(3.0))
-    with pytest.raises(ValueError, match="bad.json"):
-        M.load_truth_ratios(bad)
-
-
 # ============================================================================ accumulation and rank sync
 def _metric_batches():
     """(factory, list of update-kwargs batches, functional on the concatenation) per metric."""
@@ -343,27 +244,27 @@ def _metric_batches():
     cat = torch.cat
     return {
         "answer_probability": (
-            M.AnswerProbability,
+            C.AnswerProbability,
             [dict(sum_logprob=s, n_tokens=c) for s, c in zip(sums, counts)],
-            M.answer_probability(cat(sums), cat(counts)).mean(),
+            M.normalized_probability(cat(sums), cat(counts)).mean(),
         ),
         "truth_ratio": (
-            lambda **kw: M.TruthRatio("closer_to_1", **kw),
+            lambda **kw: C.TruthRatio("closer_to_1", **kw),
             [dict(paraphrased_logprob=a, perturbed_logprobs=b) for a, b in zip(para, pert)],
             M.truth_ratio_score(M.truth_ratio(cat(para), cat(pert)), "closer_to_1"),
         ),
         "rouge_l": (
-            lambda **kw: M.RougeL("f1", **kw),
+            lambda **kw: C.RougeL("f1", **kw),
             [dict(predictions=p, references=r) for p, r in zip(preds, refs)],
             M.rouge_l_scores(sum(preds, []), sum(refs, []), "f1").mean(),
         ),
         "min_k": (
-            lambda **kw: M.MinKProbability(0.4, **kw),
+            lambda **kw: C.MinKProbability(0.4, **kw),
             [dict(token_logprobs=a, mask=b) for a, b in zip(logp, mask)],
             M.min_k_scores(cat(logp), cat(mask), 0.4).mean(),
         ),
         "membership_auc": (
-            M.MembershipAUC,
+            C.MembershipAUC,
             [
                 dict(forget_scores=sums[0], holdout_scores=para[0]),
                 dict(forget_scores=sums[1], holdout_scores=para[1]),
@@ -371,7 +272,7 @@ def _metric_batches():
             M.min_k_auc(cat(sums), cat(para)),
         ),
         "multiple_choice": (
-            M.MultipleChoiceAccuracy,
+            C.MultipleChoiceAccuracy,
             [dict(choice_logprobs=a, gold=b) for a, b in zip(choices, gold)],
             M.multiple_choice_accuracy(cat(choices), cat(gold)),
         ),
@@ -410,13 +311,13 @@ def test_sync_gathers_both_ranks(name):
     local = factory()
     local.update(**batches[0])
     for attr in local._reductions:  # after compute, rank 0 is back to its own examples
-        assert torch.equal(M._cat(getattr(rank0, attr)), M._cat(getattr(local, attr))), attr
+        assert torch.equal(C._cat(getattr(rank0, attr)), C._cat(getattr(local, attr))), attr
 
 
 def test_per_example_is_gathered_across_ranks():
-    rank1 = M.AnswerProbability()
+    rank1 = C.AnswerProbability()
     rank1.update(torch.tensor([LN(0.25)]), torch.tensor([1]))
-    rank0 = M.AnswerProbability(
+    rank0 = C.AnswerProbability(
         dist_sync_fn=_fake_two_rank_gather(rank1), distributed_available_fn=lambda: True
     )
     rank0.update(torch.tensor([LN(0.5), LN(0.125)]), torch.tensor([1, 1]))
@@ -425,7 +326,7 @@ def test_per_example_is_gathered_across_ranks():
 
 def test_model_utility_metric_matches_functional():
     g = torch.Generator().manual_seed(5)
-    utility = M.ModelUtility()
+    utility = C.ModelUtility()
     stats = {}
     for split in M.TOFU_UTILITY_SPLITS:
         answer, para, pert = (
@@ -450,63 +351,37 @@ def test_model_utility_metric_matches_functional():
     assert all(len(m.values) == 0 for m in utility.children_metrics.values())
 
 
-# ============================================================================ model-facing helpers
-def test_sequence_logprobs_match_log_softmax():
-    model = build_tiny_llama(vocab_size=37).eval()
-    g = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, 37, (3, 9), generator=g)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 7:] = 0
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    labels[:, :4] = -100  # a 4-token prompt
-    with torch.no_grad():
-        total, count = M.sequence_logprobs(model, input_ids, attention_mask, labels)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.double()
-    logsm = logits.log_softmax(-1)
-    for b in range(3):
-        positions = [t for t in range(1, 9) if labels[b, t] != -100]
-        expected = sum(logsm[b, t - 1, input_ids[b, t]] for t in positions)
-        assert count[b].item() == len(positions)
-        assert_close(total[b], expected, rtol=1e-5, atol=1e-5, what=f"sequence {b}")
-    with torch.no_grad():
-        logp, mask = M.token_logprobs(model, input_ids, attention_mask)  # labels=None: every real token
-    assert mask.sum(1).tolist() == [8, 6, 8]
-    assert_close(logp[0, 0], logsm[0, 0, input_ids[0, 1]], rtol=1e-5, atol=1e-5)
+# ============================================================================ conventions
+def test_forget_quality_of_a_model_against_itself_is_one_with_ties():
+    """Per-example truth ratios are stored in float64: in float32 a model compared with its own
+    float64 reference had tie groups split by rounding and got a KS p-value below 1."""
+    g = torch.Generator().manual_seed(3)
+    para = (-torch.rand(4, generator=g, dtype=torch.float64) * 3).repeat(10)  # 4 questions, 10 times each
+    pert = (-torch.rand(4, 5, generator=g, dtype=torch.float64) * 3).repeat(10, 1)  # (40, 5): tie groups of 10
+    reference = M.truth_ratio(para, pert)
+    metric = C.ForgetQuality(reference)
+    metric.update(para, pert)
+    assert metric.per_example().dtype == torch.float64
+    assert_close(metric.compute(), 1.0, rtol=0, atol=1e-12, what="p-value against itself")  # float32: 0.165
 
 
-class _CharTokenizer:
-    """Just enough tokenizer for generate_greedy: one id per lowercase letter, 0 = pad/eos."""
-
-    pad_token_id = eos_token_id = 0
-    padding_side = "right"
-
-    def __call__(self, texts, return_tensors=None, padding=False):
-        ids = [[ord(c) - 96 for c in t] for t in texts]
-        if return_tensors is None:  # as Hugging Face tokenizers: lists, unpadded
-            return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]}
-        width = max(map(len, ids))
-        pad = lambda x: (
-            [0] * (width - len(x)) + x if self.padding_side == "left" else x + [0] * (width - len(x))
-        )
-        input_ids = torch.tensor([pad(x) for x in ids])
-        mask = torch.tensor([pad([1] * len(x)) for x in ids])
-        return _Encoding(input_ids=input_ids, attention_mask=mask)
-
-    def batch_decode(self, rows, skip_special_tokens=True):
-        return ["".join(chr(96 + int(i)) for i in row if int(i) != 0) for row in rows]
+def test_tofu_utility_stems_rouge_by_default():
+    """TOFU ran rouge-score with use_stemmer=True; ModelUtility and RougeL used to default to none."""
+    utility = C.ModelUtility()
+    assert {m.stemmer for k, m in utility.children_metrics.items() if "rouge" in k} == {"porter"}
+    utility_none = C.ModelUtility(rouge_stemmer=None)
+    assert {m.stemmer for k, m in utility_none.children_metrics.items() if "rouge" in k} == {None}
 
 
-class _Encoding(dict):
-    def to(self, device):
-        return _Encoding({k: v.to(device) for k, v in self.items()})
-
-
-def test_generate_greedy_left_padding_is_batch_invariant():
-    # With left padding, a short prompt's continuation must not depend on its batch mates.
-    model = build_tiny_llama(vocab_size=27).eval()
-    tokenizer = _CharTokenizer()
-    prompts = ["abc", "hello", "z", "abcdefgh"]
-    together = M.generate_greedy(model, tokenizer, prompts, max_new_tokens=5, batch_size=4)
-    alone = [M.generate_greedy(model, tokenizer, [p], max_new_tokens=5)[0] for p in prompts]
-    assert together == alone
-    assert tokenizer.padding_side == "right"  # untouched
+def test_truth_ratio_eps_is_open_unlearnings_convention():
+    """open-unlearning divides by P_norm(paraphrase) + 1e-10 and takes min(R, 1 / (R + 1e-10));
+    TOFU (eps 0) does neither. They differ only when the paraphrase's probability is near 1e-10."""
+    para = torch.tensor([LN(0.5), -25.0], dtype=torch.float64)  # exp(-25) = 1.4e-11
+    pert = torch.tensor([[LN(0.25)], [-25.0]], dtype=torch.float64)
+    tofu = M.truth_ratio(para, pert)
+    ou = M.truth_ratio(para, pert, eps=1e-10)
+    assert_close(tofu, [0.5, 1.0])
+    p = math.exp(-25.0)
+    assert_close(ou, [0.25 / (0.5 + 1e-10), p / (p + 1e-10)], rtol=1e-12)
+    assert ou[1] < 0.13  # 1.0 in TOFU's convention
+    assert_close(M.truth_ratio_score(ou, "closer_to_1", eps=1e-10), (ou[0] + ou[1]) / 2, rtol=1e-9)

@@ -18,23 +18,31 @@ itself worked (if it did not, a low `held_back` figure proves nothing).
 from __future__ import annotations
 
 import copy
+import os
 import random
+import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
-from blur_lightning.data import encode_qa_rows, pad_side
-from blur_lightning.evaluation import evaluate_qa
+from blur_lightning.encoding import encode_qa_rows, pad_side
+from blur_lightning.evals.qa import evaluate_qa
+from blur_lightning.evals.scoring import model_device
 from blur_lightning.losses import nll_loss
 from blur_lightning.models import pad_token_id
+from blur_lightning.progress import progress
+from blur_lightning.rows import load_rows, require_columns
+from blur_lightning.runs import log_dir, write_json
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 Rows = Sequence[Mapping[str, Any]]
 
-__all__ = ["relearning_probe", "split_halves"]
+__all__ = ["RelearningProbe", "relearning_probe", "split_halves"]
 
 
 def split_halves(rows: Rows) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
@@ -60,6 +68,7 @@ def relearning_probe(
     seed: int = 0,
     use_chat_template: bool = True,
     train_rows: Rows | None = None,
+    show_progress: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Fine-tune a copy of `model` on half of the forget rows; measure the other half.
 
@@ -84,6 +93,7 @@ def relearning_probe(
         use_chat_template: as in training.
         train_rows: fine-tune on these rows instead of the relearn half: the control of the
             probe (facts unrelated to the forget set bring back only what any fine-tuning would).
+        show_progress: show progress bars (on a terminal).
 
     Returns:
         ``{set name: {"accuracy_before", "accuracy_after", "answer_prob_before",
@@ -102,21 +112,23 @@ def relearning_probe(
             raise ValueError(f"probe set {name!r}: no row left once the relearned answers are dropped")
         sets[name] = kept
 
-    def measure(m: torch.nn.Module) -> dict[str, dict[str, float]]:
+    def measure(m: torch.nn.Module, when: str) -> dict[str, dict[str, float]]:
         kwargs = {
             "answer_column": answer_column, "prob_column": prob_column, "max_new_tokens": max_new_tokens,
-            "batch_size": eval_batch_size, "use_chat_template": use_chat_template,
+            "batch_size": eval_batch_size, "use_chat_template": use_chat_template, "show_progress": show_progress,
         }
-        return {name: evaluate_qa(m, tokenizer, rows, **kwargs) for name, rows in sets.items()}
+        return {
+            name: evaluate_qa(m, tokenizer, rows, name=f"probe {name} {when}", **kwargs) for name, rows in sets.items()
+        }
 
-    before = measure(model)
+    before = measure(model, "before")
     attacker = copy.deepcopy(model)
     _fine_tune(
         attacker, tokenizer, relearn if train_rows is None else train_rows, steps=steps, lr=lr,
         batch_size=batch_size, column=train_column,
-        max_length=max_length, seed=seed, use_chat_template=use_chat_template,
+        max_length=max_length, seed=seed, use_chat_template=use_chat_template, show_progress=show_progress,
     )
-    after = measure(attacker)
+    after = measure(attacker, "after")
     del attacker
     return {
         name: {
@@ -142,6 +154,7 @@ def _fine_tune(
     max_length: int,
     seed: int,
     use_chat_template: bool,
+    show_progress: bool = True,
 ) -> None:
     """Plain NLL fine-tuning on the answers of `rows`, in place."""
     encoded, _ = encode_qa_rows(
@@ -152,14 +165,14 @@ def _fine_tune(
     if not encoded:
         raise ValueError(f"no relearn row has an answer token within max_length={max_length}")
     pad_id = pad_token_id(tokenizer)
-    device = next(model.parameters()).device
+    device = model_device(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     order: list[int] = []
     was_training = model.training
     model.train()
     try:
-        for _ in range(steps):
+        for _ in progress(range(steps), desc="probe: relearn", enabled=show_progress):
             if len(order) < batch_size:  # a fresh shuffled pass once the current one runs short
                 order += rng.sample(range(len(encoded)), len(encoded))
             batch = pad_side([encoded[i] for i in order[:batch_size]], pad_id)
@@ -173,3 +186,88 @@ def _fine_tune(
             optimizer.zero_grad(set_to_none=True)
     finally:
         model.train(was_training)
+
+
+class RelearningProbe(pl.Callback):
+    """At fit end, test whether the forgotten facts were removed or only suppressed.
+
+    A throwaway copy of the unlearned model is fine-tuned on half of the forget set (even rows)
+    and the other half (odd rows, never seen by the probe) is measured before and after, with any
+    extra probe sets (paraphrased questions); see :func:`relearning_probe`. The trained
+    model and its export are not touched. Writes ``relearning.json`` and ``relearning.md`` in the
+    log directory. Single-process runs only (a sharded model cannot be copied and trained alone):
+    skipped with a warning otherwise.
+
+    Args:
+        forget_path: the forget QA file (question, answer, `train_column`).
+        probe_sets: more sets to measure, name -> QA file (rows whose answer the probe relearns
+            are dropped from them).
+        steps: optimizer steps of the probe.
+        lr: its AdamW learning rate.
+        batch_size: rows per probe step.
+        train_column: the column the probe trains on.
+        max_length: tokens per probe training row.
+        max_new_tokens: greedy tokens per answer in the accuracy check.
+        eval_batch_size: rows per evaluation forward / generate call.
+        seed: the order of the probe's batches.
+    """
+
+    def __init__(
+        self,
+        forget_path: str,
+        probe_sets: dict[str, str] | None = None,
+        steps: int = 10,
+        lr: float = 1e-5,
+        batch_size: int = 8,
+        train_column: str = "response",
+        max_length: int = 96,
+        max_new_tokens: int = 16,
+        eval_batch_size: int = 32,
+        seed: int = 0,
+    ) -> None:
+        if steps < 1:
+            raise ValueError(f"RelearningProbe: steps must be >= 1, got {steps}")
+        self._forget = load_rows(forget_path)
+        require_columns(self._forget, ("question", "answer", train_column), f"RelearningProbe: {forget_path}")
+        self._probe_sets = {name: load_rows(path) for name, path in (probe_sets or {}).items()}
+        for name, rows in self._probe_sets.items():
+            require_columns(rows, ("question", "answer"), f"RelearningProbe: probe set {name!r} ({probe_sets[name]})")
+        self.steps, self.lr, self.batch_size, self.seed = steps, lr, batch_size, seed
+        self.train_column, self.max_length = train_column, max_length
+        self.max_new_tokens, self.eval_batch_size = max_new_tokens, eval_batch_size
+        self.results: dict[str, dict[str, float]] = {}
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.world_size > 1:
+            rank_zero_warn("RelearningProbe runs in single-process jobs only: skipped")
+            return
+        if pl_module.tokenizer is None:
+            raise ValueError("RelearningProbe needs the module's tokenizer (load the model by name)")
+        t0 = time.perf_counter()
+        self.results = relearning_probe(
+            pl_module.model, pl_module.tokenizer, self._forget, probe_sets=self._probe_sets, steps=self.steps,
+            lr=self.lr, batch_size=self.batch_size, train_column=self.train_column,
+            prob_column=self.train_column, max_length=self.max_length, max_new_tokens=self.max_new_tokens,
+            eval_batch_size=self.eval_batch_size, seed=self.seed,
+            show_progress=trainer.progress_bar_callback is not None,
+        )
+        table = self.table()
+        print(f"\nRelearning probe ({time.perf_counter() - t0:.0f} s)\n{table}", flush=True)
+        out_dir = log_dir(trainer)
+        settings = {"steps": self.steps, "lr": self.lr, "batch_size": self.batch_size, "seed": self.seed}
+        write_json(os.path.join(out_dir, "relearning.json"), {"settings": settings, "results": self.results})
+        with open(os.path.join(out_dir, "relearning.md"), "w") as f:
+            f.write(table + "\n")
+
+    def table(self) -> str:
+        after = f"after {self.steps} relearning steps"
+        lines = [
+            f"| set | n | accuracy | {after} | answer prob | {after} |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for name, r in self.results.items():
+            lines.append(
+                f"| {name} | {r['n']:.0f} | {r['accuracy_before']:.1%} | {r['accuracy_after']:.1%}"
+                f" | {r['answer_prob_before']:.3f} | {r['answer_prob_after']:.3f} |"
+            )
+        return "\n".join(lines)

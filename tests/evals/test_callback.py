@@ -1,5 +1,5 @@
-"""UnlearningEvalCallback on a tiny model with the fixture files: stages, logging, files, resume,
-the benchmark dispatch (the same numbers as the formats' own evaluations), specs and errors."""
+"""EvaluationCallback on a tiny model with the fixture files: stages, logging, files, resume,
+the registry's dispatch (the same numbers as the benchmarks' own evaluations), specs and errors."""
 
 from __future__ import annotations
 
@@ -12,16 +12,14 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from blur_lightning import formats
-from blur_lightning.eval_callbacks import (
-    UnlearningEvalCallback,
-    chat_prompt_template,
-    load_split,
-    parse_hub_spec,
-    plot_evaluations,
-)
+from blur_lightning.evals import muse as muse_benchmark
+from blur_lightning.evals import tofu, wmdp
+from blur_lightning.evals.callback import EvaluationCallback, plot_evaluations
+from blur_lightning.evals.registry import BENCHMARKS, get_benchmark
+from blur_lightning.prompts import chat_prompt_template
+from blur_lightning.rows import parse_hub_spec
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures")
 TOFU_FILES = {
     "forget": "tofu/forget01_perturbed.json",
     "retain": "tofu/retain_perturbed.json",
@@ -53,14 +51,14 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from blur_lightning.models import tiny_tokenizer
+    from blur_lightning.testing import tiny_tokenizer
 
     return tiny_tokenizer()
 
 
 @pytest.fixture
 def tiny_model(tokenizer):
-    from blur_lightning.models import tiny_llama
+    from blur_lightning.testing import tiny_llama
 
     return tiny_llama(vocab_size=len(tokenizer))
 
@@ -96,7 +94,7 @@ def test_qa_eval_at_every_stage_logs_and_writes_files(tmp_path, tokenizer, tiny_
         "forget": os.path.join(FIXTURES, "qa", "forget.jsonl"),
         "retain": os.path.join(FIXTURES, "qa", "retain.jsonl"),
     }
-    callback = UnlearningEvalCallback("qa", splits, stages=["fit_start", "validation", "test", "fit_end"],
+    callback = EvaluationCallback("qa", splits, stages=["fit_start", "validation", "test", "fit_end"],
                                       max_rows=4, max_new_tokens=3)  # fmt: skip
     trainer, module, data = tiny_fit(tmp_path, tokenizer, tiny_model, callback)
     (test_metrics,) = trainer.test(module, datamodule=data, verbose=False)
@@ -130,39 +128,39 @@ def test_qa_eval_at_every_stage_logs_and_writes_files(tmp_path, tokenizer, tiny_
 
 def test_resumed_run_keeps_the_fit_start_numbers(tmp_path, tokenizer, tiny_model):
     splits = {"forget": os.path.join(FIXTURES, "qa", "forget.jsonl")}
-    first = UnlearningEvalCallback("qa", splits, stages=["fit_start"], max_rows=2, max_new_tokens=2)
+    first = EvaluationCallback("qa", splits, stages=["fit_start"], max_rows=2, max_new_tokens=2)
     tiny_fit(tmp_path / "a", tokenizer, tiny_model, first, max_steps=1)
     (ckpt,) = list((tmp_path / "a").rglob("*.ckpt"))
-    resumed = UnlearningEvalCallback("qa", splits, stages=["fit_start"], max_rows=2, max_new_tokens=2)
+    resumed = EvaluationCallback("qa", splits, stages=["fit_start"], max_rows=2, max_new_tokens=2)
     tiny_fit(tmp_path / "b", tokenizer, tiny_model, resumed, max_steps=2, ckpt_path=str(ckpt))
     assert resumed.evaluations == first.evaluations  # restored from the checkpoint, not re-run at step 1
 
 
 # ============================================================================ benchmark dispatch
 def test_tofu_matches_evaluate_tofu_with_the_training_prompt(tokenizer, tiny_model):
-    from blur_lightning.data import format_qa
+    from blur_lightning.prompts import format_qa
 
-    callback = UnlearningEvalCallback("tofu", fixture_paths(TOFU_FILES), max_new_tokens=4, batch_size=3)
+    callback = EvaluationCallback("tofu", fixture_paths(TOFU_FILES), max_new_tokens=4, batch_size=3)
     results = callback.evaluate(tiny_model, tokenizer)
     template = chat_prompt_template(tokenizer)
     question = "Where was the author Lina Morrow born?"
     assert template.format(question=question) == format_qa(tokenizer, question)[0]  # as the data module trains
     rows = callback.rows()
-    expected = formats.evaluate_tofu(
+    expected = tofu.evaluate_tofu(
         tiny_model, tokenizer, rows["forget"], rows["retain"], rows["real_authors"], rows["world_facts"],
         prompt_template=template, max_new_tokens=4, batch_size=3,
     )  # fmt: skip
     assert results == expected
-    plain = UnlearningEvalCallback("tofu", fixture_paths(TOFU_FILES), max_new_tokens=4, chat_template=False)
+    plain = EvaluationCallback("tofu", fixture_paths(TOFU_FILES), max_new_tokens=4, chat_template=False)
     assert plain.evaluate(tiny_model, tokenizer)["forget/prob"] != results["forget/prob"]  # TOFU's plain prompt
 
 
 def test_muse_and_wmdp_match_their_evaluations(tmp_path, tokenizer, tiny_model):
-    muse = UnlearningEvalCallback("muse", fixture_paths(MUSE_FILES), max_new_tokens=5, batch_size=2,
+    muse = EvaluationCallback("muse", fixture_paths(MUSE_FILES), max_new_tokens=5, batch_size=2,
                                   options={"auc_retrain": 0.4772, "max_length": 64})  # fmt: skip
     results = muse.evaluate(tiny_model, tokenizer)
     rows = muse.rows()
-    expected = formats.evaluate_muse(
+    expected = muse_benchmark.evaluate_muse(
         tiny_model, tokenizer, verbmem_rows=rows["verbmem"], knowmem_forget_rows=rows["knowmem_forget"],
         knowmem_retain_rows=rows["knowmem_retain"], privleak_forget_rows=rows["privleak_forget"],
         privleak_holdout_rows=rows["privleak_holdout"], auc_retrain=0.4772, max_length=64,
@@ -177,13 +175,13 @@ def test_muse_and_wmdp_match_their_evaluations(tmp_path, tokenizer, tiny_model):
     }
 
     wmdp_file = os.path.join(FIXTURES, "wmdp", "wmdp-bio.json")
-    wmdp = UnlearningEvalCallback("wmdp", {"bio": wmdp_file, "again": wmdp_file},
+    wmdp_cb = EvaluationCallback("wmdp", {"bio": wmdp_file, "again": wmdp_file},
                                   options={"subjects": {"bio": "biology"}})  # fmt: skip
-    out = wmdp.evaluate(tiny_model, tokenizer)
-    bio = formats.evaluate_wmdp(tiny_model, tokenizer, formats.load_wmdp(path=wmdp_file), subject="biology")
-    plain = formats.evaluate_wmdp(tiny_model, tokenizer, formats.load_wmdp(path=wmdp_file))
+    out = wmdp_cb.evaluate(tiny_model, tokenizer)
+    bio = wmdp.evaluate_wmdp(tiny_model, tokenizer, wmdp.load_wmdp(path=wmdp_file), subject="biology")
+    plain = wmdp.evaluate_wmdp(tiny_model, tokenizer, wmdp.load_wmdp(path=wmdp_file))
     assert out == {"bio/accuracy": bio["accuracy"], "again/accuracy": plain["accuracy"]}
-    assert wmdp.options == {"subjects": {"bio": "biology"}}  # each evaluation gets its own copy
+    assert wmdp_cb.options == {"subjects": {"bio": "biology"}}  # each evaluation gets its own copy
 
     # PrivLeak (a percentage) gets its own panel in the plot; the summary holds every evaluation
     muse.evaluations = [{"stage": s, "step": i, "metrics": {**results, "privleak": -40.0 + i}} for i, s in
@@ -194,7 +192,7 @@ def test_muse_and_wmdp_match_their_evaluations(tmp_path, tokenizer, tiny_model):
 
 
 def test_model_train_mode_is_restored(tokenizer, tiny_model):
-    callback = UnlearningEvalCallback("wmdp", {"bio": os.path.join(FIXTURES, "wmdp", "wmdp-bio.json")})
+    callback = EvaluationCallback("wmdp", {"bio": os.path.join(FIXTURES, "wmdp", "wmdp-bio.json")})
     tiny_model.train()
     callback.evaluate(tiny_model, tokenizer)
     assert tiny_model.training
@@ -203,26 +201,24 @@ def test_model_train_mode_is_restored(tokenizer, tiny_model):
 
 # ============================================================================ specs, prompts, errors
 def test_hub_specs(monkeypatch):
-    assert parse_hub_spec("hub:forget10_perturbed", "tofu") == (
-        "locuslab/TOFU",
-        "forget10_perturbed",
-        "train",
-    )
-    assert parse_hub_spec("hub:knowmem:forget_qa", "muse", "books") == (
-        "muse-bench/MUSE-Books",
-        "knowmem",
-        "forget_qa",
-    )
-    assert parse_hub_spec("hub:wmdp-cyber", "wmdp") == ("cais/wmdp", "wmdp-cyber", "test")
-    assert parse_hub_spec("hub:cais/mmlu:all:test", "wmdp") == ("cais/mmlu", "all", "test")
-    with pytest.raises(ValueError, match="needs a split"):
-        parse_hub_spec("hub:verbmem", "muse")
-    with pytest.raises(ValueError, match="no default hub dataset"):
-        parse_hub_spec("hub:some_config", "qa")
+    def spec(text, name, options=None):
+        benchmark = get_benchmark(name)
+        return parse_hub_spec(text, benchmark.repo(options or {}), benchmark.default_split, owner=name)
+
+    assert spec("hub:forget10_perturbed", "tofu") == ("locuslab/TOFU", "forget10_perturbed", "train")
+    assert spec("hub:knowmem:forget_qa", "muse", {"corpus": "books"}) == (
+        "muse-bench/MUSE-Books", "knowmem", "forget_qa",
+    )  # fmt: skip
+    assert spec("hub:wmdp-cyber", "wmdp") == ("cais/wmdp", "wmdp-cyber", "test")
+    assert spec("hub:cais/mmlu:all:test", "wmdp") == ("cais/mmlu", "all", "test")
+    with pytest.raises(ValueError, match="muse needs a split"):
+        spec("hub:verbmem", "muse")
+    with pytest.raises(ValueError, match="benchmark 'qa' has no default hub dataset"):
+        get_benchmark("qa").load("x", "hub:some_config", {})
     with pytest.raises(ValueError, match="expected hub:CONFIG"):
-        parse_hub_spec("hub:a:b:c:d", "tofu")
-    with pytest.raises(ValueError, match="muse_corpus='poems'"):
-        parse_hub_spec("hub:raw:forget", "muse", "poems")
+        spec("hub:a:b:c:d", "tofu")
+    with pytest.raises(ValueError, match="corpus='poems'"):
+        spec("hub:raw:forget", "muse", {"corpus": "poems"})
 
     import datasets
 
@@ -233,8 +229,13 @@ def test_hub_specs(monkeypatch):
         return datasets.Dataset.from_list([{"question": "q", "answer": "a"}] * 5)
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    assert len(load_split("hub:knowmem:retain_qa", "muse", limit=3)) == 3
+    assert len(get_benchmark("muse").load("k", "hub:knowmem:retain_qa", {}, limit=3)) == 3
     assert calls == [("muse-bench/MUSE-News", "knowmem", "retain_qa")]
+
+
+def test_registry_lists_each_benchmark_once():
+    assert list(BENCHMARKS) == ["qa", "tofu", "muse", "wmdp"]
+    assert all(b.name == name for name, b in BENCHMARKS.items())
 
 
 def test_chat_prompt_template_drops_a_bos_the_tokenizer_adds(tokenizer):
@@ -256,18 +257,18 @@ def test_chat_prompt_template_drops_a_bos_the_tokenizer_adds(tokenizer):
 
 def test_configuration_errors(tmp_path):
     with pytest.raises(ValueError, match="benchmark='trivia'"):
-        UnlearningEvalCallback("trivia", {"a": "b"})
+        EvaluationCallback("trivia", {"a": "b"})
     with pytest.raises(ValueError, match=r"stages \['epoch_end'\]"):
-        UnlearningEvalCallback("qa", {"a": "b"}, stages=["epoch_end"])
+        EvaluationCallback("qa", {"a": "b"}, stages=["epoch_end"])
     with pytest.raises(ValueError, match="tofu needs exactly the splits"):
-        UnlearningEvalCallback("tofu", {"forget": "f"})
+        EvaluationCallback("tofu", {"forget": "f"})
     with pytest.raises(ValueError, match="privleak needs both"):
-        UnlearningEvalCallback("muse", {"privleak_forget": "f"})
+        EvaluationCallback("muse", {"privleak_forget": "f"})
     with pytest.raises(ValueError, match=r"muse splits \['knowmem'\]"):
-        UnlearningEvalCallback("muse", {"knowmem": "f"})
+        EvaluationCallback("muse", {"knowmem": "f"})
     with pytest.raises(ValueError, match="splits is empty"):
-        UnlearningEvalCallback("qa", {})
-    missing = UnlearningEvalCallback("qa", {"forget": str(tmp_path / "nope.jsonl")})
+        EvaluationCallback("qa", {})
+    missing = EvaluationCallback("qa", {"forget": str(tmp_path / "nope.jsonl")})
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         missing.rows()
 

@@ -14,15 +14,16 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from blur_lightning.data import encode_qa, resolve_data_path  # noqa: E402
-from blur_lightning.evaluation import (  # noqa: E402
+from blur_lightning.encoding import encode_qa
+from blur_lightning.evals.qa import (  # noqa: E402
     answer_probability,
     evaluate_qa,
     greedy_answers,
     is_correct,
     normalize_answer,
 )
-from blur_lightning.models import tiny_llama, tiny_tokenizer  # noqa: E402
+from blur_lightning.rows import resolve_embedded as resolve_data_path  # noqa: E402
+from blur_lightning.testing import tiny_llama, tiny_tokenizer  # noqa: E402
 
 QUESTIONS = [
     "What is the capital of France?",

@@ -1,0 +1,218 @@
+"""MUSE (Shi et al. 2024, `muse-bench/MUSE-News`, `-Books`): its splits and its evaluation (muse_bench eval.py).
+
+Hub configs: text corpora (raw, privleak, ...) with a `text` column; knowmem QA with question /
+answer; verbmem with prompt / gt. MUSE's GitHub files store text corpora as a JSON list of strings;
+those load as {"text": s}. Metric definitions: :mod:`blur_lightning.evals.metrics`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from blur_lightning.encoding import encode_texts
+from blur_lightning.evals.base import Benchmark, EvalSettings, Results, load_source
+from blur_lightning.evals.metric_classes import MembershipAUC, RougeL
+from blur_lightning.evals.metrics import min_k_scores, priv_leak
+from blur_lightning.evals.scoring import generate_greedy, score_rows
+from blur_lightning.prompts import MUSE_QA_PROMPT
+from blur_lightning.rows import Row, require_columns
+
+__all__ = ["BENCHMARK", "MUSE_AUC_RETRAIN", "MUSE_HUB", "SPLIT_NAMES", "MuseBenchmark", "evaluate_muse", "load_muse"]
+
+PathLike = str | Path
+MUSE_HUB = {"news": "muse-bench/MUSE-News", "books": "muse-bench/MUSE-Books"}
+# The retrained models' Min-40% membership AUC that MUSE ships for PrivLeak (muse_bench constants).
+MUSE_AUC_RETRAIN = {"news": 0.4772, "books": 0.5393}
+MUSE_COLUMNS = {
+    "raw": ("text",), "privleak": ("text",), "scal": ("text",), "sust": ("text",), "train": ("text",),
+    "knowmem": ("question", "answer"), "verbmem": ("prompt", "gt"),
+}  # fmt: skip
+SPLIT_NAMES = (
+    "verbmem", "knowmem_forget", "knowmem_retain", "knowmem_forget_icl", "knowmem_retain_icl",
+    "privleak_forget", "privleak_holdout",
+)  # fmt: skip
+MUSE_QA_STOPS = ("\n\n", "\nQuestion", "Question:")  # cut a few-shot answer where the next shot starts
+
+
+def load_muse(subset: str, split: str, path: PathLike | None = None, corpus: str = "news") -> list[Row]:
+    """Load a MUSE subset/split, e.g. ("knowmem", "forget_qa"), ("verbmem", "forget"), ("raw", "holdout")."""
+    if subset not in MUSE_COLUMNS:
+        raise ValueError(f"unknown MUSE subset {subset!r}; expected one of {', '.join(MUSE_COLUMNS)}")
+    if path is None and corpus not in MUSE_HUB:
+        raise ValueError(f"unknown MUSE corpus {corpus!r}; expected one of {', '.join(MUSE_HUB)}")
+    rows, source = load_source(path, MUSE_HUB.get(corpus, ""), subset, split)
+    require_columns(rows, MUSE_COLUMNS[subset], source)
+    return rows
+
+
+def _cut_at_stops(text: str, stops: Sequence[str]) -> str:
+    for stop in stops:
+        index = text.find(stop)
+        if index >= 0:
+            text = text[:index]
+    return text.strip()
+
+
+def _few_shot_prefix(icl_rows: Sequence[Row] | None) -> str:
+    if not icl_rows:
+        return ""
+    return "".join(MUSE_QA_PROMPT.format(question=r["question"]) + f"{r['answer']}\n\n" for r in icl_rows)
+
+
+def verbmem_references(tokenizer: Any, gts: Sequence[str], max_new_tokens: int) -> list[str]:
+    """VerbMem's references as MUSE cuts them: the first `max_new_tokens` ids of the text tokenized
+    *with* the tokenizer's special tokens (a bos counts as one), decoded without them."""
+    return [
+        tokenizer.decode(tokenizer(gt, add_special_tokens=True)["input_ids"][:max_new_tokens], skip_special_tokens=True)
+        for gt in gts
+    ]
+
+
+@torch.no_grad()
+def evaluate_muse(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    *,
+    verbmem_rows: Sequence[Row] | None = None,
+    knowmem_forget_rows: Sequence[Row] | None = None,
+    knowmem_retain_rows: Sequence[Row] | None = None,
+    knowmem_forget_icl_rows: Sequence[Row] | None = None,
+    knowmem_retain_icl_rows: Sequence[Row] | None = None,
+    privleak_forget_rows: Sequence[Row] | None = None,
+    privleak_holdout_rows: Sequence[Row] | None = None,
+    auc_retrain: float | None = None,
+    k: float = 0.4,
+    verbmem_max_new_tokens: int = 128,
+    knowmem_max_new_tokens: int = 32,
+    max_length: int = 2048,
+    batch_size: int = 8,
+    rouge_stemmer: str | None = None,
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """MUSE's evaluation of one model (muse_bench eval.py); each part runs when its rows are given.
+
+    Args:
+        model: a causal LM.
+        tokenizer: its tokenizer.
+        verbmem_rows: verbmem/forget (prompt, gt): ROUGE-L F1 of the greedy continuation
+            against gt cut as MUSE does (:func:`verbmem_references`).
+        knowmem_forget_rows: knowmem/forget_qa (question, answer).
+        knowmem_retain_rows: knowmem/retain_qa.
+        knowmem_forget_icl_rows: knowmem/forget_qa_icl, few-shot examples before each question.
+        knowmem_retain_icl_rows: knowmem/retain_qa_icl.
+        privleak_forget_rows: privleak/forget (text).
+        privleak_holdout_rows: privleak/holdout (text).
+        auc_retrain: a retrained model's membership AUC (MUSE's: `MUSE_AUC_RETRAIN`); PrivLeak is
+            reported when given.
+        k: Min-K% fraction.
+        verbmem_max_new_tokens: MUSE: 128.
+        knowmem_max_new_tokens: MUSE: 32.
+        max_length: texts are cut to this many tokens for Min-K%.
+        batch_size: sequences per call.
+        rouge_stemmer: None (MUSE's `use_stemmer=False`) or "porter" (open-unlearning's MUSE).
+        show_progress: show progress bars (on a terminal).
+
+    Returns:
+        Any of "verbmem_f", "knowmem_f", "knowmem_r" (mean ROUGE-L F1 in [0, 1]; MUSE prints
+        x100), "privleak_auc" (MUSE convention, see `min_k_auc`) and "privleak" (percent).
+    """
+    results: dict[str, float] = {}
+    if verbmem_rows is not None:
+        require_columns(verbmem_rows, ("prompt", "gt"), "verbmem_rows")
+        prompts = [row["prompt"] for row in verbmem_rows]
+        references = verbmem_references(tokenizer, [row["gt"] for row in verbmem_rows], verbmem_max_new_tokens)
+        outputs = generate_greedy(
+            model, tokenizer, prompts, verbmem_max_new_tokens, batch_size, desc="muse verbmem: generate",
+            show_progress=show_progress,
+        )  # fmt: skip
+        rouge = RougeL("f1", rouge_stemmer)
+        rouge.update(outputs, references)
+        results["verbmem_f"] = rouge.compute().item()
+
+    for key, rows, icl_rows in (
+        ("knowmem_f", knowmem_forget_rows, knowmem_forget_icl_rows),
+        ("knowmem_r", knowmem_retain_rows, knowmem_retain_icl_rows),
+    ):
+        if rows is None:
+            continue
+        require_columns(rows, ("question", "answer"), f"{key} rows")
+        prefix = _few_shot_prefix(icl_rows)
+        prompts = [prefix + MUSE_QA_PROMPT.format(question=row["question"]) for row in rows]
+        outputs = generate_greedy(
+            model, tokenizer, prompts, knowmem_max_new_tokens, batch_size, desc=f"muse {key}: generate",
+            show_progress=show_progress,
+        )  # fmt: skip
+        rouge = RougeL("f1", rouge_stemmer)
+        rouge.update([_cut_at_stops(o, MUSE_QA_STOPS) for o in outputs], [row["answer"] for row in rows])
+        results[key] = rouge.compute().item()
+
+    if privleak_forget_rows is not None and privleak_holdout_rows is not None:
+        require_columns(privleak_forget_rows, ("text",), "privleak_forget_rows")
+        require_columns(privleak_holdout_rows, ("text",), "privleak_holdout_rows")
+        auc = MembershipAUC()
+        min_k = partial(_min_k, model, tokenizer, k=k, max_length=max_length, batch_size=batch_size,
+                        show_progress=show_progress)  # fmt: skip
+        auc.update(
+            forget_scores=min_k([r["text"] for r in privleak_forget_rows], desc="muse privleak_forget: score"),
+            holdout_scores=min_k([r["text"] for r in privleak_holdout_rows], desc="muse privleak_holdout: score"),
+        )
+        results["privleak_auc"] = auc.compute().item()
+        if auc_retrain is not None:
+            results["privleak"] = priv_leak(results["privleak_auc"], auc_retrain).item()
+    return results
+
+
+def _min_k(model, tokenizer, texts: Sequence[str], *, k, max_length, batch_size, show_progress, desc) -> Tensor:
+    """(N,) float64 Min-K% scores of whole texts (every token after the first is scored)."""
+    (scores,) = score_rows(
+        model, tokenizer, encode_texts(tokenizer, texts, max_length), reduce=partial(min_k_scores, k=k),
+        batch_size=batch_size, desc=desc, show_progress=show_progress,
+    )  # fmt: skip
+    return scores
+
+
+class MuseBenchmark(Benchmark):
+    """MUSE's parts, each run when its splits are named (privleak needs both of its splits).
+
+    Options: ``corpus`` ("news" or "books": the hub dataset of ``hub:`` specs) and the keywords of
+    :func:`evaluate_muse` (``auc_retrain``, ``k``, ``max_length``, ``rouge_stemmer``).
+    """
+
+    name = "muse"
+
+    def repo(self, options: Mapping[str, Any]) -> str | None:
+        corpus = options.get("corpus", "news")
+        if corpus not in MUSE_HUB:
+            raise ValueError(f"corpus={corpus!r}: expected one of {sorted(MUSE_HUB)}")
+        return MUSE_HUB[corpus]
+
+    def check_splits(self, names: Sequence[str], options: Mapping[str, Any]) -> None:
+        unknown = sorted(set(names) - set(SPLIT_NAMES))
+        if unknown:
+            raise ValueError(f"muse splits {unknown}: expected any of {SPLIT_NAMES}")
+        if len(set(names) & {"privleak_forget", "privleak_holdout"}) == 1:
+            raise ValueError("muse privleak needs both privleak_forget and privleak_holdout")
+        self.repo(options)
+
+    def evaluate(
+        self, model: Any, tokenizer: Any, rows: Mapping[str, Sequence[Row]], settings: EvalSettings,
+        options: Mapping[str, Any],
+    ) -> Results:  # fmt: skip
+        options = {k: v for k, v in options.items() if k != "corpus"}
+        if settings.max_new_tokens is not None:
+            options.setdefault("verbmem_max_new_tokens", settings.max_new_tokens)
+            options.setdefault("knowmem_max_new_tokens", settings.max_new_tokens)
+        split_rows = {f"{name}_rows": split for name, split in rows.items()}
+        return evaluate_muse(
+            model, tokenizer, batch_size=settings.batch_size, show_progress=settings.show_progress,
+            **split_rows, **options,
+        )  # fmt: skip
+
+
+BENCHMARK = MuseBenchmark()

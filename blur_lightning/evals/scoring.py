@@ -1,0 +1,240 @@
+"""Where a model meets text: token and sequence log-probs, continuation scores, greedy generation.
+
+Every evaluation of the package scores or generates through this file, and pads through one
+routine (:func:`blur_lightning.encoding.pad_side`: right padding to score, left to generate). Rows
+are batched by length (less padding) and results come back in the input order, as CPU tensors or
+lists with one entry per example, so a caller can later gather them across ranks.
+
+Everything runs under ``torch.no_grad`` with the model in eval mode (its mode restored afterwards).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from blur_lightning.encoding import pad_side
+from blur_lightning.losses import IGNORE_INDEX
+from blur_lightning.models import pad_token_id
+from blur_lightning.progress import progress
+
+__all__ = [
+    "END_OF_TURN",
+    "eval_mode",
+    "generate_greedy",
+    "greedy_continuations",
+    "length_batches",
+    "model_device",
+    "score_rows",
+    "sequence_scores",
+    "stop_token_ids",
+    "token_scores",
+]
+
+# End-of-turn tokens of common chat formats: generation stops at any of them, not only at eos.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+
+EncodedRow = dict[str, list[int]]
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``torch.no_grad`` and eval mode for the block; the model's mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Row indices grouped by similar length (less padding), as batches of ``batch_size``."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+# ============================================================================ scoring
+def token_scores(
+    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per-token log p(token_t | tokens_<t) on the labelled positions.
+
+    Args:
+        model: a causal LM returning ``.logits`` (B, T, V).
+        input_ids: (B, T) token ids.
+        attention_mask: (B, T), 1 on real tokens.
+        labels: (B, T) token ids, ``-100`` where nothing is scored.
+
+    Returns:
+        ``(logprobs, mask)``: (B, T-1) float32 log-probs of tokens 1..T-1 (0 where not scored) and the
+        (B, T-1) bool mask. The log-softmax is taken on the scored positions only: a few answer
+        tokens per row instead of the whole prompt, at V = 49k columns each.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+    targets = labels[:, 1:]  # (B, T-1): token t is predicted at position t-1
+    mask = targets != IGNORE_INDEX
+    logprobs = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)
+    logprobs[mask] = -F.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="none")
+    return logprobs, mask
+
+
+def score_rows(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    rows: Sequence[EncodedRow],
+    *,
+    reduce: Callable[[Tensor, Tensor], Tensor | tuple[Tensor, ...]],
+    batch_size: int,
+    desc: str = "score",
+    show_progress: bool = True,
+) -> tuple[Tensor, ...]:
+    """Score encoded rows (``{"input_ids", "labels"}``) with the model, one reduction per row.
+
+    Args:
+        model: a causal LM.
+        tokenizer: its tokenizer (for the pad id).
+        rows: the encoded rows.
+        reduce: ``(logprobs (B, T-1), mask (B, T-1)) -> (B,) tensor or tuple of (B,) tensors``.
+        batch_size: rows per forward.
+        desc: the progress bar's label.
+        show_progress: show a progress bar (on a terminal).
+
+    Returns:
+        The reductions of all rows, each an (N,) CPU tensor in the input order.
+    """
+    pad_id = pad_token_id(tokenizer)
+    device = model_device(model)
+    outputs: list[Tensor] | None = None
+    batches = length_batches([len(r["input_ids"]) for r in rows], batch_size)
+    with eval_mode(model):
+        for batch in progress(batches, desc=desc, enabled=show_progress):
+            side = pad_side([rows[i] for i in batch], pad_id)
+            logprobs, mask = token_scores(
+                model, side["input_ids"].to(device), side["attention_mask"].to(device), side["labels"].to(device)
+            )
+            reduced = reduce(logprobs, mask)
+            reduced = reduced if isinstance(reduced, tuple) else (reduced,)
+            if outputs is None:
+                outputs = [torch.empty(len(rows), dtype=r.dtype) for r in reduced]
+            index = torch.tensor(batch)
+            for out, values in zip(outputs, reduced):
+                out[index] = values.detach().cpu()
+    if outputs is None:
+        return (torch.empty(0), torch.empty(0))
+    return tuple(outputs)
+
+
+def sequence_scores(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    rows: Sequence[EncodedRow],
+    *,
+    batch_size: int,
+    desc: str = "score",
+    show_progress: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """(sum of scored-token log-probs, number of scored tokens) per row: two (N,) float32 tensors."""
+    total, count = score_rows(
+        model, tokenizer, rows, reduce=lambda lp, m: (lp.sum(dim=1), m.sum(dim=1).float()),
+        batch_size=batch_size, desc=desc, show_progress=show_progress,
+    )  # fmt: skip
+    return total, count
+
+
+# ============================================================================ generation
+def stop_token_ids(tokenizer: Any, model: Any) -> list[int]:
+    """eos of the tokenizer and of the model's generation config, and any end-of-turn token of the vocabulary."""
+    stop = set()
+    if tokenizer.eos_token_id is not None:
+        stop.add(tokenizer.eos_token_id)
+    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if model_eos is not None:
+        stop.update([model_eos] if isinstance(model_eos, int) else model_eos)
+    vocab = tokenizer.get_vocab()
+    stop.update(vocab[t] for t in END_OF_TURN if t in vocab)
+    return sorted(stop)
+
+
+def greedy_continuations(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    *,
+    stop_ids: Sequence[int] | None = None,
+    desc: str = "generate",
+    show_progress: bool = True,
+) -> list[str]:
+    """Greedy continuations of tokenized prompts, the new tokens decoded without special tokens (not stripped).
+
+    Args:
+        model: a causal LM with ``generate``.
+        tokenizer: its tokenizer, for the pad token and decoding.
+        prompt_ids: one list of token ids per prompt.
+        max_new_tokens: most tokens generated per prompt.
+        batch_size: prompts per ``generate`` call (left-padded batches of similar length).
+        stop_ids: token ids that end a continuation (None: the model's generation config).
+        desc: the progress bar's label.
+        show_progress: show a progress bar (on a terminal).
+
+    Returns:
+        One continuation per prompt, in the input order.
+    """
+    from transformers import GenerationConfig
+
+    if not prompt_ids:
+        return []
+    pad_id = pad_token_id(tokenizer)
+    stop = list(stop_ids) if stop_ids is not None else getattr(model.generation_config, "eos_token_id", None)
+    config = GenerationConfig(
+        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=stop
+    )
+    device = model_device(model)
+    texts: list[str] = [""] * len(prompt_ids)
+    batches = length_batches([len(p) for p in prompt_ids], batch_size)
+    with eval_mode(model):
+        for batch in progress(batches, desc=desc, enabled=show_progress):
+            side = pad_side([{"input_ids": list(prompt_ids[i])} for i in batch], pad_id, left=True)
+            width = side["input_ids"].shape[1]
+            out = model.generate(
+                input_ids=side["input_ids"].to(device),
+                attention_mask=side["attention_mask"].to(device),
+                generation_config=config,
+            )
+            for i, text in zip(batch, tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)):
+                texts[i] = text
+    return texts
+
+
+def generate_greedy(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    *,
+    desc: str = "generate",
+    show_progress: bool = True,
+) -> list[str]:
+    """Greedy continuations of raw-text prompts (tokenized with the tokenizer's special tokens, no
+    chat template), stopping at the model's eos; see :func:`greedy_continuations`."""
+    prompt_ids = tokenizer(list(prompts))["input_ids"] if prompts else []
+    return greedy_continuations(
+        model, tokenizer, prompt_ids, max_new_tokens, batch_size, desc=desc, show_progress=show_progress
+    )

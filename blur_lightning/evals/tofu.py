@@ -1,0 +1,277 @@
+"""TOFU (Maini et al. 2024, `locuslab/TOFU`): its splits, truth-ratio files, and its evaluation.
+
+Splits on the hub (one config per split, split "train"): question, answer; the *_perturbed configs
+add perturbed_answer (list of str) and, on forget/retain, paraphrased_answer. real_authors_perturbed
+and world_facts_perturbed have no paraphrase. Metric definitions: :mod:`blur_lightning.evals.metrics`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from blur_lightning.encoding import encode_continuations
+from blur_lightning.evals.base import Benchmark, EvalSettings, Results, load_source
+from blur_lightning.evals.metric_classes import AnswerProbability, ForgetQuality, ModelUtility, RougeL, TruthRatio
+from blur_lightning.evals.metrics import truth_ratio
+from blur_lightning.evals.scoring import generate_greedy, sequence_scores
+from blur_lightning.prompts import TOFU_PROMPT, chat_prompt_template
+from blur_lightning.rows import Row, is_str_list, require, require_columns
+
+__all__ = [
+    "BENCHMARK",
+    "SPLIT_NAMES",
+    "TOFU_HUB",
+    "TOFU_SPLITS",
+    "TofuBenchmark",
+    "evaluate_tofu",
+    "load_tofu",
+    "load_truth_ratios",
+    "save_truth_ratios",
+    "tofu_columns",
+]
+
+PathLike = str | Path
+TOFU_HUB = "locuslab/TOFU"
+TOFU_SPLITS = (
+    "full", "forget01", "forget05", "forget10", "retain90", "retain95", "retain99",
+    "real_authors", "world_facts",
+    "forget01_perturbed", "forget05_perturbed", "forget10_perturbed", "retain_perturbed",
+    "real_authors_perturbed", "world_facts_perturbed",
+)  # fmt: skip
+# The evaluation's four sets (the *_perturbed configs).
+SPLIT_NAMES = ("forget", "retain", "real_authors", "world_facts")
+_PERTURBED_COLUMNS = ("question", "answer", "paraphrased_answer", "perturbed_answer")
+_NO_PARAPHRASE_COLUMNS = ("question", "answer", "perturbed_answer")
+
+
+# ============================================================================ loading
+def tofu_columns(split: str) -> tuple[str, ...]:
+    """The columns a TOFU split must have."""
+    if split not in TOFU_SPLITS:
+        raise ValueError(f"unknown TOFU split {split!r}; expected one of {', '.join(TOFU_SPLITS)}")
+    if split in ("real_authors_perturbed", "world_facts_perturbed"):
+        return _NO_PARAPHRASE_COLUMNS
+    if split.endswith("_perturbed"):
+        return _PERTURBED_COLUMNS
+    return ("question", "answer")
+
+
+def load_tofu(split: str, path: PathLike | None = None, hub_id: str = TOFU_HUB) -> list[Row]:
+    """Load a TOFU split (e.g. "forget10_perturbed") from `path`, or from the hub when None."""
+    columns = tofu_columns(split)
+    rows, source = load_source(path, hub_id, split, "train")
+    require_columns(rows, columns, source)
+    if "perturbed_answer" in columns:
+        require(rows, "perturbed_answer", is_str_list, "a non-empty list of strings", source)
+    return rows
+
+
+# ============================================================================ truth-ratio files
+def load_truth_ratios(path: str | Path) -> Tensor:
+    """Read a retain-only model's per-example forget-set truth ratios from a JSON file.
+
+    Accepted layouts: a list of numbers; a dict {index: number}; a dict with a
+    "truth_ratio" entry holding either of those (TOFU's eval_log_forget.json); or a TOFU
+    eval log with "avg_paraphrased_loss" and "average_perturb_loss" (mean token NLLs), from
+    which R = exp(L_para - mean_k L_pert_k). A TOFU eval_log_aggregated.json is read through
+    its "eval_log_forget.json" entry.
+
+    Returns:
+        (n,) float64 tensor, in index order when the file is keyed by integers.
+    """
+    path = Path(path)
+    with path.open() as f:
+        data = json.load(f)
+    if isinstance(data, dict) and "eval_log_forget.json" in data:
+        data = data["eval_log_forget.json"]
+    if isinstance(data, dict) and "truth_ratio" in data:
+        data = data["truth_ratio"]
+    elif isinstance(data, dict) and {"avg_paraphrased_loss", "average_perturb_loss"} <= data.keys():
+        para = torch.tensor(_ordered_values(data["avg_paraphrased_loss"], path), dtype=torch.float64)
+        pert = torch.tensor(_ordered_values(data["average_perturb_loss"], path), dtype=torch.float64)
+        return truth_ratio(-para, -pert)
+    values = _ordered_values(data, path)
+    if not values or not all(isinstance(v, (int, float)) for v in values):
+        raise ValueError(f"{path}: expected a non-empty list or dict of per-example truth ratios")
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _ordered_values(data: Any, path: Path) -> list:
+    if isinstance(data, list):
+        return data
+    if isinstance(data, dict):
+        keys = list(data)
+        if all(str(k).lstrip("-").isdigit() for k in keys):
+            keys.sort(key=int)
+        return [data[k] for k in keys]
+    raise ValueError(f"{path}: expected a JSON list or dict of per-example values, got {type(data).__name__}")
+
+
+def save_truth_ratios(path: str | Path, ratios: Tensor | Sequence[float]) -> None:
+    """Write per-example truth ratios as {"truth_ratio": {index: value}} (what `load_truth_ratios` reads)."""
+    values = torch.as_tensor(ratios, dtype=torch.float64).flatten().tolist()
+    with Path(path).open("w") as f:
+        json.dump({"truth_ratio": {str(i): v for i, v in enumerate(values)}}, f, indent=1)
+
+
+
+# ============================================================================ evaluation
+def _mean_logprobs(model, tokenizer, prompts, continuations, batch_size, desc, show_progress) -> Tensor:
+    rows = encode_continuations(tokenizer, prompts, continuations, append_eos=True)
+    total, count = sequence_scores(
+        model, tokenizer, rows, batch_size=batch_size, desc=desc, show_progress=show_progress
+    )
+    return total / count
+
+
+def _split_inputs(
+    model, tokenizer, rows: Sequence[Row], name: str, base_column: str, *, prompt_template: str,
+    max_new_tokens: int, batch_size: int, show_progress: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """Everything TOFU's metrics need of one split: its answers', paraphrases' and perturbed answers'
+    mean token log-probs (one scoring pass over all of them) and the greedy generations."""
+    prompts = [prompt_template.format(question=row["question"]) for row in rows]
+    answers = [row["answer"] for row in rows]
+    perturbed = [row["perturbed_answer"] for row in rows]
+    k = len(perturbed[0])
+    if any(len(p) != k for p in perturbed):
+        raise ValueError(f"{name}: every row needs the same number of perturbed answers (first row has {k})")
+    n = len(rows)
+    paraphrases = [] if base_column == "answer" else [row[base_column] for row in rows]
+    all_prompts = prompts + prompts[: len(paraphrases)] + [p for p in prompts for _ in range(k)]
+    all_texts = answers + paraphrases + [a for answers_k in perturbed for a in answers_k]
+    mean_lp = _mean_logprobs(
+        model, tokenizer, all_prompts, all_texts, batch_size, f"tofu {name}: score", show_progress
+    )
+    answer_lp = mean_lp[:n]
+    base_lp = answer_lp if not paraphrases else mean_lp[n : 2 * n]
+    return {
+        "answer_logprob": answer_lp,
+        "paraphrased_logprob": base_lp,
+        "perturbed_logprobs": mean_lp[n + len(paraphrases) :].view(n, k),
+        "predictions": generate_greedy(
+            model, tokenizer, prompts, max_new_tokens, batch_size, desc=f"tofu {name}: generate",
+            show_progress=show_progress,
+        ),  # fmt: skip
+        "references": answers,
+    }
+
+
+def evaluate_tofu(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    forget_rows: Sequence[Row],
+    retain_rows: Sequence[Row],
+    real_authors_rows: Sequence[Row],
+    world_facts_rows: Sequence[Row],
+    retain_model_truth_ratios: Tensor | Sequence[float] | PathLike | None = None,
+    *,
+    prompt_template: str = TOFU_PROMPT,
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    rouge_stemmer: str | None = "porter",
+    perturbed_mean: str = "geometric",
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """TOFU's evaluation of one model (definitions in `blur_lightning.evals.metrics`).
+
+    Args:
+        model: a causal LM.
+        tokenizer: its tokenizer (needs an EOS token).
+        forget_rows: a forgetXX_perturbed split (question, answer, paraphrased_answer, perturbed_answer).
+        retain_rows: retain_perturbed (same columns).
+        real_authors_rows: real_authors_perturbed (question, answer, perturbed_answer).
+        world_facts_rows: world_facts_perturbed (same columns).
+        retain_model_truth_ratios: a retain-only model's forget-set truth ratios (values or a
+            JSON file, see `load_truth_ratios`); forget quality is reported only when given.
+        prompt_template: format string with a {question} field; the answer follows it.
+        max_new_tokens: generation length for ROUGE.
+        batch_size: sequences per forward / generate call.
+        rouge_stemmer: "porter" (TOFU's own evaluation, the default) or None.
+        perturbed_mean: "geometric" (TOFU code) or "arithmetic" (TOFU paper).
+        show_progress: show progress bars (on a terminal).
+
+    Returns:
+        Floats "{split}/prob", "{split}/rouge_l_recall", "{split}/truth_ratio" for split in
+        forget, retain, real_authors, world_facts (forget's truth ratio is min(R, 1/R), the
+        others max(0, 1 - R)); "model_utility"; "forget_quality" when a reference is given;
+        and "forget/truth_ratios", the per-example list to save with `save_truth_ratios`
+        when this model is the retain-only reference.
+    """
+    require_columns(forget_rows, _PERTURBED_COLUMNS, "forget_rows")
+    require_columns(retain_rows, _PERTURBED_COLUMNS, "retain_rows")
+    require_columns(real_authors_rows, _NO_PARAPHRASE_COLUMNS, "real_authors_rows")
+    require_columns(world_facts_rows, _NO_PARAPHRASE_COLUMNS, "world_facts_rows")
+    common = {
+        "prompt_template": prompt_template, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+        "show_progress": show_progress,
+    }  # fmt: skip
+
+    utility = ModelUtility(rouge_stemmer=rouge_stemmer, perturbed_mean=perturbed_mean)
+    for split, rows, base_column in (
+        ("retain", retain_rows, "paraphrased_answer"),
+        ("real_authors", real_authors_rows, "answer"),
+        ("world_facts", world_facts_rows, "answer"),
+    ):
+        utility.update(split, **_split_inputs(model, tokenizer, rows, split, base_column, **common))
+    results: dict[str, Any] = {k: v.item() for k, v in utility.compute_all().items()}
+
+    forget = _split_inputs(model, tokenizer, forget_rows, "forget", "paraphrased_answer", **common)
+    prob, rouge = AnswerProbability(), RougeL("recall", rouge_stemmer)
+    ratio = TruthRatio("closer_to_1", perturbed_mean)
+    prob.update(forget["answer_logprob"])
+    rouge.update(forget["predictions"], forget["references"])
+    ratio.update(forget["paraphrased_logprob"], forget["perturbed_logprobs"])
+    results["forget/prob"] = prob.compute().item()
+    results["forget/rouge_l_recall"] = rouge.compute().item()
+    results["forget/truth_ratio"] = ratio.compute().item()
+    results["forget/truth_ratios"] = ratio.per_example().tolist()
+    if retain_model_truth_ratios is not None:
+        if isinstance(retain_model_truth_ratios, (str, Path)):
+            retain_model_truth_ratios = load_truth_ratios(retain_model_truth_ratios)
+        quality = ForgetQuality(retain_model_truth_ratios, perturbed_mean=perturbed_mean)
+        quality.update(forget["paraphrased_logprob"], forget["perturbed_logprobs"])
+        results["forget_quality"] = quality.compute().item()
+    return results
+
+
+class TofuBenchmark(Benchmark):
+    """TOFU's four perturbed sets: forget, retain, real_authors, world_facts (all four needed).
+
+    Options: the keywords of :func:`evaluate_tofu` (``retain_model_truth_ratios``, ``rouge_stemmer``,
+    ``perturbed_mean``, ``prompt_template``); without a ``prompt_template`` the tokenizer's chat
+    prompt is used when ``chat_template`` is on and the tokenizer has one, TOFU's plain prompt otherwise.
+    """
+
+    name = "tofu"
+    hub_repo = TOFU_HUB
+    default_split = "train"
+
+    def check_splits(self, names: Sequence[str], options: Mapping[str, Any]) -> None:
+        if set(names) != set(SPLIT_NAMES):
+            raise ValueError(f"tofu needs exactly the splits {SPLIT_NAMES}, got {sorted(names)}")
+
+    def evaluate(
+        self, model: Any, tokenizer: Any, rows: Mapping[str, Sequence[Row]], settings: EvalSettings,
+        options: Mapping[str, Any],
+    ) -> Results:  # fmt: skip
+        options = dict(options)
+        if settings.chat_template and "prompt_template" not in options:
+            template = chat_prompt_template(tokenizer)
+            if template is not None:
+                options["prompt_template"] = template
+        if settings.max_new_tokens is not None:
+            options.setdefault("max_new_tokens", settings.max_new_tokens)
+        return evaluate_tofu(
+            model, tokenizer, rows["forget"], rows["retain"], rows["real_authors"], rows["world_facts"],
+            batch_size=settings.batch_size, show_progress=settings.show_progress, **options,
+        )  # fmt: skip
+
+
+BENCHMARK = TofuBenchmark()

@@ -1,0 +1,143 @@
+"""WMDP (Li et al. 2024, `cais/wmdp`) and any MMLU-style multiple-choice set: loaders and evaluation.
+
+Hub configs wmdp-bio / wmdp-chem / wmdp-cyber, split "test": question, choices (list of 4 str),
+answer (int index). Corpora (`cais/wmdp-corpora`): a `text` column. The prediction is the answer
+letter with the highest log-likelihood after lm-evaluation-harness's prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from blur_lightning.encoding import encode_continuations
+from blur_lightning.evals.base import Benchmark, EvalSettings, Results, load_source
+from blur_lightning.evals.metric_classes import MultipleChoiceAccuracy
+from blur_lightning.evals.scoring import sequence_scores
+from blur_lightning.rows import Row, is_str_list, require, require_columns
+
+__all__ = [
+    "BENCHMARK",
+    "WMDP_CORPORA_HUB",
+    "WMDP_HUB",
+    "WmdpBenchmark",
+    "evaluate_wmdp",
+    "load_wmdp",
+    "load_wmdp_corpus",
+    "wmdp_prompt",
+]
+
+PathLike = str | Path
+WMDP_HUB = "cais/wmdp"
+WMDP_SUBSETS = ("wmdp-bio", "wmdp-chem", "wmdp-cyber")
+WMDP_CORPORA_HUB = "cais/wmdp-corpora"
+WMDP_CHOICES = 4
+WMDP_LETTERS = "ABCDEFGHIJ"
+
+
+def load_wmdp(subset: str = "wmdp-bio", path: PathLike | None = None, n_choices: int = WMDP_CHOICES) -> list[Row]:
+    """Load WMDP (or any MMLU-style) multiple-choice rows: question, choices, answer index."""
+    if path is None and subset not in WMDP_SUBSETS:
+        raise ValueError(f"unknown WMDP subset {subset!r}; expected one of {', '.join(WMDP_SUBSETS)}")
+    rows, source = load_source(path, WMDP_HUB, subset, "test")
+    require_columns(rows, ("question", "choices", "answer"), source)
+    require(
+        rows, "choices", lambda c: is_str_list(c) and len(c) == n_choices, f"a list of {n_choices} strings", source
+    )
+    require(
+        rows,
+        "answer",
+        lambda a: isinstance(a, int) and not isinstance(a, bool) and 0 <= a < n_choices,
+        f"an integer index in [0, {n_choices})",
+        source,
+    )
+    return rows
+
+
+def load_wmdp_corpus(name: str = "cyber-forget-corpus", path: PathLike | None = None) -> list[Row]:
+    """Load a WMDP forget / retain corpus (a `text` column), e.g. "cyber-forget-corpus"."""
+    rows, source = load_source(path, WMDP_CORPORA_HUB, name, "train")
+    require_columns(rows, ("text",), source)
+    return rows
+
+
+def wmdp_prompt(row: Row, subject: str | None = None) -> str:
+    """lm-evaluation-harness's WMDP / MMLU prompt: question, lettered choices, "Answer:"."""
+    header = (
+        f"The following are multiple choice questions (with answers) about {subject}.\n\n" if subject else ""
+    )
+    lines = [row["question"].strip()]
+    lines += [f"{WMDP_LETTERS[i]}. {choice}" for i, choice in enumerate(row["choices"])]
+    return header + "\n".join(lines) + "\nAnswer:"
+
+
+def evaluate_wmdp(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    rows: Sequence[Row],
+    *,
+    subject: str | None = None,
+    batch_size: int = 8,
+    name: str = "wmdp",
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """Multiple-choice accuracy: the answer letter (" A", " B", ...) with the highest log-likelihood.
+
+    Args:
+        model: a causal LM.
+        tokenizer: its tokenizer.
+        rows: question, choices, answer rows (`load_wmdp`).
+        subject: optional subject for the header line ("biology", "computer security").
+        batch_size: sequences per forward.
+        name: the set's name, for the progress bar.
+        show_progress: show a progress bar (on a terminal).
+
+    Returns:
+        {"accuracy": share correct, "n": number of questions}.
+    """
+    require_columns(rows, ("question", "choices", "answer"), "rows")
+    n_choices = len(rows[0]["choices"])
+    if any(len(row["choices"]) != n_choices for row in rows):
+        raise ValueError(f"rows: every question needs {n_choices} choices")
+    prompts = [wmdp_prompt(row, subject) for row in rows for _ in range(n_choices)]
+    letters = [f" {WMDP_LETTERS[i]}" for _ in rows for i in range(n_choices)]
+    encoded = encode_continuations(tokenizer, prompts, letters, append_eos=False)
+    total, _ = sequence_scores(
+        model, tokenizer, encoded, batch_size=batch_size, desc=f"{name}: score", show_progress=show_progress
+    )
+    accuracy = MultipleChoiceAccuracy()
+    accuracy.update(total.view(len(rows), n_choices), torch.tensor([row["answer"] for row in rows]))
+    return {"accuracy": accuracy.compute().item(), "n": float(len(rows))}
+
+
+class WmdpBenchmark(Benchmark):
+    """Multiple-choice sets of any names (question, choices, answer index): accuracy per set.
+
+    Options: ``subjects`` (set name -> the subject of lm-evaluation-harness's header line).
+    """
+
+    name = "wmdp"
+    hub_repo = WMDP_HUB
+    default_split = "test"
+
+    def evaluate(
+        self, model: Any, tokenizer: Any, rows: Mapping[str, Sequence[Row]], settings: EvalSettings,
+        options: Mapping[str, Any],
+    ) -> Results:  # fmt: skip
+        subjects = dict(options.get("subjects") or {})
+        unknown = sorted(set(options) - {"subjects"})
+        if unknown:
+            raise ValueError(f"wmdp options {unknown}: expected only 'subjects'")
+        return {
+            f"{name}/accuracy": evaluate_wmdp(
+                model, tokenizer, split, subject=subjects.get(name), batch_size=settings.batch_size,
+                name=f"wmdp {name}", show_progress=settings.show_progress,
+            )["accuracy"]  # fmt: skip
+            for name, split in rows.items()
+        }
+
+
+BENCHMARK = WmdpBenchmark()
