@@ -15,7 +15,8 @@ A case (all keys but name and layout optional):
     optimizer ("adamw", "adamw_fused", "sgd" or "blur_fused_adamw"), lr, clip,
     model_path (load by name: the lazy meta-device build),
     export_dir, save_at (micro-batch counts after which a checkpoint is saved, into ckpt_dir),
-    ckpt_path (resume from it).
+    ckpt_path (resume from it), lora_rank / lora_alpha / lora_dropout / lora_target_modules (LoRA
+    adapters), activation_checkpointing.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ DEFAULTS = dict(
     alpha=2.0, vocab=101, rows=2, length=12, micro_batches=6, accumulate=2, optimizer="adamw", lr=1e-3,
     clip=None, model_path=None, export_dir=None, save_at=(), ckpt_dir=None, ckpt_path=None,
     accelerator="cpu", backend="torch", param_dtype=None, reduce_dtype=None,
+    lora_rank=None, lora_alpha=8.0, lora_dropout=0.0, lora_target_modules=None, activation_checkpointing=False,
 )
 
 
@@ -123,6 +125,8 @@ def build_module(case: dict):
         gamma=case["gamma"], alpha=case["alpha"], accumulate_grad_batches=case["accumulate"],
         gradient_clip_val=case["clip"], optimizer=optimizer, export_dir=case["export_dir"],
         projection_backend=case["backend"], attn_implementation="eager",
+        lora_rank=case["lora_rank"], lora_alpha=case["lora_alpha"], lora_dropout=case["lora_dropout"],
+        lora_target_modules=case["lora_target_modules"], activation_checkpointing=case["activation_checkpointing"],
     )
 
 
