@@ -125,7 +125,8 @@ def test_callback_attacks_the_merged_model_of_a_lora_run(tmp_path, monkeypatch):
                          callbacks=[probe])
     trainer.fit(module, datamodule=data)
     (attacker,) = attacked
-    assert type(attacker).__name__ == "LlamaForCausalLM" and not any("lora" in n for n, _ in attacker.named_parameters())
+    assert type(attacker).__name__ == "LlamaForCausalLM"
+    assert not any("lora" in n for n, _ in attacker.named_parameters())
     ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
     module.model.eval()
     with torch.no_grad():
