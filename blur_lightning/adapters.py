@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,9 @@ def add_lora(
     with torch.random.fork_rng(devices=[]):  # peft initializes A on the CPU, then moves it to the base's device
         torch.manual_seed(INIT_SEED)
         try:
-            return peft.get_peft_model(model, config)
+            with warnings.catch_warnings():  # peft asks the model a deprecated transformers question
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated")
+                return peft.get_peft_model(model, config)
         except ValueError as err:  # e.g. no module matches target_modules
             raise ValueError(f"lora_target_modules={target_modules!r}: {err}") from err
 

@@ -213,6 +213,8 @@ class BLURUnlearner(pl.LightningModule):
             self._reference.append(self._make_reference(self.model))
         self._enable_checkpointing()  # after the copy: the reference runs under no_grad
         if distributed.is_fsdp1(strategy):
+            if adapters.has_adapters(self.model):  # FSDP1 flattens frozen base and adapters into one tensor
+                raise ValueError("lora_rank under FSDP1 (strategy='fsdp'): use blur_lightning.distributed.FSDP2Strategy")
             # The policy (and reference) become their own FSDP1 roots (why: distributed.wrap_fsdp1).
             distributed.wrap_fsdp1(self)
             distributed.install_hooks(self)

@@ -255,3 +255,15 @@ def test_rank_zero_or_none_means_no_adapters():
         module = BLURUnlearner(build_tiny_llama(), lora_rank=rank, forget_loss="npo")
         module.configure_model()
         assert not adapters.has_adapters(module.model) and module.reference_model is not None
+
+
+def test_fsdp1_refuses_adapters():
+    """FSDP1 flattens a unit's frozen base weights and trainable adapters into one parameter."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    module = lora_module()
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(ValueError, match="lora_rank under FSDP1"):
+        module.configure_model()
