@@ -214,7 +214,7 @@ class BLURUnlearner(pl.LightningModule):
         self._enable_checkpointing()  # after the copy: the reference runs under no_grad
         if distributed.is_fsdp1(strategy):
             if adapters.has_adapters(self.model):  # FSDP1 flattens frozen base and adapters into one tensor
-                raise ValueError("lora_rank under FSDP1 (strategy='fsdp'): use blur_lightning.distributed.FSDP2Strategy")
+                raise ValueError("lora_rank under FSDP1 (strategy='fsdp'): use distributed.FSDP2Strategy instead")
             # The policy (and reference) become their own FSDP1 roots (why: distributed.wrap_fsdp1).
             distributed.wrap_fsdp1(self)
             distributed.install_hooks(self)
