@@ -53,28 +53,40 @@ def logits(model, side) -> torch.Tensor:
         return model(input_ids=side["input_ids"], attention_mask=side["attention_mask"]).logits
 
 
-def test_only_adapters_train_and_the_step_runs_over_them():
-    """One SGD step: adapters move by -lr * d with d from the forget / retain gradients of the adapters
-    alone (computed by hand), the base weights do not move at all."""
+@pytest.mark.parametrize("forget_loss,retain_loss", [("ga", "nll"), ("npo", "kl")])
+def test_only_adapters_train_and_the_step_runs_over_them(forget_loss, retain_loss):
+    """Two SGD steps: the second moves the adapters by -lr * d, d from the forget / retain gradients
+    of the adapters alone, computed by hand (NPO and KL against the untouched base model), and the
+    base weights do not move at all. (The first step moves B off zero, so the second one's
+    reference terms and A's gradients are not trivially zero.)"""
     base = build_tiny_llama()
-    batch = make_batch()
+    batches = [make_batch(seed=0), make_batch(seed=1)]
     lr, gamma = 0.05, 0.7
-    module = lora_module(copy.deepcopy(base), forget_loss="ga", retain_loss="nll", gamma=gamma,
+    module = lora_module(copy.deepcopy(base), forget_loss=forget_loss, retain_loss=retain_loss, gamma=gamma,
                          lora_target_modules=["q_proj", "v_proj", "down_proj"])
     record = Record()
-    fit(module, [batch], callbacks=[record])
+    fit(module, batches[:1])
+    hand = copy.deepcopy(module.model)  # after step 1
+    fit(module, batches[1:], callbacks=[record])
+    batch = batches[1]
 
-    # By hand: the same adapters (fixed init seed) on an untouched copy of the model.
-    hand = adapters.add_lora(copy.deepcopy(base), 4, 8.0, target_modules=["q_proj", "v_proj", "down_proj"])
+    # By hand: step 2 from the copy taken after step 1, the reference being the untouched base.
+    from blur_lightning import losses
+
+    hand.train()
     names = [n for n, p in hand.named_parameters() if p.requires_grad]
     assert names and all(adapters.is_adapter_parameter(n) for n in names)
     params = [p for p in hand.parameters() if p.requires_grad]
     f, r = batch["forget"], batch["retain"]
-    from blur_lightning import losses
-
-    lf = losses.gradient_ascent_loss(hand(input_ids=f["input_ids"], attention_mask=f["attention_mask"]).logits,
-                                     f["labels"])
-    lr_ = losses.nll_loss(hand(input_ids=r["input_ids"], attention_mask=r["attention_mask"]).logits, r["labels"])
+    logits_f = hand(input_ids=f["input_ids"], attention_mask=f["attention_mask"]).logits
+    logits_r = hand(input_ids=r["input_ids"], attention_mask=r["attention_mask"]).logits
+    if forget_loss == "ga":
+        lf = losses.gradient_ascent_loss(logits_f, f["labels"])
+        lr_ = losses.nll_loss(logits_r, r["labels"])
+    else:
+        frozen = copy.deepcopy(base).eval()
+        lf = losses.npo_loss(logits_f, logits(frozen, f), f["labels"], beta=0.1)
+        lr_ = losses.kl_loss(logits_r, logits(frozen, r), r["labels"])
     g_f = torch.cat([g.reshape(-1) for g in torch.autograd.grad(lf, params)]).double()
     g_r = torch.cat([g.reshape(-1) for g in torch.autograd.grad(lr_, params)]).double()
     stats = record.stats[0]
