@@ -95,13 +95,16 @@ def _register() -> None:
 
 
 def native_transformers_model(model: nn.Module) -> bool:
-    """Whether the model (or the module a DDP/FSDP1 wrapper holds) is a class of transformers itself.
+    """Whether the model (or the module a DDP/FSDP1 wrapper holds, or a peft model's base) is a class
+    of transformers itself.
 
     Those dispatch attention through AttentionInterface at call time, so the switch reaches every
     layer; a remote-code model may pick its attention class once and expect another mask type.
     """
     for m in (model, getattr(model, "module", None)):
-        if m is not None and any(c.__module__.startswith("transformers.models.") for c in type(m).__mro__):
+        # a peft model (LoRA) calls its base model, whose layers dispatch as the base's own
+        base = m.get_base_model() if m is not None and hasattr(type(m), "get_base_model") else m
+        if base is not None and any(c.__module__.startswith("transformers.models.") for c in type(base).__mro__):
             return True
     return False
 

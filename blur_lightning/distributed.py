@@ -46,6 +46,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from torch import nn
 
+from blur_lightning import adapters
 from blur_lightning.projection import all_reduce_sums, local_tensor
 from blur_lightning.strategy_hooks import StrategyHooks
 
@@ -206,7 +207,10 @@ def configure_fsdp2(module, strategy) -> None:
     A model given by name is built on the meta device on every rank, sharded, materialized shard
     by shard, and filled from rank 0's copy (`broadcast_from_rank0`): no rank but rank 0 ever
     holds a whole model. A ready nn.Module (tests, small models) is sharded in place. The frozen
-    reference, when a loss needs one, is a copy taken before sharding, sharded the same way.
+    reference, when a loss needs one, is a copy taken before sharding, sharded the same way (with
+    LoRA adapters: none, the policy with its adapters disabled serves). Adapters are added before
+    sharding (on rank 0's full model too, so the broadcast carries their initial values) and
+    activation checkpointing is applied per decoder layer before `fully_shard`.
     """
     from torch.distributed.fsdp import FSDPModule
 
@@ -218,8 +222,11 @@ def configure_fsdp2(module, strategy) -> None:
     full_model = None  # rank 0's whole model when built by name; None elsewhere
     if lazy:
         full_model, module.model = _meta_model_from_source(module)
+        full_model = module._add_adapters(full_model)  # rank 0's adapters: what every rank gets
+    module.model = module._add_adapters(module.model)
     module._apply_trainable_filter()
-    reference = copy.deepcopy(module.model) if module.needs_reference else None
+    reference = copy.deepcopy(module.model) if module.needs_reference_copy else None
+    module._enable_checkpointing()  # when switched on; before fully_shard, as torch composes the two
     shard_model_(module.model, mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
     models = [module.model]
     if reference is not None:
@@ -477,11 +484,14 @@ def export_hf(module, export_dir: str) -> None:
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(module.model, options=options)  # empty on ranks > 0 with cpu_offload
     if not dist.is_initialized() or dist.get_rank() == 0:
-        os.makedirs(export_dir, exist_ok=True)
         hf_model = getattr(module.model, "module", module.model)  # FSDP1 wraps; FSDP2 does not
-        hf_model.save_pretrained(export_dir, state_dict=state)
-        if module.tokenizer is not None:
-            module.tokenizer.save_pretrained(export_dir)
+        if adapters.has_adapters(hf_model):  # the merged model, and the adapter alone in adapter/
+            adapters.export(hf_model, module.tokenizer, export_dir, state=state)
+        else:
+            os.makedirs(export_dir, exist_ok=True)
+            hf_model.save_pretrained(export_dir, state_dict=state)
+            if module.tokenizer is not None:
+                module.tokenizer.save_pretrained(export_dir)
     if dist.is_initialized():
         dist.barrier()
 

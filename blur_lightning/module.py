@@ -23,6 +23,7 @@ update: d is never written (pass 1, then one pass over g_r, g_f, p, m, v).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import warnings
@@ -32,7 +33,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from blur_lightning import attention, losses, nonfinite, reference_cache
+from blur_lightning import adapters, attention, checkpointing, losses, nonfinite, reference_cache
 from blur_lightning.clipping import clipped_coefs, combine_scaled_
 from blur_lightning.data import VAL_LOADER_NAMES
 from blur_lightning.nonfinite import NONFINITE_SKIP, is_fused_blur_optimizer
@@ -83,7 +84,17 @@ class BLURUnlearner(pl.LightningModule):
             device path the LR scheduler and trainer.global_step still advance on a skipped
             step (as with GradScaler), and the warning about it comes up to a step late (read
             without stalling).
-        trainable_params: a regex; only parameters whose names match are trained (None: all).
+        trainable_params: a regex; only parameters whose names match are trained (None: all; with
+            LoRA: only adapter parameters whose names match, e.g. "layers\\.(2[0-9])\\.").
+        lora_rank: LoRA rank r (None or 0: no adapters, all weights trained). With adapters only
+            they are trained (the projection's sums run over them), and a loss that needs the frozen
+            reference gets this model with its adapters disabled, not a copy (blur_lightning.adapters).
+        lora_alpha: LoRA's scale: the update is (alpha / r) B A.
+        lora_dropout: dropout on the adapters' input.
+        lora_target_modules: module names to adapt (None: peft's default for the architecture, q_proj
+            and v_proj for Llama; "all-linear": every linear layer but the output head).
+        activation_checkpointing: recompute each decoder layer's activations in the backward instead
+            of keeping them (non-reentrant, per layer; one device, DDP and FSDP2).
         export_dir: where on fit end the model and tokenizer are saved with save_pretrained
             ("auto": <log_dir>/hf_model; None: no export).
         optimizer: a callable taking the parameters (LightningCLI injects it from YAML).
@@ -116,6 +127,11 @@ class BLURUnlearner(pl.LightningModule):
         projection_backend: str = "auto",
         nonfinite_skip: str = "auto",
         trainable_params: str | None = None,
+        lora_rank: int | None = None,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        lora_target_modules: list[str] | str | None = None,
+        activation_checkpointing: bool = False,
         export_dir: str | None = "auto",
         optimizer: OptimizerFactory = torch.optim.AdamW,
         scheduler: SchedulerFactory | None = None,
@@ -141,6 +157,7 @@ class BLURUnlearner(pl.LightningModule):
         reference_cache.check_setting(npo_reference, forget_loss)
         if nonfinite_skip not in NONFINITE_SKIP:
             raise ValueError(f"nonfinite_skip={nonfinite_skip!r}: expected one of {NONFINITE_SKIP}")
+        adapters.check_settings(lora_rank, lora_alpha, lora_dropout, lora_target_modules)
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
         self.automatic_optimization = False
         self.model_source = model if isinstance(model, str) else None
@@ -178,7 +195,30 @@ class BLURUnlearner(pl.LightningModule):
 
     @property
     def reference_model(self) -> nn.Module | None:
+        """The frozen copy, when there is one (with LoRA adapters there is none: see _reference_forward)."""
         return self._reference[0] if self._reference else None
+
+    @property
+    def needs_reference_copy(self) -> bool:
+        """Whether a loss needs the frozen model and it must be a copy (not the policy, adapters off)."""
+        return self.needs_reference and not (self.hparams.lora_rank or adapters.has_adapters(self.model))
+
+    @contextlib.contextmanager
+    def _reference_forward(self):
+        """Within, under no_grad: the frozen reference, the copy or this model with its adapters off."""
+        if self._reference or not adapters.has_adapters(self.model):
+            with torch.no_grad():
+                yield self.reference_model
+        else:
+            with adapters.disabled(self.model) as base:
+                yield base
+
+    def _add_adapters(self, model: nn.Module | None) -> nn.Module | None:
+        """model with LoRA adapters when lora_rank is set (idempotent), else model."""
+        h = self.hparams
+        if model is None or not h.lora_rank:
+            return model
+        return adapters.add_lora(model, h.lora_rank, h.lora_alpha, h.lora_dropout, h.lora_target_modules)
 
     def configure_model(self) -> None:
         """Build the policy (and the frozen reference when a loss needs it); called by the Trainer once."""
@@ -196,13 +236,21 @@ class BLURUnlearner(pl.LightningModule):
                 self.model_source, dtype=self.hparams.model_dtype, attn_implementation=self.hparams.attn_implementation
             )
             self.tokenizer = load_tokenizer(self.model_source)
+        self.model = self._add_adapters(self.model)
         self._apply_trainable_filter()
-        if self.needs_reference and not self._reference:
+        if self.needs_reference_copy and not self._reference:
             self._reference.append(self._make_reference(self.model))
+        self._enable_checkpointing()  # after the copy: the reference runs under no_grad
         if distributed.is_fsdp1(strategy):
+            if adapters.has_adapters(self.model):  # FSDP1 flattens frozen base and adapters into one tensor
+                raise ValueError("lora_rank under FSDP1 (strategy='fsdp'): use distributed.FSDP2Strategy instead")
             # The policy (and reference) become their own FSDP1 roots (why: distributed.wrap_fsdp1).
             distributed.wrap_fsdp1(self)
             distributed.install_hooks(self)
+
+    def _enable_checkpointing(self) -> None:
+        if self.hparams.activation_checkpointing:
+            checkpointing.enable(self.model)
 
     def _make_reference(self, model: nn.Module) -> nn.Module:
         reference = copy.deepcopy(model)
@@ -215,13 +263,15 @@ class BLURUnlearner(pl.LightningModule):
         if pattern is None:
             return
         regex = re.compile(pattern)
+        lora = adapters.has_adapters(self.model)  # then the regex picks among the adapters only
         matched = 0
         for name, param in self.model.named_parameters():
-            keep = bool(regex.search(name))
+            keep = bool(regex.search(name)) and (not lora or adapters.is_adapter_parameter(name))
             param.requires_grad_(keep)
             matched += keep
         if matched == 0:
-            raise ValueError(f"trainable_params={pattern!r} matches no parameter name of the model")
+            what = "LoRA adapter parameter" if lora else "parameter"
+            raise ValueError(f"trainable_params={pattern!r} matches no {what} name of the model")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -237,8 +287,7 @@ class BLURUnlearner(pl.LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def _reference_logits(self, side: dict[str, torch.Tensor]) -> torch.Tensor:
-        with torch.no_grad():
-            ref = self.reference_model
+        with self._reference_forward() as ref:
             return attention.forward(ref, side).logits
 
     # ------------------------------------------------------------------ losses
@@ -288,8 +337,8 @@ class BLURUnlearner(pl.LightningModule):
     def retain_loss(self, side: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.hparams.retain_loss == "rmu":
             hidden = self._layer_activations(self.model, side)
-            with torch.no_grad():
-                ref_hidden = self._layer_activations(self.reference_model, side)
+            with self._reference_forward() as ref:
+                ref_hidden = self._layer_activations(ref, side)
             return losses.rmu_retain_loss(hidden, ref_hidden, losses.rmu_mask(side, self.hparams.rmu_mask))
         logits = attention.forward(self.model, side).logits
         if self.hparams.retain_loss == "kl":
@@ -539,10 +588,8 @@ class BLURUnlearner(pl.LightningModule):
         if export_fn is not None:  # the FSDP path gathers full weights first
             export_fn(self, export_dir)
             return
-        if self.trainer.is_global_zero:
-            from blur_lightning.models import export_hf
-
-            export_hf(self.model, self.tokenizer, export_dir)
+        if self.trainer.is_global_zero:  # with adapters: the merged model, and the adapter in adapter/
+            adapters.export(self.model, self.tokenizer, export_dir)
 
     def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Lightning's clipping, or the shard-aware one a distributed set-up installs (strategy_hooks.clip).

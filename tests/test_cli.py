@@ -127,3 +127,35 @@ def test_fused_blur_adamw_from_the_command_line(tmp_path, tiny_model_dir):
     assert isinstance(getattr(optimizer, "optimizer", optimizer), BLURFusedAdamW)
     assert cli.trainer.global_step == 2
     assert all(state["step"].item() == 2.0 for state in optimizer.state.values())
+
+
+def test_lora_and_activation_checkpointing_from_the_command_line(tmp_path, tiny_model_dir):
+    """The switches from the command line on a tiny model: checkpointing gives the same weights as
+    without it; LoRA (+ checkpointing) exports a merged model that plain transformers loads, with
+    the trained model's logits, and the adapter alone."""
+    pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from blur_lightning import adapters, checkpointing
+
+    plain = run_fit(tmp_path / "plain", tiny_model_dir)
+    ac = run_fit(tmp_path / "ac", tiny_model_dir, "--model.activation_checkpointing=true")
+    assert checkpointing.is_enabled(ac.model.model) and not checkpointing.is_enabled(plain.model.model)
+    for (name, a), b in zip(plain.model.model.state_dict().items(), ac.model.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+    lora = run_fit(tmp_path / "lora", tiny_model_dir, "--model.lora_rank=4", "--model.lora_alpha=8",
+                   "--model.lora_target_modules=[q_proj,v_proj,down_proj]", "--model.activation_checkpointing=true")
+    model = lora.model.model
+    assert adapters.has_adapters(model) and checkpointing.is_enabled(model)
+    assert lora.model.reference_model is None  # NPO's reference: the adapters disabled
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if adapters.is_adapter_parameter(n)}
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "hf_model").eval()
+    assert os.path.isfile(tmp_path / "lora" / "hf_model" / adapters.ADAPTER_SUBDIR / "adapter_config.json")
+    ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+        assert (base(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max() > 1e-4

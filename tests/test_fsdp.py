@@ -8,8 +8,11 @@ which is the gradient of the concatenated batch for per-sequence mean losses).
     launch                                         cases
     2 processes (one launch, module fixture)        FSDP2 forget_lower (vocab 101: uneven shards, AdamW,
                                                     export), FSDP2 rmu (vocab 100, loaded by path on the
-                                                    meta device, SGD, clipping), DDP, sharded checkpoint
-                                                    at step 2 and inside window 3, and both resumes
+                                                    meta device, SGD, clipping), DDP, FSDP2 with activation
+                                                    checkpointing, FSDP2 LoRA (by path, NPO + KL references
+                                                    from the adapters disabled, checkpointing, merged
+                                                    export), DDP LoRA, sharded checkpoint at step 2 and
+                                                    inside window 3, and both resumes
     4 processes                                     HSDP on a 2x2 mesh
     torchrun --nnodes 2 --nproc-per-node 1          HSDP across two "nodes" on 127.0.0.1
 
@@ -193,6 +196,10 @@ def assert_same_weights(got: dict, want: dict, atol: float, label: str) -> float
 
 def assert_moved(state: dict, case: dict, at_least: float = 1e-4) -> None:
     """The comparison means something only if the weights moved well beyond the tolerance."""
+    if case.get("lora_rank"):  # the adapters' B starts at zero; the base weights never move
+        moved = max(v.abs().max().item() for k, v in state.items() if "lora_B" in k)
+        assert moved > at_least, f"adapters moved only {moved:.3g}"
+        return
     init = blur_worker.build_tiny_llama(vocab_size=case.get("vocab", 101), seed=0).state_dict()
     moved = max((state[k] - init[k]).abs().max().item() for k in state if k in init and "rotary" not in k)
     assert moved > at_least, f"weights moved only {moved:.3g}"
@@ -233,6 +240,17 @@ def two_rank_cases(out: str, model_dir: str) -> dict[str, dict]:
              micro_batches=3, accumulate=1),
         # rank 1's forget loss is infinite in micro-batch 2 (step 2), its gradients finite: both ranks skip
         dict(name="ddp_inf_loss_one_rank", layout="ddp", inf_loss_at=[1, 2], optimizer="sgd", lr=0.05, **common),
+        # activation checkpointing per decoder layer, applied before fully_shard
+        dict(name="fsdp2_checkpointing", layout="fsdp2", mode="forget_lower", forget_loss="npo",
+             retain_loss="nll", vocab=101, optimizer="adamw", lr=1e-3, activation_checkpointing=True, **common),
+        # LoRA on the meta-device path (adapters from rank 0), NPO + KL references from the sharded
+        # policy with its adapters disabled, checkpointing on, the merged export
+        dict(name="fsdp2_lora", layout="fsdp2", mode="forget_lower", forget_loss="npo", retain_loss="kl",
+             vocab=100, model_path=model_dir, optimizer="adamw", lr=3e-3, lora_rank=4, lora_alpha=8.0,
+             lora_target_modules=["q_proj", "v_proj", "down_proj"], activation_checkpointing=True,
+             export_dir=os.path.join(out, "export_lora"), **common),
+        dict(name="ddp_lora", layout="ddp", mode="forget_lower", forget_loss="npo", retain_loss="nll",
+             vocab=101, optimizer="sgd", lr=0.5, lora_rank=4, activation_checkpointing=True, **common),
         # 4 steps uninterrupted, checkpoints after micro-batch 4 (step 2) and 5 (inside window 3)
         dict(name="ckpt_full_run", layout="fsdp2", world=2, micro_batches=8, accumulate=2, save_at=[4, 5],
              ckpt_dir=ckpt_dir),
@@ -266,7 +284,9 @@ def two_rank_run(tmp_path_factory, model_dir):
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("name", ["fsdp2_forget_lower", "fsdp2_rmu", "fsdp2_fused_adamw"])
+@pytest.mark.parametrize(
+    "name", ["fsdp2_forget_lower", "fsdp2_rmu", "fsdp2_fused_adamw", "fsdp2_checkpointing", "fsdp2_lora"]
+)
 def test_fsdp2_two_ranks_equal_one_process(two_rank_run, name):
     out, cases = two_rank_run
     case = cases[name]
@@ -291,12 +311,13 @@ def test_fsdp2_clipping_was_active(two_rank_run, name):
 
 
 @pytest.mark.timeout(400)
-def test_ddp_two_ranks_equal_one_process_sums_counted_once(two_rank_run):
+@pytest.mark.parametrize("name", ["ddp_forget_lower", "ddp_lora"])
+def test_ddp_two_ranks_equal_one_process_sums_counted_once(two_rank_run, name):
     out, cases = two_rank_run
-    case = cases["ddp_forget_lower"]
+    case = cases[name]
     want = single_process(case)
     for rank in range(2):
-        got = load(out, "ddp_forget_lower", rank)
+        got = load(out, name, rank)
         diff = assert_same_weights(got["state"], want["state"], ATOL, f"ddp rank {rank}")
         # DDP gradients are already all-reduced: the local sums are the global ones, not 2x.
         assert_same_sums(got["stats"], want["stats"])
@@ -372,6 +393,33 @@ def test_export_is_consolidated_hf_model(two_rank_run):
     state = exported.state_dict()
     for key, value in trained.items():
         torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.timeout(400)
+def test_fsdp2_lora_export_is_the_merged_model(two_rank_run):
+    """The FSDP2 LoRA export (gathered, merged on rank 0): a plain LlamaForCausalLM whose target
+    weights are W + (alpha / r) B A of the trained shards, the other weights the base's; the
+    adapter alone beside it."""
+    from transformers import AutoModelForCausalLM
+
+    out, cases = two_rank_run
+    case = cases["fsdp2_lora"]
+    exported = AutoModelForCausalLM.from_pretrained(case["export_dir"]).state_dict()
+    assert os.path.isfile(os.path.join(case["export_dir"], "adapter", "adapter_config.json"))
+    trained = load(out, "fsdp2_lora", 0)["state"]
+    scale = case["lora_alpha"] / case["lora_rank"]
+    merged = 0
+    for key, value in trained.items():
+        if "lora_" in key:
+            continue
+        name = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        want = value
+        if ".base_layer." in key:
+            stem = key.replace(".base_layer.weight", "")
+            want = value + scale * trained[f"{stem}.lora_B.default.weight"] @ trained[f"{stem}.lora_A.default.weight"]
+            merged += 1
+        torch.testing.assert_close(exported[name], want, rtol=1e-6, atol=1e-6, msg=name)
+    assert merged == 3 * 2  # q, v, down in 2 layers
 
 
 # --------------------------------------------------------------------------------------------

@@ -376,6 +376,28 @@ def test_sdpa_model_step_makes_no_host_read(padded, forget_loss):
     assert reads == [0, 0], module._last_sites
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [dict(lora_rank=4), dict(activation_checkpointing=True), dict(lora_rank=4, activation_checkpointing=True)],
+    ids=["lora", "checkpointing", "lora_checkpointing"],
+)
+def test_lora_and_checkpointing_steps_make_no_host_read(settings):
+    """LoRA (the peft model's SDPA forward switched like its base's; NPO + KL references with the
+    adapters disabled) and activation checkpointing (the recompute in the backward): 0 reads."""
+    if "lora_rank" in settings:
+        pytest.importorskip("peft")
+    module = BLURUnlearner(
+        build_tiny_llama(attn="sdpa"), forget_loss="npo", retain_loss="kl", optimizer=OPTIMIZERS["adamw_fused"](),
+        export_dir=None, **settings,
+    )
+    reads = count_step_reads(module)
+    batches = [make_batch(seed=s) for s in range(2)]
+    for batch in batches:
+        mark_padding(batch)
+    fit(module, batches)
+    assert reads == [0, 0], module._last_sites
+
+
 def test_hf_sdpa_mask_reads_the_host_without_marks():
     """The cost the marks avoid: the same forward with a plain 2D mask reads it back."""
     model = build_tiny_llama(attn="sdpa")

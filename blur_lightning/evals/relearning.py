@@ -28,6 +28,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from blur_lightning import adapters
 from blur_lightning.encoding import encode_qa_rows, pad_side
 from blur_lightning.evals.qa import evaluate_qa
 from blur_lightning.evals.scoring import model_device
@@ -244,8 +245,11 @@ class RelearningProbe(pl.Callback):
         if pl_module.tokenizer is None:
             raise ValueError("RelearningProbe needs the module's tokenizer (load the model by name)")
         t0 = time.perf_counter()
+        model = pl_module.model
+        if adapters.has_adapters(model):  # the attacker fine-tunes every weight, not only the adapters
+            model = adapters.cpu_copy(model).merge_and_unload().to(pl_module.device)
         self.results = relearning_probe(
-            pl_module.model, pl_module.tokenizer, self._forget, probe_sets=self._probe_sets, steps=self.steps,
+            model, pl_module.tokenizer, self._forget, probe_sets=self._probe_sets, steps=self.steps,
             lr=self.lr, batch_size=self.batch_size, train_column=self.train_column,
             prob_column=self.train_column, max_length=self.max_length, max_new_tokens=self.max_new_tokens,
             eval_batch_size=self.eval_batch_size, seed=self.seed,

@@ -18,7 +18,9 @@ A case (all keys but name and layout optional):
     ckpt_path (resume from it), bucket_view (DDP's gradient_as_bucket_view), inf_loss_at ([rank,
     micro-batch]: that rank's forget loss is made infinite there, its gradient left finite), npo_reference,
     data ({"forget", "retain", "tokenizer"}: QA JSONL files through ForgetRetainDataModule, `rows` per rank per
-    micro-batch, shuffled; vocab must be the tokenizer's), max_steps.
+    micro-batch, shuffled; vocab must be the tokenizer's), max_steps,
+    lora_rank / lora_alpha / lora_dropout / lora_target_modules (LoRA adapters),
+    activation_checkpointing.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ DEFAULTS = dict(
     clip=None, model_path=None, export_dir=None, save_at=(), ckpt_dir=None, ckpt_path=None,
     accelerator="cpu", backend="torch", param_dtype=None, reduce_dtype=None, bucket_view=False, inf_loss_at=None,
     npo_reference="auto", data=None, max_steps=-1,
+    lora_rank=None, lora_alpha=8.0, lora_dropout=0.0, lora_target_modules=None, activation_checkpointing=False,
 )
 
 
@@ -128,6 +131,8 @@ def build_module(case: dict):
         gamma=case["gamma"], alpha=case["alpha"], accumulate_grad_batches=case["accumulate"],
         gradient_clip_val=case["clip"], optimizer=optimizer, export_dir=case["export_dir"],
         projection_backend=case["backend"], attn_implementation="eager", npo_reference=case["npo_reference"],
+        lora_rank=case["lora_rank"], lora_alpha=case["lora_alpha"], lora_dropout=case["lora_dropout"],
+        lora_target_modules=case["lora_target_modules"], activation_checkpointing=case["activation_checkpointing"],
     )
 
 

@@ -96,3 +96,39 @@ def test_callback_names_a_probe_set_without_answers(tmp_path):
     bad.write_text('{"question": "q", "reply": "a"}\n')
     with pytest.raises(ValueError, match=r"probe set 'odd' \(.*bad.jsonl\): missing column\(s\) \['answer'\]"):
         RelearningProbe(FORGET, probe_sets={"odd": str(bad)}, train_column="answer")
+
+
+def test_callback_attacks_the_merged_model_of_a_lora_run(tmp_path, monkeypatch):
+    """With LoRA adapters the probe fine-tunes the merged model (every weight), not the adapters alone:
+    an attack held to the adapters' subspace would under-report relearning."""
+    pytest.importorskip("peft")
+    import blur_lightning.evals.relearning as relearning
+    from test_module import sgd
+
+    from blur_lightning.data import ForgetRetainDataModule
+    from blur_lightning.module import BLURUnlearner
+
+    attacked = []
+    monkeypatch.setattr(relearning, "relearning_probe", lambda model, *a, **k: attacked.append(model) or {})
+    model, tokenizer = tiny()
+    module = BLURUnlearner(model, forget_loss="ga", optimizer=sgd(0.5), export_dir=None, lora_rank=4)
+    module.tokenizer = tokenizer
+    data = ForgetRetainDataModule(
+        forget_path=FORGET, retain_path=os.path.join(FIXTURES, "retain.jsonl"), tokenizer="unused",
+        batch_size=4, max_length=48,
+    )
+    data.set_tokenizer(tokenizer)
+    probe = RelearningProbe(FORGET, steps=2, train_column="answer", max_new_tokens=2)
+    probe.table = lambda: ""
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[probe])
+    trainer.fit(module, datamodule=data)
+    (attacker,) = attacked
+    assert type(attacker).__name__ == "LlamaForCausalLM"
+    assert not any("lora" in n for n, _ in attacker.named_parameters())
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    module.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(attacker(input_ids=ids).logits, module.model(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
