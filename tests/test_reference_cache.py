@@ -18,8 +18,8 @@ import torch
 
 from blur_lightning import reference_cache
 from blur_lightning.data import ForgetRetainDataModule
-from blur_lightning.testing import tiny_llama, tiny_tokenizer
 from blur_lightning.module import BLURUnlearner
+from blur_lightning.testing import tiny_llama, tiny_tokenizer
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 TOKENIZER = os.path.join(FIXTURES, "tiny_tokenizer")
