@@ -36,6 +36,7 @@ import torch
 
 from blur_lightning.evals.base import EvalSettings, Results, is_scalar
 from blur_lightning.evals.cache import EvalCache, cache_key, content_fingerprint, model_fingerprint
+from blur_lightning.evals.qa import DEFAULT_MAX_NEW_TOKENS
 from blur_lightning.evals.registry import evaluate_benchmark, get_benchmark
 from blur_lightning.rows import Row
 from blur_lightning.runs import log_dir, write_json
@@ -172,6 +173,28 @@ class EvaluationCallback(pl.Callback):
             how = f"{last['seconds']:.0f} s"
         print(f"\n{self.benchmark.upper()} evaluation {title} ({how})", flush=True)
         print("\n".join(lines), flush=True)
+
+    def qa_memo(self, stage: str = "fit_end") -> tuple[dict[str, Any], dict[tuple[str, str, str], tuple[bool, float]]]:
+        """The QA benchmark's per-question results of the last `stage` evaluation, for reuse by a later
+        measurement of the same model (the relearning probe's "before"): ``(settings, {(question,
+        answer, scored text): (correct, answer prob)})``; empty for other benchmarks or stages."""
+        found = self._stage(stage)
+        if self.benchmark != "qa" or found is None:
+            return {}, {}
+        prob_column = self.options.get("prob_column", "response")
+        question_column = self.options.get("question_column", "question")
+        answer_column = self.options.get("answer_column", "answer")
+        memo: dict[tuple[str, str, str], tuple[bool, float]] = {}
+        for name, rows in self.rows().items():
+            per_example = found["extras"].get(f"{name}/per_example")
+            if per_example is None:
+                continue
+            scored = prob_column if prob_column is not None and all(prob_column in r for r in rows) else answer_column
+            for row, correct, prob in zip(rows, per_example["correct"], per_example["answer_prob"]):
+                memo[(str(row[question_column]), str(row[answer_column]), str(row[scored]))] = (correct, prob)
+        settings = {"max_new_tokens": self.settings.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+                    "chat_template": self.settings.chat_template, "step": found["step"]}  # fmt: skip
+        return settings, memo
 
     def _cacheable(self, trainer: pl.Trainer) -> bool:
         # one process: a sharded model's fingerprint would be a collective, and ranks hold shards
