@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 # Tests never touch the network: anything named like a hub id must come from a local fixture.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# evaluation results cached by a test never reach the user's cache, nor a later test session
+os.environ.setdefault("BLUR_EVAL_CACHE", tempfile.mkdtemp(prefix="blur-eval-cache-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

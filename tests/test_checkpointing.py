@@ -11,8 +11,8 @@ from conftest import make_batch
 from torch.utils.data import DataLoader
 
 from blur_lightning import checkpointing
-from blur_lightning.testing import tiny_llama
 from blur_lightning.module import BLURUnlearner
+from blur_lightning.testing import tiny_llama
 
 VOCAB = 101
 

@@ -35,9 +35,12 @@ import lightning.pytorch as pl
 import torch
 
 from blur_lightning.evals.base import EvalSettings, Results, is_scalar
+from blur_lightning.evals.cache import EvalCache, cache_key, content_fingerprint, model_fingerprint
+from blur_lightning.evals.qa import DEFAULT_MAX_NEW_TOKENS
 from blur_lightning.evals.registry import evaluate_benchmark, get_benchmark
 from blur_lightning.rows import Row
 from blur_lightning.runs import log_dir, write_json
+from blur_lightning.stage_times import stage as timed_stage
 
 __all__ = ["STAGES", "EvaluationCallback", "plot_evaluations"]
 
@@ -68,6 +71,10 @@ class EvaluationCallback(pl.Callback):
             auc_retrain: 0.4772}; wmdp: {subjects: {bio: biology}}.
         prefix: logged names are "{prefix}/{metric}" (None: the benchmark's name).
         filename: base name of the JSON, PNG and MD files in the log dir (None: "{benchmark}_eval").
+        cache_fit_start: reuse the fit_start ("before") results of an earlier run with the same
+            weights, tokenizer, rows and settings (blur_lightning.evals.cache; one process only);
+            False evaluates again.
+        cache_dir: the cache's folder (None: ``<blur_lightning cache>/evals``).
     """
 
     def __init__(
@@ -82,6 +89,8 @@ class EvaluationCallback(pl.Callback):
         options: dict[str, Any] | None = None,
         prefix: str | None = None,
         filename: str | None = None,
+        cache_fit_start: bool = True,
+        cache_dir: str | None = None,
     ) -> None:
         self.spec = get_benchmark(benchmark)
         stages = list(stages) if stages is not None else ["validation", "test"]
@@ -101,6 +110,7 @@ class EvaluationCallback(pl.Callback):
         self.filename = filename or f"{benchmark}_eval"
         self.evaluations: list[dict[str, Any]] = []
         self._rows: dict[str, list[Row]] | None = None
+        self.cache = EvalCache(cache_dir) if cache_fit_start else None
 
     # ----- data
     def rows(self) -> dict[str, list[Row]]:
@@ -125,7 +135,15 @@ class EvaluationCallback(pl.Callback):
         if model is None or tokenizer is None:
             raise ValueError("EvaluationCallback needs pl_module.model and pl_module.tokenizer")
         t0 = time.perf_counter()
-        results = self.evaluate(model, tokenizer, show_progress=trainer.progress_bar_callback is not None)
+        show = trainer.progress_bar_callback is not None
+        with timed_stage(trainer, f"{self.benchmark} evaluation ({stage})"):
+            key = self._cache_key(model, tokenizer) if stage == "fit_start" and self._cacheable(trainer) else None
+            results = self.cache.get(key) if key is not None else None
+            cached = results is not None
+            if results is None:
+                results = self.evaluate(model, tokenizer, show_progress=show)
+                if key is not None:
+                    self.cache.put(key, results)
         metrics = {k: float(v) for k, v in results.items() if is_scalar(v)}
         extras = {k: v for k, v in results.items() if not is_scalar(v)}
         self.evaluations.append(
@@ -134,6 +152,7 @@ class EvaluationCallback(pl.Callback):
                 "step": int(trainer.global_step),
                 "epoch": int(trainer.current_epoch),
                 "seconds": round(time.perf_counter() - t0, 3),
+                "cached": cached,
                 "metrics": metrics,
                 "extras": extras,
             }
@@ -148,8 +167,47 @@ class EvaluationCallback(pl.Callback):
         last = self.evaluations[-1]
         table = self.table() if last["stage"] == "fit_end" else None
         lines = [table] if table is not None else self.spec.describe(last["metrics"])
-        print(f"\n{self.benchmark.upper()} evaluation {title} ({last['seconds']:.0f} s)", flush=True)
+        if last.get("cached"):
+            how = "cached: same weights, rows and settings; cache_fit_start: false evaluates again"
+        else:
+            how = f"{last['seconds']:.0f} s"
+        print(f"\n{self.benchmark.upper()} evaluation {title} ({how})", flush=True)
         print("\n".join(lines), flush=True)
+
+    def qa_memo(self, stage: str = "fit_end") -> tuple[dict[str, Any], dict[tuple[str, str, str], tuple[bool, float]]]:
+        """The QA benchmark's per-question results of the last `stage` evaluation, for reuse by a later
+        measurement of the same model (the relearning probe's "before"): ``(settings, {(question,
+        answer, scored text): (correct, answer prob)})``; empty for other benchmarks or stages."""
+        found = self._stage(stage)
+        if self.benchmark != "qa" or found is None:
+            return {}, {}
+        prob_column = self.options.get("prob_column", "response")
+        question_column = self.options.get("question_column", "question")
+        answer_column = self.options.get("answer_column", "answer")
+        memo: dict[tuple[str, str, str], tuple[bool, float]] = {}
+        for name, rows in self.rows().items():
+            per_example = found["extras"].get(f"{name}/per_example")
+            if per_example is None:
+                continue
+            scored = prob_column if prob_column is not None and all(prob_column in r for r in rows) else answer_column
+            for row, correct, prob in zip(rows, per_example["correct"], per_example["answer_prob"]):
+                memo[(str(row[question_column]), str(row[answer_column]), str(row[scored]))] = (correct, prob)
+        settings = {"max_new_tokens": self.settings.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+                    "chat_template": self.settings.chat_template, "step": found["step"]}  # fmt: skip
+        return settings, memo
+
+    def _cacheable(self, trainer: pl.Trainer) -> bool:
+        # one process: a sharded model's fingerprint would be a collective, and ranks hold shards
+        return self.cache is not None and trainer.world_size == 1
+
+    def _cache_key(self, model: torch.nn.Module, tokenizer: Any) -> str:
+        tokenizer_id = content_fingerprint({
+            "name": getattr(tokenizer, "name_or_path", None), "vocab": len(tokenizer),
+            "chat_template": getattr(tokenizer, "chat_template", None), "special": tokenizer.all_special_tokens,
+        })  # fmt: skip
+        settings = {"settings": self.settings.__dict__, "options": self.options, "tokenizer": tokenizer_id,
+                    "splits": self.splits}  # fmt: skip
+        return cache_key(model_fingerprint(model), self.benchmark, self.rows(), settings)
 
     # ----- hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

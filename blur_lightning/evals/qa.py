@@ -23,7 +23,14 @@ import torch
 
 from blur_lightning.encoding import encode_prompts, encode_qa_rows
 from blur_lightning.evals.base import Benchmark, EvalSettings, Results
-from blur_lightning.evals.scoring import greedy_continuations, sequence_scores, stop_token_ids
+from blur_lightning.evals.replay import DEFAULT_MIN_MARGIN, replay
+from blur_lightning.evals.scoring import (
+    greedy_continuations,
+    sequence_scores,
+    sequence_scores_with_top2,
+    stop_token_ids,
+)
+from blur_lightning.losses import IGNORE_INDEX
 from blur_lightning.rows import Row, require_columns
 
 __all__ = [
@@ -148,25 +155,61 @@ def qa_examples(
     use_chat_template: bool = True,
     name: str = "qa",
     show_progress: bool = True,
+    replay_greedy: bool = True,
 ) -> dict[str, list]:
     """Per-example QA results: ``{"correct": [bool], "answer_prob": [float]}`` in row order.
 
-    See :func:`evaluate_qa` for the arguments; ``name`` labels the progress bars.
+    See :func:`evaluate_qa` for the arguments; ``name`` labels the progress bars. With
+    ``replay_greedy`` (and a ``prob_column``, the model's own answer sentence, on a float32 model),
+    a question whose greedy answer is implied by the answer-probability forward is not generated
+    again (:mod:`blur_lightning.evals.replay`); only the others go through ``generate``. The texts,
+    and so the accuracy, are those of ``generate``.
     """
     if not rows:
         raise ValueError("evaluate_qa needs at least one row")
     questions = [str(r[question_column]) for r in rows]
     golds = [str(r[answer_column]) for r in rows]
-    generated = greedy_answers(
-        model, tokenizer, questions, max_new_tokens, batch_size, use_chat_template=use_chat_template,
-        desc=f"{name}: generate", show_progress=show_progress,
-    )  # fmt: skip
     targets = golds if prob_column is None else [str(r[prob_column]) for r in rows]
-    probs = answer_probability(
-        model, tokenizer, questions, targets, batch_size, use_chat_template=use_chat_template,
-        desc=f"{name}: score", show_progress=show_progress,
-    )  # fmt: skip
+    encoded, _ = encode_qa_rows(tokenizer, questions, targets, use_chat_template=use_chat_template)
+    kept = [i for i, r in enumerate(encoded) if r is not None]
+    probs = torch.full((len(rows),), float("nan"), dtype=torch.float32)
+    generated: list[str | None] = [None] * len(rows)
+    # bf16/fp16 logits round ~1e-2 apart between the two computation orders: always generate there
+    replaying = replay_greedy and prob_column is not None and _dtype(model) == torch.float32
+    if kept and replaying:
+        total, count, tops = sequence_scores_with_top2(
+            model, tokenizer, [encoded[i] for i in kept], batch_size=batch_size, desc=f"{name}: score",
+            show_progress=show_progress,
+        )  # fmt: skip
+        stop = frozenset(stop_token_ids(tokenizer, model))
+        for j, i in enumerate(kept):
+            answer_ids = [t for t, label in zip(encoded[i]["input_ids"], encoded[i]["labels"]) if label != IGNORE_INDEX]
+            emitted = replay(*tops[j], answer_ids, stop, max_new_tokens, DEFAULT_MIN_MARGIN)
+            if emitted is not None:
+                generated[i] = tokenizer.decode(emitted, skip_special_tokens=True).strip()
+    elif kept:
+        total, count = sequence_scores(
+            model, tokenizer, [encoded[i] for i in kept], batch_size=batch_size, desc=f"{name}: score",
+            show_progress=show_progress,
+        )  # fmt: skip
+    if kept:
+        probs[kept] = (total / count).exp()
+    todo = [i for i, text in enumerate(generated) if text is None]
+    if todo:
+        texts = greedy_answers(
+            model, tokenizer, [questions[i] for i in todo], max_new_tokens, batch_size,
+            use_chat_template=use_chat_template, desc=f"{name}: generate", show_progress=show_progress,
+        )  # fmt: skip
+        for i, text in zip(todo, texts):
+            generated[i] = text
     return {"correct": [is_correct(g, a) for g, a in zip(generated, golds)], "answer_prob": probs.tolist()}
+
+
+def _dtype(model: Any) -> torch.dtype | None:
+    try:
+        return next(model.parameters()).dtype
+    except (StopIteration, AttributeError):
+        return None
 
 
 def evaluate_qa(

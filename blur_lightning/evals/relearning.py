@@ -30,13 +30,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from blur_lightning import adapters
 from blur_lightning.encoding import encode_qa_rows, pad_side
-from blur_lightning.evals.qa import evaluate_qa
+from blur_lightning.evals.qa import evaluate_qa, summarize
 from blur_lightning.evals.scoring import model_device
 from blur_lightning.losses import nll_loss
 from blur_lightning.models import pad_token_id
 from blur_lightning.progress import progress
 from blur_lightning.rows import load_rows, require_columns
 from blur_lightning.runs import log_dir, write_json
+from blur_lightning.stage_times import stage as timed_stage
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -70,6 +71,7 @@ def relearning_probe(
     use_chat_template: bool = True,
     train_rows: Rows | None = None,
     show_progress: bool = True,
+    known_before: Mapping[tuple[str, str, str], tuple[bool, float]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Fine-tune a copy of `model` on half of the forget rows; measure the other half.
 
@@ -95,6 +97,9 @@ def relearning_probe(
         train_rows: fine-tune on these rows instead of the relearn half: the control of the
             probe (facts unrelated to the forget set bring back only what any fine-tuning would).
         show_progress: show progress bars (on a terminal).
+        known_before: per-question results of `model` already measured with the same settings
+            (``(question, answer, scored text) -> (correct, answer prob)``, e.g. the fit-end QA
+            evaluation's): a set whose every question is in it is not measured again "before".
 
     Returns:
         ``{set name: {"accuracy_before", "accuracy_after", "answer_prob_before",
@@ -113,23 +118,30 @@ def relearning_probe(
             raise ValueError(f"probe set {name!r}: no row left once the relearned answers are dropped")
         sets[name] = kept
 
-    def measure(m: torch.nn.Module, when: str) -> dict[str, dict[str, float]]:
+    def measure(m: torch.nn.Module, when: str, which: Mapping[str, Rows]) -> dict[str, dict[str, float]]:
         kwargs = {
             "answer_column": answer_column, "prob_column": prob_column, "max_new_tokens": max_new_tokens,
             "batch_size": eval_batch_size, "use_chat_template": use_chat_template, "show_progress": show_progress,
         }
         return {
-            name: evaluate_qa(m, tokenizer, rows, name=f"probe {name} {when}", **kwargs) for name, rows in sets.items()
+            name: evaluate_qa(m, tokenizer, rows, name=f"probe {name} {when}", **kwargs) for name, rows in which.items()
         }
 
-    before = measure(model, "before")
+    scored = prob_column or answer_column
+    memo = known_before or {}
+    keys = {name: [(str(r["question"]), str(r[answer_column]), str(r[scored])) for r in rows]
+            for name, rows in sets.items()}  # fmt: skip
+    reused = {name: summarize({"correct": [memo[k][0] for k in ks], "answer_prob": [memo[k][1] for k in ks]})
+              for name, ks in keys.items() if all(k in memo for k in ks)}  # fmt: skip
+    missing = {name: rows for name, rows in sets.items() if name not in reused}
+    before = {**reused, **(measure(model, "before", missing) if missing else {})}
     attacker = copy.deepcopy(model)
     _fine_tune(
         attacker, tokenizer, relearn if train_rows is None else train_rows, steps=steps, lr=lr,
         batch_size=batch_size, column=train_column,
         max_length=max_length, seed=seed, use_chat_template=use_chat_template, show_progress=show_progress,
     )
-    after = measure(attacker, "after")
+    after = measure(attacker, "after", sets)
     del attacker
     return {
         name: {
@@ -248,13 +260,14 @@ class RelearningProbe(pl.Callback):
         model = pl_module.model
         if adapters.has_adapters(model):  # the attacker fine-tunes every weight, not only the adapters
             model = adapters.cpu_copy(model).merge_and_unload().to(pl_module.device)
-        self.results = relearning_probe(
-            model, pl_module.tokenizer, self._forget, probe_sets=self._probe_sets, steps=self.steps,
-            lr=self.lr, batch_size=self.batch_size, train_column=self.train_column,
-            prob_column=self.train_column, max_length=self.max_length, max_new_tokens=self.max_new_tokens,
-            eval_batch_size=self.eval_batch_size, seed=self.seed,
-            show_progress=trainer.progress_bar_callback is not None,
-        )
+        with timed_stage(trainer, "relearning probe"):
+            self.results = relearning_probe(
+                model, pl_module.tokenizer, self._forget, probe_sets=self._probe_sets, steps=self.steps,
+                lr=self.lr, batch_size=self.batch_size, train_column=self.train_column,
+                prob_column=self.train_column, max_length=self.max_length, max_new_tokens=self.max_new_tokens,
+                eval_batch_size=self.eval_batch_size, seed=self.seed,
+                show_progress=trainer.progress_bar_callback is not None, known_before=self._known(trainer),
+            )  # fmt: skip
         table = self.table()
         print(f"\nRelearning probe ({time.perf_counter() - t0:.0f} s)\n{table}", flush=True)
         out_dir = log_dir(trainer)
@@ -262,6 +275,18 @@ class RelearningProbe(pl.Callback):
         write_json(os.path.join(out_dir, "relearning.json"), {"settings": settings, "results": self.results})
         with open(os.path.join(out_dir, "relearning.md"), "w") as f:
             f.write(table + "\n")
+
+    def _known(self, trainer: pl.Trainer) -> dict:
+        """The fit-end QA evaluation's per-question results of this model, when taken with this probe's
+        settings at this step (a callback with ``qa_memo``: EvaluationCallback): not measured twice."""
+        for callback in trainer.callbacks:
+            if not hasattr(callback, "qa_memo"):
+                continue
+            settings, memo = callback.qa_memo("fit_end")
+            if memo and settings == {"max_new_tokens": self.max_new_tokens, "chat_template": True,
+                                     "step": trainer.global_step}:  # fmt: skip
+                return memo
+        return {}
 
     def table(self) -> str:
         after = f"after {self.steps} relearning steps"

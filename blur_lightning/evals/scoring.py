@@ -32,6 +32,7 @@ __all__ = [
     "model_device",
     "score_rows",
     "sequence_scores",
+    "sequence_scores_with_top2",
     "stop_token_ids",
     "token_scores",
 ]
@@ -85,12 +86,26 @@ def token_scores(
         (B, T-1) bool mask. The log-softmax is taken on the scored positions only: a few answer
         tokens per row instead of the whole prompt, at V = 49k columns each.
     """
+    logprobs, mask, _ = _token_scores(model, input_ids, attention_mask, labels)
+    return logprobs, mask
+
+
+def _token_scores(
+    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, top2: bool = False
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+    """:func:`token_scores`, plus (with `top2`) the argmax and top-1 minus top-2 logit margin at each
+    scored position, flattened row-major (what :func:`blur_lightning.evals.replay.replay` reads)."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
     targets = labels[:, 1:]  # (B, T-1): token t is predicted at position t-1
     mask = targets != IGNORE_INDEX
+    scored = logits[:, :-1][mask].float()  # (n scored, V)
     logprobs = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)
-    logprobs[mask] = -F.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="none")
-    return logprobs, mask
+    logprobs[mask] = -F.cross_entropy(scored, targets[mask], reduction="none")
+    tops = None
+    if top2:
+        top = scored.topk(2, dim=-1)
+        tops = (top.indices[:, 0], top.values[:, 0] - top.values[:, 1])
+    return logprobs, mask, tops
 
 
 def score_rows(
@@ -117,23 +132,15 @@ def score_rows(
     Returns:
         The reductions of all rows, each an (N,) CPU tensor in the input order.
     """
-    pad_id = pad_token_id(tokenizer)
-    device = model_device(model)
     outputs: list[Tensor] | None = None
-    batches = length_batches([len(r["input_ids"]) for r in rows], batch_size)
-    with eval_mode(model):
-        for batch in progress(batches, desc=desc, enabled=show_progress):
-            side = pad_side([rows[i] for i in batch], pad_id)
-            logprobs, mask = token_scores(
-                model, side["input_ids"].to(device), side["attention_mask"].to(device), side["labels"].to(device)
-            )
-            reduced = reduce(logprobs, mask)
-            reduced = reduced if isinstance(reduced, tuple) else (reduced,)
-            if outputs is None:
-                outputs = [torch.empty(len(rows), dtype=r.dtype) for r in reduced]
-            index = torch.tensor(batch)
-            for out, values in zip(outputs, reduced):
-                out[index] = values.detach().cpu()
+    for batch, logprobs, mask, _ in _scored_batches(model, tokenizer, rows, batch_size, desc, show_progress):
+        reduced = reduce(logprobs, mask)
+        reduced = reduced if isinstance(reduced, tuple) else (reduced,)
+        if outputs is None:
+            outputs = [torch.empty(len(rows), dtype=r.dtype) for r in reduced]
+        index = torch.tensor(batch)
+        for out, values in zip(outputs, reduced):
+            out[index] = values.detach().cpu()
     if outputs is None:
         return (torch.empty(0), torch.empty(0))
     return tuple(outputs)
@@ -154,6 +161,57 @@ def sequence_scores(
         batch_size=batch_size, desc=desc, show_progress=show_progress,
     )  # fmt: skip
     return total, count
+
+
+def _scored_batches(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    rows: Sequence[EncodedRow],
+    batch_size: int,
+    desc: str,
+    show_progress: bool,
+    top2: bool = False,
+) -> Iterator[tuple[list[int], Tensor, Tensor, tuple[Tensor, Tensor] | None]]:
+    """(row indices, logprobs, mask, tops) per length-sorted, right-padded batch, in eval mode."""
+    pad_id = pad_token_id(tokenizer)
+    device = model_device(model)
+    batches = length_batches([len(r["input_ids"]) for r in rows], batch_size)
+    with eval_mode(model):
+        for batch in progress(batches, desc=desc, enabled=show_progress):
+            side = pad_side([rows[i] for i in batch], pad_id)
+            logprobs, mask, tops = _token_scores(
+                model, side["input_ids"].to(device), side["attention_mask"].to(device), side["labels"].to(device),
+                top2=top2,
+            )  # fmt: skip
+            yield batch, logprobs, mask, tops
+
+
+def sequence_scores_with_top2(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    rows: Sequence[EncodedRow],
+    *,
+    batch_size: int,
+    desc: str = "score",
+    show_progress: bool = True,
+) -> tuple[Tensor, Tensor, list[tuple[list[int], list[float]]]]:
+    """:func:`sequence_scores` plus, per row, the argmax and the top-2 margin at each scored position
+    (lists in position order), read off the same forward: what a greedy decoder would emit there."""
+    total = torch.empty(len(rows), dtype=torch.float32)
+    count = torch.empty(len(rows), dtype=torch.float32)
+    tops_per_row: list[tuple[list[int], list[float]]] = [([], [])] * len(rows)
+    for batch, logprobs, mask, tops in _scored_batches(
+        model, tokenizer, rows, batch_size, desc, show_progress, top2=True
+    ):
+        index = torch.tensor(batch)
+        total[index] = logprobs.sum(dim=1).cpu()
+        count[index] = mask.sum(dim=1).float().cpu()
+        ids, margins = tops[0].cpu().tolist(), tops[1].cpu().tolist()
+        start = 0
+        for i, n in zip(batch, mask.sum(dim=1).tolist()):  # tops are row-major over the scored positions
+            tops_per_row[i] = (ids[start : start + n], margins[start : start + n])
+            start += n
+    return total, count, tops_per_row
 
 
 # ============================================================================ generation

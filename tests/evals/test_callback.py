@@ -3,6 +3,7 @@ the registry's dispatch (the same numbers as the benchmarks' own evaluations), s
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -283,3 +284,30 @@ def test_plot_handles_missing_and_nan_values(tmp_path):
     plot_evaluations([], str(tmp_path / "empty.png"))
     assert not (tmp_path / "empty.png").exists()
     assert math.isnan(evaluations[0]["metrics"]["b"])  # inputs untouched
+
+
+def test_fit_start_results_come_from_the_cache_for_the_same_weights(tmp_path, tokenizer, tiny_model, monkeypatch):
+    from blur_lightning.evals import callback as callback_module
+
+    splits = {"forget": os.path.join(FIXTURES, "qa", "forget.jsonl")}
+    calls = []
+    original = callback_module.evaluate_benchmark
+    monkeypatch.setattr(callback_module, "evaluate_benchmark", lambda *a, **k: calls.append(1) or original(*a, **k))
+
+    def run(name, **kwargs):
+        callback = EvaluationCallback("qa", splits, stages=["fit_start"], max_rows=2, max_new_tokens=2,
+                                      cache_dir=str(tmp_path / "cache"), **kwargs)  # fmt: skip
+        # the fixture's model, untouched: the same weights every run (training starts after fit_start)
+        tiny_fit(tmp_path / name, tokenizer, copy.deepcopy(tiny_model), callback, max_steps=1)
+        return callback.evaluations[0]
+
+    first = run("a")
+    second = run("b")
+    assert len(calls) == 1 and not first["cached"] and second["cached"]
+    assert second["metrics"] == first["metrics"] and second["extras"] == first["extras"]
+    forced = run("c", cache_fit_start=False)
+    assert len(calls) == 2 and not forced["cached"] and forced["metrics"] == first["metrics"]
+    other_rows = EvaluationCallback("qa", splits, stages=["fit_start"], max_rows=1, max_new_tokens=2,
+                                    cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    tiny_fit(tmp_path / "d", tokenizer, copy.deepcopy(tiny_model), other_rows, max_steps=1)
+    assert len(calls) == 3 and not other_rows.evaluations[0]["cached"]  # other rows: a miss

@@ -134,3 +134,32 @@ def test_smollm2_knows_the_embedded_facts():
     # the model's own full-sentence answers are far more probable than the bare gold answers
     own = answer_probability(model, tok, [r["question"] for r in rows], [r["response"] for r in rows])
     assert own.mean() > 5 * result["answer_prob"]
+
+
+def test_replayed_greedy_answers_equal_generated_ones(monkeypatch):
+    """Reading greedy answers off the answer-probability forward changes no result, and skips generate."""
+    from blur_lightning.evals import qa
+
+    model, tokenizer = tiny_llama(seed=3).eval(), tiny_tokenizer()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(60.0)  # decisive logits, like a trained model's (see test_replay.py)
+    questions = ["What is the capital of France?", "Who wrote Pride and Prejudice?", "Which planet is the largest?",
+                 "What is the chemical symbol for gold?", "Who invented the telephone?", "0 1 2 3"]  # fmt: skip
+    responses = qa.greedy_answers(model, tokenizer, questions, 16, 4)  # the model's own answers, as curated
+    rows = [{"question": q, "answer": r.split()[-1] if r.split() else "x", "response": r}
+            for q, r in zip(questions, responses)]  # fmt: skip
+    generated_for: list[str] = []
+    original = qa.greedy_answers
+
+    def counting(model, tokenizer, qs, *args, **kwargs):
+        generated_for.extend(qs)
+        return original(model, tokenizer, qs, *args, **kwargs)
+
+    monkeypatch.setattr(qa, "greedy_answers", counting)
+    kwargs = dict(prob_column="response", batch_size=4, show_progress=False)
+    generated = qa.qa_examples(model, tokenizer, rows, replay_greedy=False, **kwargs)
+    assert len(generated_for) == len(rows)
+    generated_for.clear()
+    replayed = qa.qa_examples(model, tokenizer, rows, replay_greedy=True, **kwargs)
+    assert replayed == generated
+    assert len(generated_for) < len(rows) - 2, f"generated {len(generated_for)} of {len(rows)} despite the replay"

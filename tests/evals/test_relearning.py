@@ -102,9 +102,9 @@ def test_callback_attacks_the_merged_model_of_a_lora_run(tmp_path, monkeypatch):
     """With LoRA adapters the probe fine-tunes the merged model (every weight), not the adapters alone:
     an attack held to the adapters' subspace would under-report relearning."""
     pytest.importorskip("peft")
-    import blur_lightning.evals.relearning as relearning
     from test_module import sgd
 
+    import blur_lightning.evals.relearning as relearning
     from blur_lightning.data import ForgetRetainDataModule
     from blur_lightning.module import BLURUnlearner
 
@@ -132,3 +132,36 @@ def test_callback_attacks_the_merged_model_of_a_lora_run(tmp_path, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(attacker(input_ids=ids).logits, module.model(input_ids=ids).logits,
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_known_before_results_are_reused_not_measured_again(monkeypatch):
+    """Given the fit-end evaluation's per-question results, the probe's "before" equals a measured one
+    and measures only the sets it was not given."""
+    from blur_lightning.evals import qa, relearning
+
+    model, tokenizer = tiny()
+    rows = load_rows(FORGET)
+    kwargs = dict(steps=2, lr=1e-2, batch_size=4, train_column="answer", prob_column=None, max_new_tokens=4,
+                  show_progress=False)
+    measured = relearning_probe(model, tokenizer, rows, **kwargs)
+    per_example = qa.qa_examples(model, tokenizer, rows, prob_column=None, max_new_tokens=4,
+                                 batch_size=32, show_progress=False)  # fmt: skip
+    memo = {(r["question"], r["answer"], r["answer"]): (c, p)
+            for r, c, p in zip(rows, per_example["correct"], per_example["answer_prob"])}  # fmt: skip
+    evaluated = []
+    original = relearning.evaluate_qa
+    def counting(m, t, r, **k):
+        evaluated.append(k["name"])
+        return original(m, t, r, **k)
+
+    monkeypatch.setattr(relearning, "evaluate_qa", counting)
+    reused = relearning_probe(model, tokenizer, rows, known_before=memo, **kwargs)
+    assert not any(name.endswith("before") for name in evaluated), evaluated
+    for name in measured:
+        for key in ("accuracy_before", "n"):
+            assert reused[name][key] == measured[name][key]
+        assert reused[name]["answer_prob_before"] == pytest.approx(measured[name]["answer_prob_before"], abs=1e-6)
+        assert reused[name]["accuracy_after"] == measured[name]["accuracy_after"]
+    evaluated.clear()
+    relearning_probe(model, tokenizer, rows, known_before=dict(list(memo.items())[:3]), **kwargs)
+    assert "probe relearn before" in evaluated and "probe held_back before" in evaluated  # incomplete: measured

@@ -21,26 +21,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 # Logit units. fp32 rounding between the two computation orders is ~1e-5 here; bf16/fp16 models
 # round far more (~1e-2), so their evaluations should pass a larger margin or skip the replay.
 DEFAULT_MIN_MARGIN = 1e-2
-
-
-def top2_at(logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Argmax and top-1 minus top-2 margin of the logits at the masked positions.
-
-    Args:
-        logits: ``(B, T, V)`` next-token logits, position t predicting token t + 1.
-        mask: ``(B, T)`` bool, the positions to read (those predicting an answer token).
-
-    Returns:
-        ``(top_ids, margins)``: long and float32 tensors of shape ``(mask.sum(),)``, row-major order.
-    """
-    picked = logits[mask].float()  # n x V: only the answer positions (a few per row of ~50)
-    top = picked.topk(2, dim=-1)
-    return top.indices[:, 0], top.values[:, 0] - top.values[:, 1]
 
 
 def replay(

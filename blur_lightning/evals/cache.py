@@ -5,7 +5,7 @@ weights, questions and decoding every run. The key hashes the model's tensors (n
 and bytes: ~0.5 s for SmolLM2's 540 MB), the evaluated rows and the settings that change the numbers,
 plus :data:`VERSION`, bumped whenever evaluation code changes what it computes. A changed weight,
 question or setting is a different key, never a stale hit. Entries are JSON files written
-atomically, one per key, under ``<cache_dir>/evals``.
+atomically, one per key, under ``<cache_dir>/evals`` (``$BLUR_EVAL_CACHE`` overrides it).
 """
 
 from __future__ import annotations
@@ -60,11 +60,12 @@ class EvalCache:
     """JSON entries under a folder; a missing or unreadable entry is a miss.
 
     Args:
-        root: the folder (default: ``<blur_lightning cache_dir>/evals``).
+        root: the folder (default: ``$BLUR_EVAL_CACHE``, else ``<blur_lightning cache_dir>/evals``).
     """
 
     def __init__(self, root: str | os.PathLike | None = None) -> None:
-        self.root = Path(root) if root is not None else cache_dir() / "evals"
+        root = root if root is not None else os.environ.get("BLUR_EVAL_CACHE")
+        self.root = Path(root) if root else cache_dir() / "evals"
 
     def path(self, key: str) -> Path:
         return self.root / f"{key}.json"

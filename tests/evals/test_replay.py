@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blur_lightning.greedy_replay import replay, top2_at
+from blur_lightning.evals.replay import replay
+from blur_lightning.evals.scoring import sequence_scores_with_top2
 from blur_lightning.testing import tiny_llama, tiny_tokenizer
 
 STOP = frozenset({2})
@@ -31,16 +32,6 @@ def test_a_near_tie_is_not_trusted():
     assert replay([5, 6, 2], [1.0, 1e-3, 1.0], [5, 6, 2], STOP, 16, min_margin=1e-4) == [5, 6, 2]
 
 
-def test_top2_reads_only_the_masked_positions():
-    logits = torch.zeros(2, 3, 4)
-    logits[0, 1] = torch.tensor([0.0, 3.0, 1.0, 0.5])
-    logits[1, 0] = torch.tensor([2.0, 0.0, 0.0, 2.5])
-    mask = torch.tensor([[False, True, False], [True, False, False]])
-    ids, margins = top2_at(logits, mask)
-    assert ids.tolist() == [1, 3]
-    assert margins.tolist() == pytest.approx([2.0, 0.5])
-
-
 def _sharp_tiny_model():
     # A random tiny Llama is nearly uniform (top-2 margins ~1e-3, every position a near tie); a
     # scaled head gives decisive logits like a trained model's (SmolLM2: margins 0.02-1 on its answers).
@@ -64,16 +55,15 @@ def test_replay_equals_generate_on_a_model():
                 do_sample=False, max_new_tokens=max_new, eos_token_id=sorted(stop), pad_token_id=3,
             )  # fmt: skip
             generated = out[0, len(prompt) :].tolist()
-            ids = torch.tensor([prompt + generated])
-            mask = torch.zeros(ids.shape, dtype=torch.bool)
-            mask[0, len(prompt) - 1 : ids.shape[1] - 1] = True  # the positions predicting `generated`
-            top, margins = top2_at(model(input_ids=ids).logits, mask)
-            got = replay(top.tolist(), margins.tolist(), generated, stop, max_new)
+            row = {"input_ids": prompt + generated, "labels": [-100] * len(prompt) + generated}
+            _, _, tops = sequence_scores_with_top2(model, tokenizer, [row], batch_size=1, show_progress=False)
+            top, margins = tops[0]
+            got = replay(top, margins, generated, stop, max_new)
             if got is not None:
                 assert got == generated
                 replayed += 1
             # a target one token off anywhere before the cut is never taken for the generation
             wrong = list(generated)
             wrong[len(wrong) // 2] = (wrong[len(wrong) // 2] + 1) % tokenizer.vocab_size
-            assert replay(top.tolist(), margins.tolist(), wrong, stop, max_new) is None
+            assert replay(top, margins, wrong, stop, max_new) is None
     assert replayed >= 6, f"only {replayed} of 8 generations were read off the forward (margins too small?)"
