@@ -37,10 +37,10 @@ class TrainingCurves(pl.Callback):
         return [{k: float(v) for k, v in row.items()} for row in self.history]
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        out_dir = log_dir(trainer)  # a broadcast under DDP: every rank calls it, before the rank check
         if not trainer.is_global_zero or not self.history:
             return
         rows = self._host_history()
-        out_dir = log_dir(trainer)
         os.makedirs(out_dir, exist_ok=True)
         keys = list(rows[0])
         with open(os.path.join(out_dir, f"{self.filename}.csv"), "w") as f:

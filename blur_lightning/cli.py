@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
@@ -36,10 +36,13 @@ class BLURCLI(LightningCLI):
             strategy.checkpoint_io = AtomicCheckpointIO()
 
     def _count_steps_in_progress_bar(self) -> None:
-        # Lightning's own bar reads "Epoch 3/-2" in a run bounded by max_steps with max_epochs=-1.
+        # Lightning's own bar reads "Epoch 3/-2" in a run bounded by max_steps with max_epochs=-1. Its
+        # default is the rich bar when `rich` is installed (peft's dependencies bring it), else tqdm's.
         callbacks = self.trainer.callbacks
         for i, callback in enumerate(callbacks):
             if type(callback) is TQDMProgressBar:
+                callbacks[i] = StepProgressBar(refresh_rate=callback.refresh_rate)
+            elif type(callback) is RichProgressBar:
                 callbacks[i] = StepProgressBar(refresh_rate=callback.refresh_rate)
 
     def before_fit(self) -> None:

@@ -30,6 +30,7 @@ class StageTimes(pl.Callback):
         self.stages: dict[str, float] = {}
         self._fit_start: float | None = None
         self._train_start: float | None = None
+        self._last_batch_end: float | None = None
 
     def add(self, name: str, seconds: float) -> None:
         """Add `seconds` to stage `name` (a stage run twice is summed)."""
@@ -43,11 +44,15 @@ class StageTimes(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._train_start = time.perf_counter()
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args, **kwargs) -> None:
+        self._last_batch_end = time.perf_counter()
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._train_start is not None:
-            # the loop alone: evaluations inside it (validation) are timed by their own stages
-            inner = sum(v for k, v in self.stages.items() if k.startswith("validation"))
-            self.add(f"training ({trainer.global_step} steps)", time.perf_counter() - self._train_start - inner)
+        # the loop alone, up to its last batch: fit-end evaluations and probes run in on_train_end
+        # hooks (before or after this one) and are timed by their own stages, as are validations
+        if self._train_start is not None and self._last_batch_end is not None:
+            inner = sum(v for k, v in self.stages.items() if "(validation)" in k)
+            self.add(f"training ({trainer.global_step} steps)", self._last_batch_end - self._train_start - inner)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self._fit_start is None:
@@ -59,8 +64,8 @@ class StageTimes(pl.Callback):
         lines = [f"{'stage':<{width}}  seconds"] + [f"{name:<{width}}  {secs:7.1f}" for name, secs in stages.items()]
         lines.append(f"{'total':<{width}}  {total:7.1f}  ({total / 60:.1f} min)")
         rank_zero_info("Stage times:\n" + "\n".join(lines))
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast under DDP: every rank calls it
         if self.filename and trainer.is_global_zero:
-            log_dir = trainer.log_dir or trainer.default_root_dir
             os.makedirs(log_dir, exist_ok=True)
             with open(os.path.join(log_dir, self.filename), "w") as f:
                 json.dump({**{k: round(v, 2) for k, v in stages.items()}, "total": round(total, 2)}, f, indent=2)

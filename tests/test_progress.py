@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from tqdm import tqdm
 
@@ -56,3 +57,19 @@ def test_the_cli_swaps_lightnings_bar_for_the_step_bar():
     BLURCLI._count_steps_in_progress_bar(cli)
     bar, kept = cli.trainer.callbacks
     assert type(bar) is P.StepProgressBar and bar.refresh_rate == 3 and kept is other
+
+
+def test_the_cli_swaps_the_rich_bar_too():
+    # Lightning's default is RichProgressBar once `rich` is installed (peft's dependencies bring it):
+    # the demo read "Epoch 3/-2" through it
+    import types
+
+    pytest.importorskip("rich")
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from blur_lightning.cli import BLURCLI
+
+    cli = types.SimpleNamespace(trainer=types.SimpleNamespace(callbacks=[RichProgressBar(refresh_rate=2)]))
+    BLURCLI._count_steps_in_progress_bar(cli)
+    (bar,) = cli.trainer.callbacks
+    assert type(bar) is P.StepProgressBar and bar.refresh_rate == 2
