@@ -16,7 +16,7 @@ class _SlowEvaluation(pl.Callback):
         with stage(trainer, "before-evaluation"):
             time.sleep(0.2)
 
-    def on_train_end(self, trainer, pl_module):  # where fit-end evaluations run (before StageTimes runs its own, as in the demo)
+    def on_train_end(self, trainer, pl_module):  # fit-end evaluations run here, before StageTimes
         for _ in range(2):  # a stage run twice is summed
             with stage(trainer, "after-evaluation"):
                 time.sleep(0.1)

@@ -112,6 +112,11 @@ class EvaluationCallback(pl.Callback):
         self._rows: dict[str, list[Row]] | None = None
         self.cache = EvalCache(cache_dir) if cache_fit_start else None
 
+    @property
+    def state_key(self) -> str:
+        # one per benchmark and prefix: a run may hold several (QA and TOFU), each with its own state
+        return self._generate_state_key(benchmark=self.benchmark, prefix=self.prefix)
+
     # ----- data
     def rows(self) -> dict[str, list[Row]]:
         """The eval splits' rows, loaded on first use."""
@@ -157,8 +162,9 @@ class EvaluationCallback(pl.Callback):
                 "extras": extras,
             }
         )
+        out_dir = log_dir(trainer)  # on every rank: trainer.log_dir is a broadcast under DDP / FSDP
         if trainer.is_global_zero:
-            self.write(log_dir(trainer))
+            self.write(out_dir)
         return {f"{self.prefix}/{k}": v for k, v in metrics.items()}
 
     def _print(self, trainer: pl.Trainer, title: str) -> None:

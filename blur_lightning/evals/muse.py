@@ -20,6 +20,7 @@ from blur_lightning.evals.base import Benchmark, EvalSettings, Results, load_sou
 from blur_lightning.evals.metric_classes import MembershipAUC, RougeL
 from blur_lightning.evals.metrics import min_k_scores, priv_leak
 from blur_lightning.evals.scoring import generate_greedy, score_rows
+from blur_lightning.evals.sharding import GATHERED
 from blur_lightning.prompts import MUSE_QA_PROMPT
 from blur_lightning.rows import Row, require_columns
 
@@ -131,7 +132,7 @@ def evaluate_muse(
             model, tokenizer, prompts, verbmem_max_new_tokens, batch_size, desc="muse verbmem: generate",
             show_progress=show_progress,
         )  # fmt: skip
-        rouge = RougeL("f1", rouge_stemmer)
+        rouge = RougeL("f1", rouge_stemmer, **GATHERED)
         rouge.update(outputs, references)
         results["verbmem_f"] = rouge.compute().item()
 
@@ -148,14 +149,14 @@ def evaluate_muse(
             model, tokenizer, prompts, knowmem_max_new_tokens, batch_size, desc=f"muse {key}: generate",
             show_progress=show_progress,
         )  # fmt: skip
-        rouge = RougeL("f1", rouge_stemmer)
+        rouge = RougeL("f1", rouge_stemmer, **GATHERED)
         rouge.update([_cut_at_stops(o, MUSE_QA_STOPS) for o in outputs], [row["answer"] for row in rows])
         results[key] = rouge.compute().item()
 
     if privleak_forget_rows is not None and privleak_holdout_rows is not None:
         require_columns(privleak_forget_rows, ("text",), "privleak_forget_rows")
         require_columns(privleak_holdout_rows, ("text",), "privleak_holdout_rows")
-        auc = MembershipAUC()
+        auc = MembershipAUC(**GATHERED)
         min_k = partial(_min_k, model, tokenizer, k=k, max_length=max_length, batch_size=batch_size,
                         show_progress=show_progress)  # fmt: skip
         auc.update(

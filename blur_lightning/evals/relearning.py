@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 
 from blur_lightning import adapters
 from blur_lightning.encoding import encode_qa_rows, pad_side
 from blur_lightning.evals.qa import evaluate_qa, summarize
 from blur_lightning.evals.scoring import model_device
+from blur_lightning.evals.sharding import is_sharded
 from blur_lightning.losses import nll_loss
 from blur_lightning.models import pad_token_id
 from blur_lightning.progress import progress
@@ -44,12 +44,46 @@ if TYPE_CHECKING:
 
 Rows = Sequence[Mapping[str, Any]]
 
-__all__ = ["RelearningProbe", "relearning_probe", "split_halves"]
+__all__ = ["RelearningProbe", "relearning_probe", "split_halves", "trainable_copy"]
 
 
 def split_halves(rows: Rows) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
     """(relearn, held_back): even and odd positions, so both halves span the file's order."""
     return list(rows[0::2]), list(rows[1::2])
+
+
+def trainable_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain copy of `model` to fine-tune and throw away: ``copy.deepcopy``, or, for an FSDP2 model
+    (DTensor parameters), a whole unsharded copy rebuilt from ``model.config`` on every rank.
+
+    Under FSDP2 the probe gathers the full weights on every rank (a collective: all ranks call
+    this) and each rank trains its own whole copy on the same batches, so the copies stay equal
+    and the evaluation after the probe shards over ranks as usual. Memory per rank: the full model
+    twice while copying, then the copy and its AdamW state (3x the full model in all), what one
+    process pays; a model too big for that needs the probe run on the exported checkpoint instead.
+
+    Raises:
+        ValueError: an FSDP2 model without a transformers ``config`` to rebuild it from.
+    """
+    if not is_sharded(model):
+        return copy.deepcopy(model)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError("relearning probe under FSDP2: the model has no `config` to rebuild an unsharded copy from")
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    plain_class = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # fully_shard's subclass off
+    first = next(iter(full.values()))
+    with torch.device(first.device):
+        attacker = plain_class(config).to(first.dtype)
+    attacker.load_state_dict(full)
+    del full
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    for name, p in attacker.named_parameters():
+        p.requires_grad_(trainable.get(name, True))
+    return attacker
 
 
 def relearning_probe(
@@ -135,7 +169,7 @@ def relearning_probe(
               for name, ks in keys.items() if all(k in memo for k in ks)}  # fmt: skip
     missing = {name: rows for name, rows in sets.items() if name not in reused}
     before = {**reused, **(measure(model, "before", missing) if missing else {})}
-    attacker = copy.deepcopy(model)
+    attacker = trainable_copy(model)
     _fine_tune(
         attacker, tokenizer, relearn if train_rows is None else train_rows, steps=steps, lr=lr,
         batch_size=batch_size, column=train_column,
@@ -208,8 +242,10 @@ class RelearningProbe(pl.Callback):
     and the other half (odd rows, never seen by the probe) is measured before and after, with any
     extra probe sets (paraphrased questions); see :func:`relearning_probe`. The trained
     model and its export are not touched. Writes ``relearning.json`` and ``relearning.md`` in the
-    log directory. Single-process runs only (a sharded model cannot be copied and trained alone):
-    skipped with a warning otherwise.
+    log directory. Under DDP and FSDP2 every rank trains its own whole copy on the same batches
+    (see :func:`trainable_copy`) and the evaluations shard over ranks: one process's numbers.
+    Runs in ``on_train_end``, while the model is still on its device and sharded (Lightning's
+    ``on_fit_end`` runs after the strategy's teardown moved it to the CPU).
 
     Args:
         forget_path: the forget QA file (question, answer, `train_column`).
@@ -250,10 +286,7 @@ class RelearningProbe(pl.Callback):
         self.max_new_tokens, self.eval_batch_size = max_new_tokens, eval_batch_size
         self.results: dict[str, dict[str, float]] = {}
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.world_size > 1:
-            rank_zero_warn("RelearningProbe runs in single-process jobs only: skipped")
-            return
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if pl_module.tokenizer is None:
             raise ValueError("RelearningProbe needs the module's tokenizer (load the model by name)")
         t0 = time.perf_counter()
@@ -268,9 +301,11 @@ class RelearningProbe(pl.Callback):
                 eval_batch_size=self.eval_batch_size, seed=self.seed,
                 show_progress=trainer.progress_bar_callback is not None, known_before=self._known(trainer),
             )  # fmt: skip
+        out_dir = log_dir(trainer)  # on every rank: trainer.log_dir is a broadcast under DDP / FSDP
+        if not trainer.is_global_zero:
+            return  # every rank holds the same results
         table = self.table()
         print(f"\nRelearning probe ({time.perf_counter() - t0:.0f} s)\n{table}", flush=True)
-        out_dir = log_dir(trainer)
         settings = {"steps": self.steps, "lr": self.lr, "batch_size": self.batch_size, "seed": self.seed}
         write_json(os.path.join(out_dir, "relearning.json"), {"settings": settings, "results": self.results})
         with open(os.path.join(out_dir, "relearning.md"), "w") as f:

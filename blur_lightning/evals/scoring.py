@@ -3,7 +3,8 @@
 Every evaluation of the package scores or generates through this file, and pads through one
 routine (:func:`blur_lightning.encoding.pad_side`: right padding to score, left to generate). Rows
 are batched by length (less padding) and results come back in the input order, as CPU tensors or
-lists with one entry per example, so a caller can later gather them across ranks.
+lists with one entry per example. Under DDP and FSDP2 each rank runs its share of the batches and
+every rank gets all results (:mod:`blur_lightning.evals.sharding`): the callers are unchanged.
 
 Everything runs under ``torch.no_grad`` with the model in eval mode (its mode restored afterwards).
 """
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from blur_lightning.encoding import pad_side
+from blur_lightning.evals.sharding import gather_batch_results, lockstep, process_world, rank_batches
 from blur_lightning.losses import IGNORE_INDEX
 from blur_lightning.models import pad_token_id
 from blur_lightning.progress import progress
@@ -132,17 +134,20 @@ def score_rows(
     Returns:
         The reductions of all rows, each an (N,) CPU tensor in the input order.
     """
-    outputs: list[Tensor] | None = None
+    local: list[tuple[list[int], tuple[Tensor, ...]]] = []
     for batch, logprobs, mask, _ in _scored_batches(model, tokenizer, rows, batch_size, desc, show_progress):
         reduced = reduce(logprobs, mask)
         reduced = reduced if isinstance(reduced, tuple) else (reduced,)
-        if outputs is None:
-            outputs = [torch.empty(len(rows), dtype=r.dtype) for r in reduced]
+        if batch is not None:
+            local.append((batch, tuple(values.detach().cpu() for values in reduced)))
+    gathered = gather_batch_results(local)  # every rank's batches (this rank's alone in one process)
+    if not gathered:
+        return (torch.empty(0), torch.empty(0))
+    outputs = [torch.empty(len(rows), dtype=r.dtype) for r in gathered[0][1]]
+    for batch, reduced in gathered:
         index = torch.tensor(batch)
         for out, values in zip(outputs, reduced):
-            out[index] = values.detach().cpu()
-    if outputs is None:
-        return (torch.empty(0), torch.empty(0))
+            out[index] = values
     return tuple(outputs)
 
 
@@ -171,14 +176,17 @@ def _scored_batches(
     desc: str,
     show_progress: bool,
     top2: bool = False,
-) -> Iterator[tuple[list[int], Tensor, Tensor, tuple[Tensor, Tensor] | None]]:
-    """(row indices, logprobs, mask, tops) per length-sorted, right-padded batch, in eval mode."""
+) -> Iterator[tuple[list[int] | None, Tensor, Tensor, tuple[Tensor, Tensor] | None]]:
+    """(row indices, logprobs, mask, tops) per length-sorted, right-padded batch of this rank's share,
+    in eval mode; row indices None for a dummy batch (FSDP2 keeps every rank's forwards in lockstep)."""
     pad_id = pad_token_id(tokenizer)
     device = model_device(model)
     batches = length_batches([len(r["input_ids"]) for r in rows], batch_size)
+    rank, world_size = process_world()
     with eval_mode(model):
-        for batch in progress(batches, desc=desc, enabled=show_progress):
-            side = pad_side([rows[i] for i in batch], pad_id)
+        for batch in progress(rank_batches(batches, rank, world_size, pad=lockstep(model)), desc=desc,
+                              enabled=show_progress):  # fmt: skip
+            side = pad_side([rows[i] for i in (batch or batches[0])], pad_id)  # None: a dummy forward (FSDP2)
             logprobs, mask, tops = _token_scores(
                 model, side["input_ids"].to(device), side["attention_mask"].to(device), side["labels"].to(device),
                 top2=top2,
@@ -197,20 +205,25 @@ def sequence_scores_with_top2(
 ) -> tuple[Tensor, Tensor, list[tuple[list[int], list[float]]]]:
     """:func:`sequence_scores` plus, per row, the argmax and the top-2 margin at each scored position
     (lists in position order), read off the same forward: what a greedy decoder would emit there."""
-    total = torch.empty(len(rows), dtype=torch.float32)
-    count = torch.empty(len(rows), dtype=torch.float32)
-    tops_per_row: list[tuple[list[int], list[float]]] = [([], [])] * len(rows)
+    local: list[tuple[list[int], tuple[list[float], list[float], list[tuple[list[int], list[float]]]]]] = []
     for batch, logprobs, mask, tops in _scored_batches(
         model, tokenizer, rows, batch_size, desc, show_progress, top2=True
     ):
-        index = torch.tensor(batch)
-        total[index] = logprobs.sum(dim=1).cpu()
-        count[index] = mask.sum(dim=1).float().cpu()
+        if batch is None:
+            continue
         ids, margins = tops[0].cpu().tolist(), tops[1].cpu().tolist()
-        start = 0
-        for i, n in zip(batch, mask.sum(dim=1).tolist()):  # tops are row-major over the scored positions
-            tops_per_row[i] = (ids[start : start + n], margins[start : start + n])
+        counts = mask.sum(dim=1).tolist()
+        per_row, start = [], 0
+        for n in counts:  # tops are row-major over the scored positions
+            per_row.append((ids[start : start + n], margins[start : start + n]))
             start += n
+        local.append((batch, (logprobs.sum(dim=1).cpu().tolist(), [float(n) for n in counts], per_row)))
+    total = torch.empty(len(rows), dtype=torch.float32)
+    count = torch.empty(len(rows), dtype=torch.float32)
+    tops_per_row: list[tuple[list[int], list[float]]] = [([], [])] * len(rows)
+    for batch, (sums, counts, per_row) in gather_batch_results(local):
+        for i, row_sum, row_count, row_tops in zip(batch, sums, counts, per_row):
+            total[i], count[i], tops_per_row[i] = row_sum, row_count, row_tops
     return total, count, tops_per_row
 
 
@@ -266,17 +279,24 @@ def greedy_continuations(
     device = model_device(model)
     texts: list[str] = [""] * len(prompt_ids)
     batches = length_batches([len(p) for p in prompt_ids], batch_size)
+    rank, world_size = process_world()
+    synced = lockstep(model)  # FSDP2: the same generate calls, and decoding steps, on every rank
+    local: list[tuple[list[int], list[str]]] = []
     with eval_mode(model):
-        for batch in progress(batches, desc=desc, enabled=show_progress):
-            side = pad_side([{"input_ids": list(prompt_ids[i])} for i in batch], pad_id, left=True)
+        for batch in progress(rank_batches(batches, rank, world_size, pad=synced), desc=desc, enabled=show_progress):
+            side = pad_side([{"input_ids": list(prompt_ids[i])} for i in (batch or batches[0])], pad_id, left=True)
             width = side["input_ids"].shape[1]
             out = model.generate(
                 input_ids=side["input_ids"].to(device),
                 attention_mask=side["attention_mask"].to(device),
                 generation_config=config,
+                synced_gpus=synced,
             )
-            for i, text in zip(batch, tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)):
-                texts[i] = text
+            if batch is not None:
+                local.append((batch, tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)))
+    for batch, decoded in gather_batch_results(local):
+        for i, text in zip(batch, decoded):
+            texts[i] = text
     return texts
 
 

@@ -20,6 +20,7 @@ from blur_lightning.evals.base import Benchmark, EvalSettings, Results, load_sou
 from blur_lightning.evals.metric_classes import AnswerProbability, ForgetQuality, ModelUtility, RougeL, TruthRatio
 from blur_lightning.evals.metrics import truth_ratio
 from blur_lightning.evals.scoring import generate_greedy, sequence_scores
+from blur_lightning.evals.sharding import GATHERED
 from blur_lightning.prompts import TOFU_PROMPT, chat_prompt_template
 from blur_lightning.rows import Row, is_str_list, require, require_columns
 
@@ -213,7 +214,7 @@ def evaluate_tofu(
         "show_progress": show_progress,
     }  # fmt: skip
 
-    utility = ModelUtility(rouge_stemmer=rouge_stemmer, perturbed_mean=perturbed_mean)
+    utility = ModelUtility(rouge_stemmer=rouge_stemmer, perturbed_mean=perturbed_mean, **GATHERED)
     for split, rows, base_column in (
         ("retain", retain_rows, "paraphrased_answer"),
         ("real_authors", real_authors_rows, "answer"),
@@ -223,8 +224,8 @@ def evaluate_tofu(
     results: dict[str, Any] = {k: v.item() for k, v in utility.compute_all().items()}
 
     forget = _split_inputs(model, tokenizer, forget_rows, "forget", "paraphrased_answer", **common)
-    prob, rouge = AnswerProbability(), RougeL("recall", rouge_stemmer)
-    ratio = TruthRatio("closer_to_1", perturbed_mean)
+    prob, rouge = AnswerProbability(**GATHERED), RougeL("recall", rouge_stemmer, **GATHERED)
+    ratio = TruthRatio("closer_to_1", perturbed_mean, **GATHERED)
     prob.update(forget["answer_logprob"])
     rouge.update(forget["predictions"], forget["references"])
     ratio.update(forget["paraphrased_logprob"], forget["perturbed_logprobs"])
@@ -235,7 +236,7 @@ def evaluate_tofu(
     if retain_model_truth_ratios is not None:
         if isinstance(retain_model_truth_ratios, (str, Path)):
             retain_model_truth_ratios = load_truth_ratios(retain_model_truth_ratios)
-        quality = ForgetQuality(retain_model_truth_ratios, perturbed_mean=perturbed_mean)
+        quality = ForgetQuality(retain_model_truth_ratios, perturbed_mean=perturbed_mean, **GATHERED)
         quality.update(forget["paraphrased_logprob"], forget["perturbed_logprobs"])
         results["forget_quality"] = quality.compute().item()
     return results

@@ -17,6 +17,7 @@ from blur_lightning.encoding import encode_continuations
 from blur_lightning.evals.base import Benchmark, EvalSettings, Results, load_source
 from blur_lightning.evals.metric_classes import MultipleChoiceAccuracy
 from blur_lightning.evals.scoring import sequence_scores
+from blur_lightning.evals.sharding import GATHERED
 from blur_lightning.rows import Row, is_str_list, require, require_columns
 
 __all__ = [
@@ -108,7 +109,7 @@ def evaluate_wmdp(
     total, _ = sequence_scores(
         model, tokenizer, encoded, batch_size=batch_size, desc=f"{name}: score", show_progress=show_progress
     )
-    accuracy = MultipleChoiceAccuracy()
+    accuracy = MultipleChoiceAccuracy(**GATHERED)
     accuracy.update(total.view(len(rows), n_choices), torch.tensor([row["answer"] for row in rows]))
     return {"accuracy": accuracy.compute().item(), "n": float(len(rows))}
 
