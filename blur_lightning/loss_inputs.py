@@ -51,8 +51,8 @@ class LossContext:
         if "alt_input_ids" not in self.side:
             raise ValueError(f"{self.role}_loss={self.loss.name!r} needs refusal answers: set data.idk_column")
         model, side = self.module.model, self.side
-        return self._once("refusal", lambda: attention.forward(model, side, "alt_input_ids", "alt_attention_mask")
-                          .logits)
+        refusals = ("alt_input_ids", "alt_attention_mask")
+        return self._once("refusal", lambda: attention.forward(model, side, *refusals).logits)
 
     def reference_logits(self) -> torch.Tensor:
         self._require("reference_logits")
