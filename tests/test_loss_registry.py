@@ -143,7 +143,8 @@ def test_reference_model_built_exactly_when_needed(monkeypatch, forget, retain, 
 
     monkeypatch.setattr(copy, "deepcopy", counting_deepcopy)
     dm = ForgetRetainDataModule(
-        forget_path=os.path.join(FIXTURES, "qa", "forget.jsonl"), retain_path=os.path.join(FIXTURES, "qa", "retain.jsonl"),
+        forget_path=os.path.join(FIXTURES, "qa", "forget.jsonl"),
+        retain_path=os.path.join(FIXTURES, "qa", "retain.jsonl"),
         tokenizer=os.path.join(FIXTURES, "tiny_tokenizer"), batch_size=4, max_length=32, seed=0, idk_column="idk",
     )
     model = tiny_llama(vocab_size=len(tiny_tokenizer()), seed=0, layers=1)
