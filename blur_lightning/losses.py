@@ -1,4 +1,4 @@
-"""Forget and retain losses, as pure functions of logits and labels (no Lightning here).
+"""Forget and retain losses, as pure functions of logits and labels (no Lightning, no registry here).
 
 Every loss is a mean over sequences of a per-sequence quantity, so that k micro-batches of
 equal size, each divided by k, give the same gradient as one batch of their concatenation.
@@ -12,12 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-FORGET_LOSSES = ("ga", "npo", "simnpo", "idk", "rmu")
-RETAIN_LOSSES = ("nll", "kl", "rmu")
-# Losses that need the frozen reference model: the reference exists only when one is chosen.
-# (The forget "npo" and the retain "kl" and "rmu"; a forget "rmu" needs none.)
-NEEDS_REFERENCE_FORGET = {"npo"}
-NEEDS_REFERENCE_RETAIN = {"kl", "rmu"}
+# The named losses (FORGET_LOSSES, RETAIN_LOSSES), what each needs (the reference model or not)
+# and their calls are registered in loss_registry.py; this file is their math only.
 IGNORE_INDEX = -100
 # Which positions the KL retain loss and the RMU losses average over (tests/test_loss_conventions.py):
 #   KL   "labels": the answer tokens, mean per sequence (ours, the default: the retain NLL's positions)

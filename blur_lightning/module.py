@@ -23,8 +23,6 @@ update: d is never written (pass 1, then one pass over g_r, g_f, p, m, v).
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import re
 import warnings
 from collections.abc import Callable, Iterable
@@ -33,9 +31,10 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from blur_lightning import adapters, attention, checkpointing, losses, nonfinite, reference_cache
+from blur_lightning import adapters, attention, checkpointing, loss_registry, losses, nonfinite, reference_cache
 from blur_lightning.clipping import clipped_coefs, combine_scaled_
 from blur_lightning.data import VAL_LOADER_NAMES
+from blur_lightning.loss_inputs import LossesMixin
 from blur_lightning.nonfinite import NONFINITE_SKIP, is_fused_blur_optimizer
 from blur_lightning.projection import MODES, BLURStats, blur_direction_, compute_stats
 from blur_lightning.strategy_hooks import StrategyHooks
@@ -45,7 +44,7 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
-class BLURUnlearner(pl.LightningModule):
+class BLURUnlearner(LossesMixin, pl.LightningModule):
     """Unlearn the forget set while keeping the retain set, with the BLUR update.
 
     Args:
@@ -54,8 +53,9 @@ class BLURUnlearner(pl.LightningModule):
         model_dtype: "float32", "bfloat16" or "float16" for loaded models.
         attn_implementation: "auto" (flash_attention_2 when flash-attn imports on CUDA, else sdpa).
         forget_loss: "ga", "npo", "simnpo", "idk" or "rmu" (activations of rmu_layer steered
-            toward a scaled random vector).
-        retain_loss: "nll", "kl" or "rmu" (MSE of rmu_layer activations to the frozen model's).
+            toward a scaled random vector), or any name registered in loss_registry.
+        retain_loss: "nll", "kl" or "rmu" (MSE of rmu_layer activations to the frozen model's),
+            or any name registered in loss_registry (the reference is built when one needs it).
         mode: "forget_lower" (the paper's default), "forget_upper", "penalty" or "rmu".
         gamma: the BLUR target <d, g_f> = gamma * ||g_f||^2 (penalty: the retain weight).
         alpha: the retain weight of the "rmu" mode.
@@ -137,10 +137,8 @@ class BLURUnlearner(pl.LightningModule):
         scheduler: SchedulerFactory | None = None,
     ) -> None:
         super().__init__()
-        if forget_loss not in losses.FORGET_LOSSES:
-            raise ValueError(f"forget_loss={forget_loss!r}: expected one of {losses.FORGET_LOSSES}")
-        if retain_loss not in losses.RETAIN_LOSSES:
-            raise ValueError(f"retain_loss={retain_loss!r}: expected one of {losses.RETAIN_LOSSES}")
+        for role, name in (("forget", forget_loss), ("retain", retain_loss)):
+            loss_registry.get(role, name)  # an unknown name: a ValueError naming the setting and the choices
         if kl_mask not in losses.KL_MASKS:
             raise ValueError(f"kl_mask={kl_mask!r}: expected one of {losses.KL_MASKS}")
         if rmu_mask not in losses.RMU_MASKS:
@@ -180,39 +178,6 @@ class BLURUnlearner(pl.LightningModule):
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long), persistent=True)
 
     # ------------------------------------------------------------------ model
-    @property
-    def needs_reference(self) -> bool:
-        return (
-            self.hparams.forget_loss in losses.NEEDS_REFERENCE_FORGET and self.npo_reference != "cache"
-        ) or self.hparams.retain_loss in losses.NEEDS_REFERENCE_RETAIN
-
-    @property
-    def npo_reference(self) -> str:
-        """"model", "cache" or "none": the npo_reference setting resolved for this fit's data."""
-        hp, datamodule = self.hparams, getattr(self._trainer, "datamodule", None) if self._trainer else None
-        return reference_cache.resolve_npo_reference(hp.get("npo_reference", "auto"), hp.forget_loss,
-                                                     hp.retain_loss, datamodule)
-
-    @property
-    def reference_model(self) -> nn.Module | None:
-        """The frozen copy, when there is one (with LoRA adapters there is none: see _reference_forward)."""
-        return self._reference[0] if self._reference else None
-
-    @property
-    def needs_reference_copy(self) -> bool:
-        """Whether a loss needs the frozen model and it must be a copy (not the policy, adapters off)."""
-        return self.needs_reference and not (self.hparams.lora_rank or adapters.has_adapters(self.model))
-
-    @contextlib.contextmanager
-    def _reference_forward(self):
-        """Within, under no_grad: the frozen reference, the copy or this model with its adapters off."""
-        if self._reference or not adapters.has_adapters(self.model):
-            with torch.no_grad():
-                yield self.reference_model
-        else:
-            with adapters.disabled(self.model) as base:
-                yield base
-
     def _add_adapters(self, model: nn.Module | None) -> nn.Module | None:
         """model with LoRA adapters when lora_rank is set (idempotent), else model."""
         h = self.hparams
@@ -252,12 +217,6 @@ class BLURUnlearner(pl.LightningModule):
         if self.hparams.activation_checkpointing:
             checkpointing.enable(self.model)
 
-    def _make_reference(self, model: nn.Module) -> nn.Module:
-        reference = copy.deepcopy(model)
-        reference.eval()
-        reference.requires_grad_(False)
-        return reference
-
     def _apply_trainable_filter(self) -> None:
         pattern = self.hparams.trainable_params
         if pattern is None:
@@ -285,65 +244,6 @@ class BLURUnlearner(pl.LightningModule):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-    def _reference_logits(self, side: dict[str, torch.Tensor]) -> torch.Tensor:
-        with self._reference_forward() as ref:
-            return attention.forward(ref, side).logits
-
-    # ------------------------------------------------------------------ losses
-    def _layer_activations(self, model: nn.Module, side: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Output of decoder layer rmu_layer, (B, T, H): hidden_states[0] is the embedding output."""
-        out = attention.forward(model, side, output_hidden_states=True)
-        layer = self.hparams.rmu_layer
-        if not 0 <= layer < len(out.hidden_states) - 1:
-            raise ValueError(f"rmu_layer={layer}: the model has {len(out.hidden_states) - 1} decoder layers")
-        return out.hidden_states[layer + 1]
-
-    def _rmu_control(self, hidden_size: int, device: torch.device) -> torch.Tensor:
-        # Made on the CPU (seeded, the same on every rank) and kept on the device: a blocking
-        # host-to-device copy per step would make the CPU wait for the GPU's queue to drain.
-        control = getattr(self, "_rmu_control_vector", None)
-        if control is None or control.numel() != hidden_size or control.device != device:
-            control = losses.rmu_control_vector(hidden_size, self.hparams.rmu_steering_coef, self.hparams.rmu_seed)
-            if device.type == "cuda":  # once: pinned + non_blocking, queued without waiting
-                control = control.pin_memory()
-            control = self._rmu_control_vector = control.to(device, non_blocking=True)
-        return control
-
-    def forget_loss(self, side: dict[str, torch.Tensor]) -> torch.Tensor:
-        name = self.hparams.forget_loss
-        if name == "rmu":
-            hidden = self._layer_activations(self.model, side)
-            control = self._rmu_control(hidden.shape[-1], hidden.device)
-            return losses.rmu_forget_loss(hidden, control, losses.rmu_mask(side, self.hparams.rmu_mask))
-        if name == "idk":
-            if "alt_input_ids" not in side:
-                raise ValueError("forget_loss='idk' needs refusal answers: set data.idk_column")
-            logits = attention.forward(self.model, side, "alt_input_ids", "alt_attention_mask").logits
-            return losses.nll_loss(logits, side["alt_labels"])
-        logits = attention.forward(self.model, side).logits
-        if name == "ga":
-            return losses.gradient_ascent_loss(logits, side["labels"])
-        if name == "npo" and self._npo_cache is not None:
-            ref_logp = self._npo_cache.lookup(side)  # (B,): a gather on the device
-            return losses.npo_loss_from_logprobs(logits, ref_logp, side["labels"], beta=self.hparams.npo_beta)
-        if name == "npo":
-            ref_logits = self._reference_logits(side)
-            return losses.npo_loss(logits, ref_logits, side["labels"], beta=self.hparams.npo_beta)
-        return losses.simnpo_loss(
-            logits, side["labels"], beta=self.hparams.simnpo_beta, delta=self.hparams.simnpo_delta
-        )
-
-    def retain_loss(self, side: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.hparams.retain_loss == "rmu":
-            hidden = self._layer_activations(self.model, side)
-            with self._reference_forward() as ref:
-                ref_hidden = self._layer_activations(ref, side)
-            return losses.rmu_retain_loss(hidden, ref_hidden, losses.rmu_mask(side, self.hparams.rmu_mask))
-        logits = attention.forward(self.model, side).logits
-        if self.hparams.retain_loss == "kl":
-            return losses.kl_loss(logits, self._reference_logits(side), side["labels"], self.hparams.kl_mask)
-        return losses.nll_loss(logits, side["labels"])
 
     # ------------------------------------------------------------------ the step
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> dict[str, torch.Tensor]:

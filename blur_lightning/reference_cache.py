@@ -34,7 +34,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from blur_lightning import attention, losses
+from blur_lightning import attention, loss_registry, losses
 
 NPO_REFERENCE = ("auto", "model", "cache")
 CHECKPOINT_KEY = "npo_reference_logprobs"
@@ -48,25 +48,28 @@ def forget_rows_of(datamodule: Any) -> list[dict] | None:
 
 
 def check_setting(setting: str, forget_loss: str) -> None:
-    """Refuse an unknown npo_reference, or "cache" without the NPO loss (ValueError)."""
+    """Refuse an unknown npo_reference, or "cache" with a forget loss that needs no reference log-probs."""
     if setting not in NPO_REFERENCE:
         raise ValueError(f"npo_reference={setting!r}: expected one of {NPO_REFERENCE}")
-    if setting == "cache" and forget_loss != "npo":
-        raise ValueError(f"npo_reference='cache' applies to forget_loss='npo', not {forget_loss!r}")
+    cacheable = loss_registry.cacheable_forget_losses()
+    if setting == "cache" and forget_loss not in cacheable:
+        names = " or ".join(map(repr, cacheable))
+        raise ValueError(f"npo_reference='cache' applies to forget_loss={names}, not {forget_loss!r}")
 
 
 def resolve_npo_reference(setting: str, forget_loss: str, retain_loss: str, datamodule: Any) -> str:
     """Where a fit takes NPO's reference log-probs from: "model", "cache", or "none" (no NPO loss).
 
     "auto" picks the cache when nothing else needs the reference model (a retain "kl" or "rmu" does:
-    they need its logits or hidden states) and the data module can number its forget examples
+    they need its logits or hidden states; loss_registry.needs_model_outputs) and the data module
+    can number its forget examples
     (ForgetRetainDataModule does; a user's own loader of ready batches cannot).
 
     Raises:
         ValueError: an unknown setting, or "cache" where it cannot apply.
     """
     check_setting(setting, forget_loss)
-    if forget_loss != "npo":
+    if forget_loss not in loss_registry.cacheable_forget_losses():
         return "none"
     if setting == "model":
         return "model"
@@ -76,7 +79,7 @@ def resolve_npo_reference(setting: str, forget_loss: str, retain_loss: str, data
             "npo_reference='cache' needs the forget examples at fit start: fit with a data module that has "
             "`forget_rows` and numbers its batches (ForgetRetainDataModule), or use npo_reference='model'"
         )
-    if setting == "auto" and (retain_loss in losses.NEEDS_REFERENCE_RETAIN or not numbered):
+    if setting == "auto" and (loss_registry.needs_model_outputs(forget_loss, retain_loss) or not numbered):
         return "model"
     return "cache"
 
