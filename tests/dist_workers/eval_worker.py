@@ -88,7 +88,8 @@ def run_case(case: dict, fixtures: str, out: str) -> dict:
     # rows this rank scored and generated for (dummy batches included): each rank's share, not all
     work = {"scored": 0, "generated": 0}
     # on the class: an instance attribute would be deep-copied into the probe's copy still bound to `model`
-    score, generate, model_class = scoring.token_scores, type(model).generate, type(model)
+    # scoring._token_scores: the one forward every score_rows / top-2 readout batch goes through
+    score, generate, model_class = scoring._token_scores, type(model).generate, type(model)
 
     def counted_score(m, input_ids, *args, **kwargs):
         work["scored"] += input_ids.shape[0]
@@ -98,7 +99,7 @@ def run_case(case: dict, fixtures: str, out: str) -> dict:
         work["generated"] += input_ids.shape[0]
         return generate(self, *args, input_ids=input_ids, **kwargs)
 
-    scoring.token_scores, model_class.generate = counted_score, counted_generate
+    scoring._token_scores, model_class.generate = counted_score, counted_generate
     module = BLURUnlearner(model, forget_loss="ga", export_dir=None, optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
     module.tokenizer = tokenizer
     forget = os.path.join(fixtures, "qa", "forget.jsonl")
