@@ -7,6 +7,8 @@ the CSVs; the prose below the page reads them.
 
     python benchmarks/results_page.py            # rewrite the page from the CSVs
     python benchmarks/results_page.py --check    # exit 1 when the committed page is stale
+    python benchmarks/results_page.py --record-demo runs/demo --label fresh --wall-s 301
+                                                 # append a finished `make demo` run, then rewrite
 """
 
 from __future__ import annotations
@@ -193,7 +195,53 @@ def step_section(rows: list[dict[str, str]]) -> list[str]:
     return lines
 
 
+def demo_row(run_dir: Path, label: str, wall_s: float | None, meta: dict[str, str]) -> dict[str, object]:
+    """One `make demo` run as a CSV row: its before/after accuracies, the probe and its stage times."""
+    import json
+
+    evaluations = json.loads((run_dir / "qa_eval.json").read_text())["evaluations"]
+    stages = {e["stage"]: e["metrics"] for e in evaluations}
+    probe = json.loads((run_dir / "relearning.json").read_text())["results"]
+    times = json.loads((run_dir / "stage_times.json").read_text())
+    row: dict[str, object] = {**meta, "label": label, "wall_s": wall_s if wall_s is not None else ""}
+    for stage, prefix in (("fit_start", "before"), ("fit_end", "after")):
+        for key, value in stages[stage].items():
+            row[f"{prefix}/{key}"] = round(value, 4)
+    for name, result in probe.items():
+        row[f"probe/{name}/accuracy_after"] = round(result["accuracy_after"], 4)
+    for name, seconds in times.items():
+        row[f"seconds/{name}"] = seconds
+    return row
+
+
+def demo_section(rows: list[dict[str, str]]) -> list[str]:
+    """The main job's runs (`make demo`): the latest of each label."""
+    if not rows:
+        return []
+    latest = {r["label"]: r for r in rows}  # appended in time order: the last row of a label wins
+    lines = ["### The main job (`make demo`)", "", f"{_provenance(list(latest.values()))}.", ""]
+    stage_keys = [k for k in rows[-1] if k.startswith("seconds/") and k != "seconds/total"]
+    header = ["run", "wall"] + [k.removeprefix("seconds/") for k in stage_keys]
+    body = [
+        [label, f"{float(r['wall_s']):.0f} s" if r.get("wall_s") else "-"]
+        + [f"{float(r[k]):.0f} s" if r.get(k) else "-" for k in stage_keys]
+        for label, r in latest.items()
+    ]
+    lines += _table(header, body)
+    last = rows[-1]
+    sets = [k.removeprefix("after/").removesuffix("/accuracy") for k in last if k.startswith("after/")
+            and k.endswith("/accuracy")]  # fmt: skip
+    lines += ["", "Accuracy before and after unlearning (the latest run), then the relearning probe's:", ""]
+    lines += _table(["set", "before", "after"], [[n, _pct(_num(last[f"before/{n}/accuracy"])),
+                                                  _pct(_num(last[f"after/{n}/accuracy"]))] for n in sets])  # fmt: skip
+    probes = [k for k in last if k.startswith("probe/")]
+    lines += [""] + _table(["probe set", "after relearning"],
+                           [[k.split("/")[1], _pct(_num(last[k]))] for k in probes])  # fmt: skip
+    return lines
+
+
 SECTIONS: dict[str, Callable[[list[dict[str, str]]], list[str]]] = {
+    "demo.csv": demo_section,
     "unlearning_quality.csv": unlearning_quality_section,
     "relearning.csv": relearning_section,
     "bench_step.csv": step_section,
@@ -249,7 +297,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if RESULTS.md's page is not what the CSVs give")
     parser.add_argument("--results-md", type=Path, default=RESULTS_MD)
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--record-demo", type=Path, default=None, help="a finished demo's run dir (runs/demo)")
+    parser.add_argument("--label", default="fresh", help="with --record-demo: fresh | rerun | ...")
+    parser.add_argument("--wall-s", type=float, default=None, help="with --record-demo: the make demo wall time")
     args = parser.parse_args(argv)
+    if args.record_demo is not None:
+        import common
+
+        meta = {"date": common.today(), "commit": common.git_commit(), "device": "CPU (x86_64, 2 cores)"}
+        common.append_csv(args.results_dir / "demo.csv", [demo_row(args.record_demo, args.label, args.wall_s, meta)])
     if args.check:
         old = args.results_md.read_text()
         stale = _splice(old, build_page(args.results_dir)) != old

@@ -94,3 +94,21 @@ def test_every_results_csv_is_committed_with_provenance(name):
     assert rows, f"benchmarks/results/{name} is missing or empty"
     for column in ("date", "commit", "device"):
         assert all(r.get(column) for r in rows), f"{name}: a row without {column}"
+
+
+def test_a_finished_demo_run_becomes_a_row_and_a_table(tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    run.mkdir()
+    metrics = lambda acc: {"forget/accuracy": acc, "forget/answer_prob": 0.5}  # noqa: E731
+    (run / "qa_eval.json").write_text(json.dumps({"evaluations": [
+        {"stage": "fit_start", "metrics": metrics(1.0)}, {"stage": "fit_end", "metrics": metrics(0.025)}]}))
+    (run / "relearning.json").write_text(json.dumps({"results": {"held_back": {"accuracy_after": 0.5}}}))
+    (run / "stage_times.json").write_text(json.dumps({"training (4 steps)": 12.0, "total": 20.0}))
+    row = results_page.demo_row(run, "fresh", 21.0, {"date": "2026-12-01", "commit": "abc", "device": "CPU (test)"})
+    assert row["before/forget/accuracy"] == 1.0 and row["after/forget/accuracy"] == 0.025
+    common.append_csv(tmp_path / "demo.csv", [row])
+    page = results_page.build_page(tmp_path)
+    assert "| fresh | 21 s | 12 s |" in page
+    assert "| forget | 100.0% | 2.5% |" in page and "| held_back | 50.0% |" in page
