@@ -38,7 +38,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         flat = tensor.contiguous().cpu().reshape(-1)
         # numpy has no bfloat16: hash the raw bytes through a same-width integer view
-        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+        digest.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")  # the buffer itself: no copy
     return digest.hexdigest()
 
 

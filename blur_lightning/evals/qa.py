@@ -131,15 +131,41 @@ def answer_probability(
         Float32 CPU tensor of shape ``(len(questions),)`` with values in ``[0, 1]``; ``nan`` for an
         answer that tokenizes to nothing.
     """
+    return _answer_scores(
+        model, tokenizer, questions, answers, batch_size, use_chat_template=use_chat_template, desc=desc,
+        show_progress=show_progress,
+    )[0]  # fmt: skip
+
+
+def _answer_scores(
+    model: Any,
+    tokenizer: Any,
+    questions: Sequence[str],
+    answers: Sequence[str],
+    batch_size: int,
+    *,
+    use_chat_template: bool,
+    desc: str,
+    show_progress: bool,
+    readout: bool = False,
+) -> tuple[torch.Tensor, list[tuple[list[int], list[float], list[int]] | None] | None]:
+    """:func:`answer_probability`, and with `readout` per row (argmax ids, top-2 margins, answer token
+    ids) at the answer positions, from the same forward (None for a row with no answer token)."""
     rows, _ = encode_qa_rows(tokenizer, questions, answers, use_chat_template=use_chat_template)
     probs = torch.full((len(rows),), float("nan"), dtype=torch.float32)
+    tops: list | None = [None] * len(rows) if readout else None
     kept = [i for i, r in enumerate(rows) if r is not None]
-    if kept:
-        total, count = sequence_scores(
-            model, tokenizer, [rows[i] for i in kept], batch_size=batch_size, desc=desc, show_progress=show_progress
-        )
-        probs[kept] = (total / count).exp()
-    return probs
+    if not kept:
+        return probs, tops
+    score = sequence_scores_with_top2 if readout else sequence_scores
+    out = score(model, tokenizer, [rows[i] for i in kept], batch_size=batch_size, desc=desc,
+                show_progress=show_progress)  # fmt: skip
+    probs[kept] = (out[0] / out[1]).exp()
+    if readout:
+        for j, i in enumerate(kept):
+            answer_ids = [t for t, label in zip(rows[i]["input_ids"], rows[i]["labels"]) if label != IGNORE_INDEX]
+            tops[i] = (*out[2][j], answer_ids)
+    return probs, tops
 
 
 def qa_examples(
@@ -170,30 +196,18 @@ def qa_examples(
     questions = [str(r[question_column]) for r in rows]
     golds = [str(r[answer_column]) for r in rows]
     targets = golds if prob_column is None else [str(r[prob_column]) for r in rows]
-    encoded, _ = encode_qa_rows(tokenizer, questions, targets, use_chat_template=use_chat_template)
-    kept = [i for i, r in enumerate(encoded) if r is not None]
-    probs = torch.full((len(rows),), float("nan"), dtype=torch.float32)
-    generated: list[str | None] = [None] * len(rows)
     # bf16/fp16 logits round ~1e-2 apart between the two computation orders: always generate there
     replaying = replay_greedy and prob_column is not None and _dtype(model) == torch.float32
-    if kept and replaying:
-        total, count, tops = sequence_scores_with_top2(
-            model, tokenizer, [encoded[i] for i in kept], batch_size=batch_size, desc=f"{name}: score",
-            show_progress=show_progress,
-        )  # fmt: skip
-        stop = frozenset(stop_token_ids(tokenizer, model))
-        for j, i in enumerate(kept):
-            answer_ids = [t for t, label in zip(encoded[i]["input_ids"], encoded[i]["labels"]) if label != IGNORE_INDEX]
-            emitted = replay(*tops[j], answer_ids, stop, max_new_tokens, DEFAULT_MIN_MARGIN)
-            if emitted is not None:
-                generated[i] = tokenizer.decode(emitted, skip_special_tokens=True).strip()
-    elif kept:
-        total, count = sequence_scores(
-            model, tokenizer, [encoded[i] for i in kept], batch_size=batch_size, desc=f"{name}: score",
-            show_progress=show_progress,
-        )  # fmt: skip
-    if kept:
-        probs[kept] = (total / count).exp()
+    probs, tops = _answer_scores(
+        model, tokenizer, questions, targets, batch_size, use_chat_template=use_chat_template,
+        desc=f"{name}: score", show_progress=show_progress, readout=replaying,
+    )  # fmt: skip
+    generated: list[str | None] = [None] * len(rows)
+    stop = frozenset(stop_token_ids(tokenizer, model)) if replaying else frozenset()
+    for i, readout in enumerate(tops or []):
+        emitted = replay(*readout, stop, max_new_tokens, DEFAULT_MIN_MARGIN) if readout is not None else None
+        if emitted is not None:
+            generated[i] = tokenizer.decode(emitted, skip_special_tokens=True).strip()
     todo = [i for i, text in enumerate(generated) if text is None]
     if todo:
         texts = greedy_answers(
