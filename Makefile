@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench
+.PHONY: install demo test test-fast lint bench fictitious oracle-comparison
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/blur-lightning fit --config configs/demo.yaml
+
+# Unlearn forget10 of the fictitious benchmark (builds its target and oracle first: ~20 min once, cached)
+fictitious: $(STAMP)
+	$(VENV)/bin/blur-lightning fit --config configs/fictitious/forget10.yaml
+
+# BLUR against the baselines on the fictitious benchmark (resumable; QUICK=1 for the smoke run)
+oracle-comparison: $(STAMP)
+	$(PY) benchmarks/oracle_comparison.py $(if $(QUICK),--quick,)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q

@@ -240,8 +240,29 @@ def demo_section(rows: list[dict[str, str]]) -> list[str]:
     return lines
 
 
+def oracle_section(rows: list[dict[str, str]]) -> list[str]:
+    """The fictitious benchmark's comparison (oracle_comparison.py): the newest recipe's full profile."""
+    import oracle_comparison
+
+    full = [r for r in rows if r["profile"] == "full"]
+    if not full:
+        return []
+    recipe = full[-1]["recipe"]
+    mine = [r for r in full if r["recipe"] == recipe]
+    ledger = oracle_comparison.Ledger(RESULTS_DIR / "oracle_comparison.csv", recipe, oracle_comparison.FULL, mine)
+    return [
+        "### Fictitious forget10: BLUR and the baselines against the retain oracle",
+        "",
+        f"`benchmarks/oracle_comparison.py`, build `{recipe}` ({_provenance(mine)}); mean ± sd over seeds; "
+        "hyperparameters chosen on validation10; plot `benchmarks/results/oracle_pareto.png`.",
+        "",
+        oracle_comparison.summary(ledger, 0.95, None),
+    ]
+
+
 SECTIONS: dict[str, Callable[[list[dict[str, str]]], list[str]]] = {
     "demo.csv": demo_section,
+    "oracle_comparison.csv": oracle_section,
     "unlearning_quality.csv": unlearning_quality_section,
     "relearning.csv": relearning_section,
     "bench_step.csv": step_section,

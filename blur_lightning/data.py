@@ -19,6 +19,10 @@ Batch contract (what :class:`ForgetRetainDataModule` hands the LightningModule):
   ``attention_mask``, ``labels``): index 0 is the forget set, index 1 the ``eval_path`` set when
   given; ``val_loader_names`` names them.
 
+Without a forget set (``forget_path=None``: fine-tuning, blur_lightning.finetune) the retain rows set
+the epoch and the train loader yields ``{"retain": side}`` only, numbered with ``example_index``; the
+validation loaders are then the eval set alone, if any.
+
 Each forget row is paired with a retain row. The retain set is read as an endless stream, reshuffled
 on every pass, so a shorter retain set cycles and a longer one is used in full across epochs. The
 order of batches is a pure function of ``(seed, epoch)``; the train loader is resumable mid-epoch
@@ -41,7 +45,7 @@ from torch.utils.data import DataLoader
 from blur_lightning.encoding import PadCollator, encode_qa_rows, encode_text_rows
 from blur_lightning.models import ensure_pad_token, load_tokenizer
 from blur_lightning.rows import check_strings, is_local, load_rows, require_columns, resolve_embedded
-from blur_lightning.sampling import EncodedSet, PairedDataset, PairSampler, ResumableDataLoader
+from blur_lightning.sampling import EncodedSet, PairedDataset, PairSampler, ResumableDataLoader, SingleSideDataset
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -60,7 +64,8 @@ class ForgetRetainDataModule(L.LightningDataModule):
 
     Args:
         forget_path: forget set: a local JSON/JSONL/CSV/Parquet file, a hub dataset name, or
-            ``"embedded:NAME.jsonl"`` (a file in ``blur_lightning/assets/``).
+            ``"embedded:NAME.jsonl"`` (a file in ``blur_lightning/assets/``); None: no forget set,
+            the retain set alone is the training set (fine-tuning, see the module docstring).
         retain_path: retain set, same forms.
         tokenizer: tokenizer name or path, or ``"embedded:smollm2-135m-instruct"``; the CLI links it
             from the model. A tokenizer without a pad token pads with eos (with a warning).
@@ -95,7 +100,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        forget_path: str = "embedded:qa_forget.jsonl",
+        forget_path: str | None = "embedded:qa_forget.jsonl",
         retain_path: str = "embedded:qa_retain.jsonl",
         tokenizer: str = "embedded:smollm2-135m-instruct",
         format: str = "qa",
@@ -180,10 +185,9 @@ class ForgetRetainDataModule(L.LightningDataModule):
                 load_rows(path, subset=subset, split=split)
 
     def _sources(self) -> list[tuple[str, str | None, str]]:
-        sources = [
-            (self.forget_path, self.forget_subset, self.splits["forget"]),
-            (self.retain_path, self.retain_subset, self.splits["retain"]),
-        ]
+        sources = [(self.retain_path, self.retain_subset, self.splits["retain"])]
+        if self.forget_path is not None:
+            sources.insert(0, (self.forget_path, self.forget_subset, self.splits["forget"]))
         if self.eval_path is not None:
             sources.append((self.eval_path, self.eval_subset, self.splits["eval"]))
         return sources
@@ -192,7 +196,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
         """Load the tokenizer and encode all sets (once; later calls are no-ops)."""
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.tokenizer_name)
-        if self.forget_rows is None:
+        if self.forget_rows is None and self.forget_path is not None:
             self.forget_rows = self._encode(
                 "forget", self.forget_path, self.forget_subset, self.format, self.idk_column
             )
@@ -267,9 +271,12 @@ class ForgetRetainDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> ResumableDataLoader:
         """Paired forget/retain batches (see the module docstring for the batch contract)."""
-        if self.forget_rows is None or self.retain_rows is None:
+        if self.retain_rows is None or (self.forget_rows is None and self.forget_path is not None):
             self.setup("fit")
-        dataset = PairedDataset(self.forget_rows, self.retain_rows)
+        if self.forget_path is None:
+            dataset: PairedDataset = SingleSideDataset(self.retain_rows)
+        else:
+            dataset = PairedDataset(self.forget_rows, self.retain_rows)
         num_replicas, rank = self._replicas()
         sampler = PairSampler(
             dataset,
@@ -291,13 +298,16 @@ class ForgetRetainDataModule(L.LightningDataModule):
     @property
     def val_loader_names(self) -> list[str]:
         """Names of the validation loaders, by ``dataloader_idx``."""
-        return list(VAL_LOADER_NAMES[: 2 if self.eval_path is not None else 1])
+        names = list(VAL_LOADER_NAMES[: 2 if self.eval_path is not None else 1])
+        return names if self.forget_path is not None else names[1:]
 
     def val_dataloader(self) -> list[DataLoader]:
         """Unshuffled single-side loaders: ``[forget]`` or ``[forget, eval]`` (see ``val_loader_names``)."""
-        if self.forget_rows is None:
+        if self.retain_rows is None:
             self.setup("validate")
-        sets = [self.forget_rows] + ([self.eval_rows] if self.eval_path is not None else [])
+        sets = ([self.forget_rows] if self.forget_path is not None else []) + (
+            [self.eval_rows] if self.eval_path is not None else []
+        )
         return [
             DataLoader(
                 EncodedSet([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]),

@@ -203,7 +203,7 @@ class PadCollator:
 
     Examples are either single rows (``{"input_ids", "labels"}``, optionally ``alt_input_ids`` and
     ``alt_labels``) or pairs ``{"forget": row, "retain": row}``; pairs become ``{"forget": side,
-    "retain": side}``.
+    "retain": side}``, and ``{"retain": row}`` alone (fine-tuning: data.py) becomes ``{"retain": side}``.
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
@@ -220,9 +220,7 @@ class PadCollator:
         return batch
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        if "forget" in examples[0]:
-            return {
-                "forget": self.side([e["forget"] for e in examples]),
-                "retain": self.side([e["retain"] for e in examples]),
-            }
+        sides = [name for name in ("forget", "retain") if isinstance(examples[0].get(name), dict)]
+        if sides:
+            return {name: self.side([e[name] for e in examples]) for name in sides}
         return self.side(examples)

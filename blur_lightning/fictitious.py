@@ -17,15 +17,26 @@ What is written (`write_splits`), one JSON Lines file per split, named as TOFU's
 * ``retain_perturbed``: the same columns for the first people of retain90, as many people as forget10
   (TOFU's retain_perturbed is likewise a subset of retain90 the size of forget10: 400 questions), so it
   is retained knowledge for every forget split.
+* ``validation10`` (+ ``_perturbed``): ours, not TOFU's: as many people as forget10, the ones just before
+  it, disjoint from every forget set. Hyperparameters are chosen by unlearning this set, so the figures
+  reported on forget10 were not tuned on forget10.
+* ``oracle_retain``: ours: the facts of the people in neither forget10 nor validation10 (the first
+  80 %). The retain oracle is fine-tuned on this set only, so it never saw a forget or validation person
+  and serves as the oracle of both (see blur_lightning.oracle for what that costs in exactness).
 * ``real_authors`` / ``world_facts`` (+ ``_perturbed``): questions the base model already knows, from the
   embedded QA files (qa_retain.jsonl and qa_holdout.jsonl, 187 rows): questions whose answer is a
   person (topics authors, inventors, art_and_music) are the real-authors set, the others the
   world-facts set. Their perturbed answers are other answers of the same set (see `_world_rows`).
+* ``forget10_qa`` / ``forget10_paraphrased_qa`` and ``validation10_qa`` / ``validation10_paraphrased_qa``:
+  ours: the same facts as QA rows (``qa_rows``: question, answer = the bare value, response = the answer
+  sentence; the paraphrased ones ask paraphrased_question and respond with paraphrased_answer), for the
+  QA benchmark and the relearning probe, which judge a generation by the bare answer.
 * ``manifest.json``: seed, people, attributes, Faker's version and the row count of each split.
 
 Columns of a fictitious row: question, answer, paraphrased_question, paraphrased_answer,
-perturbed_answer (list of str), plus person and attribute (ours, for per-person splits such as the
-relearning probe). The plain splits carry question, answer, person, attribute. Each attribute has one
+perturbed_answer (list of str), plus person, attribute and value (ours: the bare value inside the
+answer sentence, which QA accuracy looks for in a generation, and the relearning probe's answer). The
+plain splits carry question, answer, person, attribute, value. Each attribute has one
 answer template and a different paraphrase template (so the fine-tune has one clear target and the
 paraphrase tests generalization); a perturbed answer is the paraphrase template filled with another value
 of the same kind, as TOFU's perturbed answers keep the paraphrased answer's wording and change its facts.
@@ -48,6 +59,7 @@ from blur_lightning.rows import load_rows
 
 __all__ = [
     "ATTRIBUTES",
+    "EXTRA_SPLITS",
     "FORGET_PERCENTS",
     "SPLITS",
     "Attribute",
@@ -55,6 +67,7 @@ __all__ = [
     "generate_people",
     "make_splits",
     "main",
+    "qa_rows",
     "split_people",
     "world_knowledge_rows",
     "write_splits",
@@ -68,7 +81,9 @@ SPLITS = (
     "real_authors", "world_facts",
     "forget01_perturbed", "forget05_perturbed", "forget10_perturbed", "retain_perturbed",
     "real_authors_perturbed", "world_facts_perturbed",
-)  # fmt: skip  (TOFU's hub configs, the same names as formats.TOFU_SPLITS)
+)  # fmt: skip  (TOFU's hub configs, the same names as tofu.TOFU_SPLITS)
+EXTRA_SPLITS = ("validation10", "validation10_perturbed", "oracle_retain")  # ours (module docstring)
+QA_SPLITS = ("forget10", "validation10")  # written also as QA rows (module docstring)
 DEFAULT_PERTURBED = 5  # TOFU has 5 perturbed answers per question
 # Birth years drawn from 160 values: a guess is right 0.6% of the time.
 BIRTH_YEARS = (1850, 2009)
@@ -234,6 +249,7 @@ def fictitious_facts(
                 "perturbed_answer": [kind.paraphrased_answer.format(name=name, value=v) for v in others],
                 "person": name,
                 "attribute": kind.name,
+                "value": value,
             })  # fmt: skip
     return rows
 
@@ -243,7 +259,9 @@ def _people_count(n: int, percent: int) -> int:
 
 
 def split_people(n: int) -> dict[str, list[int]]:
-    """Indices of the people in each split: forgetXX the last XX % (nested), retain(100-XX) the rest.
+    """Indices of the people in each split: forgetXX the last XX % (nested), retain(100-XX) the rest;
+    validation10 the forget10-sized block before forget10 and oracle_retain everyone before that
+    (both empty when there are too few people: fewer than 3).
 
     Raises:
         ValueError: fewer than 2 people (with 2, each forget set is one person and retain the other).
@@ -255,7 +273,10 @@ def split_people(n: int) -> dict[str, list[int]]:
         k = _people_count(n, percent)  # < n for every n >= 2: 10% of n rounds to at most n - 1
         splits[f"forget{percent:02d}"] = list(range(n - k, n))
         splits[f"retain{100 - percent}"] = list(range(n - k))
-    splits["retain_perturbed"] = list(range(len(splits["forget10"])))
+    k = len(splits["forget10"])
+    splits["retain_perturbed"] = list(range(k))
+    splits["validation10"] = list(range(max(0, n - 2 * k), n - k))
+    splits["oracle_retain"] = list(range(max(0, n - 2 * k)))
     return splits
 
 
@@ -285,6 +306,7 @@ def _perturb_from_pool(rows: Sequence[Row], n_perturbed: int, rng: random.Random
             "answer": row["answer"],
             "perturbed_answer": [a for a, _ in ranked[:n_perturbed]],
             "topic": row["topic"],
+            "value": row["answer"],  # the short answer itself: QA accuracy looks for it
         })  # fmt: skip
     return out
 
@@ -316,7 +338,7 @@ def world_knowledge_rows(
 
 
 # ============================================================================ splits and files
-_PLAIN = ("question", "answer", "person", "attribute", "topic")
+_PLAIN = ("question", "answer", "person", "attribute", "value", "topic")
 
 
 def make_splits(
@@ -338,12 +360,26 @@ def make_splits(
     for name, indices in split_people(people).items():
         perturbed[name] = rows_of(indices)
     splits: dict[str, list[Row]] = {}
-    for name in SPLITS:
+    for name in SPLITS + EXTRA_SPLITS:
         if name.endswith("_perturbed"):
             splits[name] = perturbed[name.removesuffix("_perturbed") if name != "retain_perturbed" else name]
         else:
             splits[name] = [{k: row[k] for k in _PLAIN if k in row} for row in perturbed[name]]
     return splits
+
+
+def qa_rows(rows: Sequence[Row], paraphrased: bool = False) -> list[Row]:
+    """Fictitious facts as QA rows: question (or paraphrased_question), answer = the bare value (what a
+    generation is judged by), response = the answer sentence (or paraphrased_answer), person, attribute."""
+    question, response = ("paraphrased_question", "paraphrased_answer") if paraphrased else ("question", "answer")
+    missing = sorted({c for row in rows for c in (question, response, "value") if c not in row})
+    if missing:
+        raise ValueError(f"qa_rows: the rows have no {', '.join(missing)} column (fictitious *_perturbed rows do)")
+    return [
+        {"question": r[question], "answer": str(r["value"]), "response": r[response],
+         "person": r.get("person"), "attribute": r.get("attribute")}
+        for r in rows
+    ]  # fmt: skip
 
 
 def write_splits(
@@ -359,6 +395,9 @@ def write_splits(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     splits = make_splits(people, seed, attributes, n_perturbed)
+    for name in QA_SPLITS:
+        splits[f"{name}_qa"] = qa_rows(splits[f"{name}_perturbed"])
+        splits[f"{name}_paraphrased_qa"] = qa_rows(splits[f"{name}_perturbed"], paraphrased=True)
     counts = {}
     for name, rows in splits.items():
         with (out / f"{name}.jsonl").open("w") as f:

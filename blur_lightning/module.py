@@ -471,7 +471,9 @@ class BLURUnlearner(LossesMixin, pl.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
         """Mean answer NLL per val set: it should rise on the forget set and hold on the eval set."""
-        name = self.VAL_SET_NAMES[dataloader_idx] if dataloader_idx < len(self.VAL_SET_NAMES) else str(dataloader_idx)
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        names = getattr(datamodule, "val_loader_names", None) or self.VAL_SET_NAMES  # no forget set: eval first
+        name = names[dataloader_idx] if dataloader_idx < len(names) else str(dataloader_idx)
         logits = attention.forward(self.model, batch).logits
         loss = losses.nll_loss(logits, batch["labels"])
         self.log(f"val/{name}_nll", loss, on_epoch=True, batch_size=batch["input_ids"].shape[0],

@@ -14,7 +14,7 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["EncodedSet", "PairSampler", "PairedDataset", "ResumableDataLoader"]
+__all__ = ["EncodedSet", "PairSampler", "PairedDataset", "ResumableDataLoader", "SingleSideDataset"]
 
 
 class EncodedSet(Dataset):
@@ -44,6 +44,19 @@ class PairedDataset(Dataset):
         forget_index, retain_index = index
         forget = {**self.forget[forget_index], "example_index": forget_index}  # numbered: see PadCollator
         return {"forget": forget, "retain": self.retain[retain_index]}
+
+
+class SingleSideDataset(PairedDataset):
+    """One set, no pairing (fine-tuning): its rows set the epoch, as forget rows do in a pair, and come
+    out numbered as the ``retain`` side: ``{"retain": row}``. The same sampler and resumable loader
+    apply; the retain index the sampler pairs with each row is ignored."""
+
+    def __init__(self, rows: Sequence[dict[str, Any]]) -> None:
+        super().__init__(rows, rows[:1])
+
+    def __getitem__(self, index: tuple[int, int]) -> dict[str, Any]:
+        row_index, _ = index
+        return {"retain": {**self.forget[row_index], "example_index": row_index}}
 
 
 def _permutation(n: int, seed: int, stream: int, counter: int, shuffle: bool) -> np.ndarray:

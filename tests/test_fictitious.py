@@ -45,9 +45,43 @@ def test_names_unique_and_every_person_has_every_attribute(splits):
     assert len({p["name"] for p in big}) == 500
 
 
-def test_split_names_are_tofus(splits):
+def test_split_names_are_tofus_plus_ours(splits):
     assert FX.SPLITS == F.TOFU_SPLITS
-    assert set(splits) == set(F.TOFU_SPLITS)
+    assert set(splits) == set(F.TOFU_SPLITS) | set(FX.EXTRA_SPLITS)
+
+
+def test_validation_and_oracle_people_are_disjoint_from_every_forget_set(splits):
+    validation, oracle = _people(splits["validation10"]), _people(splits["oracle_retain"])
+    forget10 = _people(splits["forget10"])
+    assert len(validation) == len(forget10) == 4
+    assert validation.isdisjoint(forget10) and oracle.isdisjoint(forget10) and oracle.isdisjoint(validation)
+    assert oracle | validation | forget10 == _people(splits["full"])
+    assert _people(splits["retain_perturbed"]) <= oracle  # retained knowledge the oracle was trained on
+    assert [r["question"] for r in splits["validation10_perturbed"]] == [r["question"] for r in splits["validation10"]]
+    assert FX.split_people(3)["validation10"] == [1] and FX.split_people(3)["oracle_retain"] == [0]
+    assert FX.split_people(2)["oracle_retain"] == []  # too few people for an oracle
+
+
+def test_every_fact_carries_its_bare_value_inside_the_answer(splits):
+    for row in splits["full"] + splits["forget10_perturbed"]:
+        assert (
+            row["value"]
+            and row["value"] in row["answer"]
+            and row["value"] in row["paraphrased_answer" if "paraphrased_answer" in row else "answer"]
+        )
+    for row in splits["world_facts_perturbed"]:
+        assert row["value"] == row["answer"]
+
+
+def test_qa_rows_ask_the_question_or_its_paraphrase_and_answer_the_value(splits):
+    rows = splits["forget10_perturbed"]
+    asked, paraphrased = FX.qa_rows(rows), FX.qa_rows(rows, paraphrased=True)
+    assert [r["question"] for r in asked] == [r["question"] for r in rows]
+    assert [r["question"] for r in paraphrased] == [r["paraphrased_question"] for r in rows]
+    assert [r["answer"] for r in asked] == [r["value"] for r in rows] == [r["answer"] for r in paraphrased]
+    assert [r["response"] for r in paraphrased] == [r["paraphrased_answer"] for r in rows]
+    with pytest.raises(ValueError, match="paraphrased_question"):
+        FX.qa_rows(splits["forget10"], paraphrased=True)  # plain rows have no paraphrase
 
 
 def test_forget_sets_nested_and_disjoint_from_their_retain_sets(splits):
@@ -69,9 +103,16 @@ def test_forget_sets_nested_and_disjoint_from_their_retain_sets(splits):
 def test_tofu_counts_for_200_people():
     split = FX.split_people(200)
     assert {k: len(v) for k, v in split.items()} == {
-        "forget01": 2, "retain99": 198, "forget05": 10, "retain95": 190, "forget10": 20, "retain90": 180,
+        "forget01": 2,
+        "retain99": 198,
+        "forget05": 10,
+        "retain95": 190,
+        "forget10": 20,
+        "retain90": 180,
         "retain_perturbed": 20,
-    }  # fmt: skip  (TOFU's 200 authors: 2, 10 and 20 to forget)
+        "validation10": 20,
+        "oracle_retain": 160,
+    }  # fmt: skip  (TOFU's 200 authors: 2, 10 and 20 to forget; ours: 20 to validate on, 160 for the oracle)
 
 
 def test_perturbed_answers_are_wrong_and_distinct(splits, facts):
@@ -133,10 +174,13 @@ def test_facts_are_hard_to_guess(splits):
 def test_every_row_has_tofus_columns(splits):
     for name, rows in splits.items():
         assert rows, name
+        tofu_name = {"validation10": "forget10", "validation10_perturbed": "forget10_perturbed",
+                     "oracle_retain": "retain90"}.get(name, name)  # fmt: skip  (ours have the columns of these)
         for row in rows:
-            for column in F.tofu_columns(name):
+            for column in F.tofu_columns(tofu_name):
                 assert column in row, f"{name}: {column} missing in {row}"
-    for name in ("forget01_perturbed", "forget05_perturbed", "forget10_perturbed", "retain_perturbed"):
+    for name in ("forget01_perturbed", "forget05_perturbed", "forget10_perturbed", "retain_perturbed",
+                 "validation10_perturbed"):  # fmt: skip
         assert all("paraphrased_question" in row for row in splits[name])
 
 
@@ -159,6 +203,7 @@ def test_written_files_load_with_the_tofu_loader(tmp_path):
     for split in F.TOFU_SPLITS:
         rows = F.load_tofu(split, tmp_path / f"{split}.jsonl")
         assert len(rows) == counts[split]
+    assert counts["forget10_qa"] == counts["forget10_paraphrased_qa"] == counts["validation10_qa"] == 4
 
 
 def test_evaluate_tofu_reads_the_generated_rows(tmp_path):

@@ -60,7 +60,8 @@ class EvaluationCallback(pl.Callback):
             knowmem_retain_icl, privleak_forget, privleak_holdout (privleak needs both);
             wmdp: any names, each a multiple-choice set (question, choices, answer index).
         stages: when to evaluate, any of "fit_start", "validation", "test", "fit_end".
-        max_rows: at most this many rows per split (None: all).
+        max_rows: at most this many rows per split (None: all), or split name -> at most this many
+            (splits not named: all).
         max_new_tokens: generation length (QA's accuracy, TOFU's ROUGE, MUSE's verbmem and
             knowmem); None keeps each benchmark's default (QA 16, TOFU 32, MUSE 128 / 32).
         batch_size: sequences per forward / generate call.
@@ -82,7 +83,7 @@ class EvaluationCallback(pl.Callback):
         benchmark: str,
         splits: dict[str, str],
         stages: list[str] | None = None,
-        max_rows: int | None = None,
+        max_rows: int | dict[str, int] | None = None,
         max_new_tokens: int | None = None,
         batch_size: int = 8,
         chat_template: bool = True,
@@ -104,6 +105,9 @@ class EvaluationCallback(pl.Callback):
         self.benchmark = benchmark
         self.splits = dict(splits)
         self.stages = stages
+        if isinstance(max_rows, dict) and set(max_rows) - set(splits):
+            unknown = sorted(set(max_rows) - set(splits))
+            raise ValueError(f"max_rows names {unknown}: not among the splits {sorted(splits)}")
         self.max_rows = max_rows
         self.settings = EvalSettings(batch_size=batch_size, max_new_tokens=max_new_tokens, chat_template=chat_template)
         self.prefix = prefix or benchmark
@@ -117,12 +121,15 @@ class EvaluationCallback(pl.Callback):
         # one per benchmark and prefix: a run may hold several (QA and TOFU), each with its own state
         return self._generate_state_key(benchmark=self.benchmark, prefix=self.prefix)
 
+    def _limit(self, name: str) -> int | None:
+        return self.max_rows.get(name) if isinstance(self.max_rows, dict) else self.max_rows
+
     # ----- data
     def rows(self) -> dict[str, list[Row]]:
         """The eval splits' rows, loaded on first use."""
         if self._rows is None:
             self._rows = {
-                name: self.spec.load(name, spec, self.options, self.max_rows) for name, spec in self.splits.items()
+                name: self.spec.load(name, spec, self.options, self._limit(name)) for name, spec in self.splits.items()
             }
         return self._rows
 

@@ -6,13 +6,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from blur_lightning.evals import muse, qa, tofu, wmdp
+from blur_lightning.evals import fictitious, muse, qa, tofu, wmdp
 from blur_lightning.evals.base import Benchmark, EvalSettings, Results
 from blur_lightning.rows import Row
 
 __all__ = ["BENCHMARKS", "evaluate_benchmark", "get_benchmark"]
 
-BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (qa.BENCHMARK, tofu.BENCHMARK, muse.BENCHMARK, wmdp.BENCHMARK)}
+BENCHMARKS: dict[str, Benchmark] = {
+    b.name: b for b in (qa.BENCHMARK, tofu.BENCHMARK, muse.BENCHMARK, wmdp.BENCHMARK, fictitious.BENCHMARK)
+}
 
 
 def get_benchmark(name: str) -> Benchmark:

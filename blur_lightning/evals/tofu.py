@@ -19,6 +19,7 @@ from blur_lightning.encoding import encode_continuations
 from blur_lightning.evals.base import Benchmark, EvalSettings, Results, load_source
 from blur_lightning.evals.metric_classes import AnswerProbability, ForgetQuality, ModelUtility, RougeL, TruthRatio
 from blur_lightning.evals.metrics import truth_ratio
+from blur_lightning.evals.qa import is_correct
 from blur_lightning.evals.scoring import generate_greedy, sequence_scores
 from blur_lightning.evals.sharding import GATHERED
 from blur_lightning.prompts import TOFU_PROMPT, chat_prompt_template
@@ -35,6 +36,7 @@ __all__ = [
     "load_truth_ratios",
     "save_truth_ratios",
     "tofu_columns",
+    "truth_ratios",
 ]
 
 PathLike = str | Path
@@ -152,16 +154,48 @@ def _split_inputs(
     )
     answer_lp = mean_lp[:n]
     base_lp = answer_lp if not paraphrases else mean_lp[n : 2 * n]
-    return {
+    inputs = {
         "answer_logprob": answer_lp,
         "paraphrased_logprob": base_lp,
         "perturbed_logprobs": mean_lp[n + len(paraphrases) :].view(n, k),
-        "predictions": generate_greedy(
-            model, tokenizer, prompts, max_new_tokens, batch_size, desc=f"tofu {name}: generate",
-            show_progress=show_progress,
-        ),  # fmt: skip
         "references": answers,
     }
+    if max_new_tokens > 0:
+        inputs["predictions"] = generate_greedy(
+            model, tokenizer, prompts, max_new_tokens, batch_size, desc=f"tofu {name}: generate",
+            show_progress=show_progress,
+        )  # fmt: skip
+    return inputs
+
+
+def _accuracy(rows: Sequence[Row], predictions: Sequence[str]) -> float | None:
+    """Fraction of greedy answers holding the row's bare "value" (qa.is_correct); None without values
+    (TOFU's own answers are whole sentences, which a generation almost never repeats word for word)."""
+    if not rows or any("value" not in row for row in rows):
+        return None
+    return sum(is_correct(p, str(row["value"])) for p, row in zip(predictions, rows)) / len(rows)
+
+
+def truth_ratios(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    rows: Sequence[Row],
+    *,
+    prompt_template: str = TOFU_PROMPT,
+    batch_size: int = 8,
+    perturbed_mean: str = "geometric",
+    show_progress: bool = True,
+) -> Tensor:
+    """Per-example forget-set truth ratios (float64) of one model, without generating: what a retain
+    oracle's file holds (`save_truth_ratios`), computed exactly as `evaluate_tofu` computes them."""
+    require_columns(rows, _PERTURBED_COLUMNS, "truth_ratios rows")
+    inputs = _split_inputs(
+        model, tokenizer, rows, "forget", "paraphrased_answer", prompt_template=prompt_template,
+        max_new_tokens=0, batch_size=batch_size, show_progress=show_progress,
+    )  # fmt: skip
+    ratio = TruthRatio("closer_to_1", perturbed_mean, **GATHERED)
+    ratio.update(inputs["paraphrased_logprob"], inputs["perturbed_logprobs"])
+    return ratio.per_example()
 
 
 def evaluate_tofu(
@@ -201,7 +235,9 @@ def evaluate_tofu(
     Returns:
         Floats "{split}/prob", "{split}/rouge_l_recall", "{split}/truth_ratio" for split in
         forget, retain, real_authors, world_facts (forget's truth ratio is min(R, 1/R), the
-        others max(0, 1 - R)); "model_utility"; "forget_quality" when a reference is given;
+        others max(0, 1 - R)); "{split}/accuracy" where every row of the split has a "value" (the
+        fictitious benchmark's bare answers: the fraction of greedy answers holding it);
+        "model_utility"; "forget_quality" when a reference is given;
         and "forget/truth_ratios", the per-example list to save with `save_truth_ratios`
         when this model is the retain-only reference.
     """
@@ -215,15 +251,20 @@ def evaluate_tofu(
     }  # fmt: skip
 
     utility = ModelUtility(rouge_stemmer=rouge_stemmer, perturbed_mean=perturbed_mean, **GATHERED)
+    accuracies: dict[str, float | None] = {}
     for split, rows, base_column in (
         ("retain", retain_rows, "paraphrased_answer"),
         ("real_authors", real_authors_rows, "answer"),
         ("world_facts", world_facts_rows, "answer"),
     ):
-        utility.update(split, **_split_inputs(model, tokenizer, rows, split, base_column, **common))
+        inputs = _split_inputs(model, tokenizer, rows, split, base_column, **common)
+        accuracies[split] = _accuracy(rows, inputs["predictions"])
+        utility.update(split, **inputs)
     results: dict[str, Any] = {k: v.item() for k, v in utility.compute_all().items()}
 
     forget = _split_inputs(model, tokenizer, forget_rows, "forget", "paraphrased_answer", **common)
+    accuracies["forget"] = _accuracy(forget_rows, forget["predictions"])
+    results.update({f"{split}/accuracy": value for split, value in accuracies.items() if value is not None})
     prob, rouge = AnswerProbability(**GATHERED), RougeL("recall", rouge_stemmer, **GATHERED)
     ratio = TruthRatio("closer_to_1", perturbed_mean, **GATHERED)
     prob.update(forget["answer_logprob"])

@@ -1,0 +1,101 @@
+"""The fictitious benchmark: TOFU's evaluation on planted facts, with an exact retain oracle.
+
+The rows are blur_lightning.fictitious's splits (TOFU's columns plus the bare ``value`` of each fact),
+the target and the oracle are built by blur_lightning.oracle. What it adds to TOFU's evaluation:
+
+* ``forget_quality`` against the oracle's saved per-example truth ratios (option
+  ``oracle_truth_ratios``: a file written once per oracle, or the values). The oracle evaluated
+  against its own file gets exactly 1.0;
+* ``{split}/accuracy``: greedy answers that hold the fact's value (qa.is_correct), on every split;
+* ``forget/paraphrased_accuracy`` and ``forget/paraphrased_prob``: the same facts asked the other way
+  (``paraphrased_question``, never trained on): knowledge, not a memorized string.
+
+Everything else (model utility, ROUGE-L, probabilities, truth ratios) is :func:`evaluate_tofu`'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from blur_lightning.evals.base import EvalSettings, Results, is_scalar
+from blur_lightning.evals.qa import evaluate_qa
+from blur_lightning.evals.tofu import SPLIT_NAMES, TofuBenchmark
+from blur_lightning.fictitious import qa_rows
+from blur_lightning.rows import Row, require_columns
+
+__all__ = ["BENCHMARK", "FictitiousBenchmark"]
+
+# What the before/after table shows, in order: (result key, label, as a percentage).
+TABLE = (
+    ("forget_quality", "forget quality (KS p vs oracle)", False),
+    ("model_utility", "model utility", False),
+    ("forget/accuracy", "forget: accuracy", True),
+    ("forget/paraphrased_accuracy", "forget, paraphrased: accuracy", True),
+    ("forget/prob", "forget: answer probability", False),
+    ("forget/rouge_l_recall", "forget: ROUGE-L recall", False),
+    ("forget/truth_ratio", "forget: truth ratio", False),
+    ("retain/accuracy", "retain: accuracy", True),
+    ("real_authors/accuracy", "real authors: accuracy", True),
+    ("world_facts/accuracy", "world facts: accuracy", True),
+)
+
+
+class FictitiousBenchmark(TofuBenchmark):
+    """TOFU's four sets from blur_lightning.fictitious, forget quality against the oracle's file.
+
+    Options: ``oracle_truth_ratios`` (a JSON file of blur_lightning.oracle, or the values; without it no
+    forget quality), ``paraphrased: false`` to skip the paraphrased questions, and every keyword of
+    :func:`~blur_lightning.evals.tofu.evaluate_tofu` but ``retain_model_truth_ratios``.
+    """
+
+    name = "fictitious"
+    hub_repo = None
+    default_split = None
+
+    def check_splits(self, names: Sequence[str], options: Mapping[str, Any]) -> None:
+        if set(names) != set(SPLIT_NAMES):
+            raise ValueError(f"fictitious needs exactly the splits {SPLIT_NAMES}, got {sorted(names)}")
+        if "retain_model_truth_ratios" in options:
+            raise ValueError("fictitious: name the oracle's file as options.oracle_truth_ratios")
+
+    def evaluate(
+        self, model: Any, tokenizer: Any, rows: Mapping[str, Sequence[Row]], settings: EvalSettings,
+        options: Mapping[str, Any],
+    ) -> Results:  # fmt: skip
+        options = dict(options)
+        self.check_splits(list(rows), options)
+        oracle = options.pop("oracle_truth_ratios", None)
+        paraphrased = options.pop("paraphrased", True)
+        for name in SPLIT_NAMES:
+            require_columns(rows[name], ("value",), f"fictitious split {name!r}")
+        if oracle is not None:
+            options["retain_model_truth_ratios"] = oracle
+        results = super().evaluate(model, tokenizer, rows, settings, options)
+        if paraphrased:
+            qa = evaluate_qa(
+                model, tokenizer, qa_rows(rows["forget"], paraphrased=True), prob_column="response",
+                max_new_tokens=settings.max_new_tokens or 32, batch_size=settings.batch_size,
+                use_chat_template=settings.chat_template, name="fictitious forget paraphrased",
+                show_progress=settings.show_progress,
+            )  # fmt: skip
+            results["forget/paraphrased_accuracy"] = qa["accuracy"]
+            results["forget/paraphrased_prob"] = qa["answer_prob"]
+        return results
+
+    def report(self, before: Results | None, after: Results | None, sizes: Mapping[str, int]) -> str | None:
+        if before is None and after is None:
+            return None
+        lines = ["| metric | before | after |", "|---|---:|---:|"]
+        for key, label, percent in TABLE:
+            cells = []
+            for results in (before, after):
+                value = (results or {}).get(key)
+                cells.append("-" if not is_scalar(value) else f"{100 * value:.1f}%" if percent else f"{value:.4g}")
+            if cells != ["-", "-"]:
+                lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+        counts = ", ".join(f"{name} {n}" for name, n in sizes.items())
+        return "\n".join(lines) + f"\n\nrows: {counts}"
+
+
+BENCHMARK = FictitiousBenchmark()

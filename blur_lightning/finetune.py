@@ -1,0 +1,128 @@
+"""FineTuner: plain fine-tuning (NLL on the answer tokens) through the same module, data, checkpoints and CLI.
+
+Unlearning needs a model that knows something first: the fictitious benchmark (blur_lightning.oracle)
+plants facts in the embedded model with this module, and fine-tunes the retain oracle the same way on
+the retain facts alone. It is BLURUnlearner with one pass per micro-batch instead of two: the model,
+dtype, LoRA adapters, activation checkpointing, FSDP2/DDP set-up, optimizer and scheduler factories,
+validation, export and checkpoints are the parent's; only the step differs.
+
+    blur-lightning finetune --config configs/fictitious/target.yaml
+
+The data module is ForgetRetainDataModule with ``forget_path: null``: the retain rows are the training
+set and set the epoch (data.py). One optimizer step = ``accumulate_grad_batches`` micro-batches; a step
+whose loss or gradient is not finite is skipped (one host read of a boolean per step, as the
+unlearner's host path; fine-tuning runs are minutes long and not the product's hot loop).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from blur_lightning import loss_registry, nonfinite
+from blur_lightning.backends import local_tensor
+from blur_lightning.loss_inputs import LossContext
+from blur_lightning.module import BLURUnlearner, OptimizerFactory, SchedulerFactory
+
+__all__ = ["FineTuner"]
+
+
+class FineTuner(BLURUnlearner):
+    """Fine-tune on the retain set with NLL on the answer tokens (``qa`` rows) or every token (``text``).
+
+    Args:
+        model, model_dtype, attn_implementation, accumulate_grad_batches, gradient_clip_val,
+        gradient_clip_algorithm, trainable_params, lora_rank, lora_alpha, lora_dropout,
+        lora_target_modules, activation_checkpointing, export_dir, optimizer, scheduler: as
+        :class:`~blur_lightning.module.BLURUnlearner`.
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module = "embedded:smollm2-135m-instruct",
+        model_dtype: str = "float32",
+        attn_implementation: str = "auto",
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
+        trainable_params: str | None = None,
+        lora_rank: int | None = None,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        lora_target_modules: list[str] | str | None = None,
+        activation_checkpointing: bool = False,
+        export_dir: str | None = "auto",
+        optimizer: OptimizerFactory = torch.optim.AdamW,
+        scheduler: SchedulerFactory | None = None,
+    ) -> None:
+        # "ga" + "nll": no loss needs the frozen reference, so none is built (and no NPO cache).
+        super().__init__(
+            model=model, model_dtype=model_dtype, attn_implementation=attn_implementation,
+            forget_loss="ga", retain_loss="nll", accumulate_grad_batches=accumulate_grad_batches,
+            gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm,
+            trainable_params=trainable_params, lora_rank=lora_rank, lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout, lora_target_modules=lora_target_modules,
+            activation_checkpointing=activation_checkpointing, export_dir=export_dir,
+            optimizer=optimizer, scheduler=scheduler,
+        )  # fmt: skip
+
+    # hparams hold FineTuner's own arguments (Lightning saves the outermost __init__'s), so a checkpoint
+    # resumes through the same CLI; the parent's loss settings are fixed here instead of read from them.
+    @property
+    def npo_reference(self) -> str:
+        return "none"
+
+    @property
+    def needs_reference(self) -> bool:
+        return False
+
+    def retain_loss(self, side: dict[str, torch.Tensor]) -> torch.Tensor:
+        """NLL on the labelled tokens (the answers of ``qa`` rows)."""
+        loss = loss_registry.get("retain", "nll")
+        return loss(LossContext(self, loss, side))
+
+    def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> dict[str, torch.Tensor]:
+        if "forget" in batch:
+            raise ValueError(
+                "FineTuner trains on one set: set data.forget_path: null and the training rows as data.retain_path "
+                "(a forget set here would be ignored)"
+            )
+        k = self.hparams.accumulate_grad_batches
+        loss = self.retain_loss(batch["retain"])
+        self.manual_backward(loss / k)
+        self._accumulate_loss("loss", loss.detach() / k)
+        self._micro_step += 1
+        if self._micro_step == k or self._is_last_batch():
+            self._fine_tune_step()
+        return {"loss": loss.detach()}
+
+    def _fine_tune_step(self) -> None:
+        optimizer = self.optimizers()
+        params = [p for p in self.trainable_parameters() if p.grad is not None]
+        loss = self._loss_sums["loss"]
+        grads = [self._local(p.grad) for p in params]
+        sq_norm = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else loss.new_zeros(())
+        # Every rank checks its own shards and loss; one rank's non-finite value skips the step on all.
+        finite = nonfinite.agree_across_ranks(torch.isfinite(loss) & torch.isfinite(sq_norm))
+        if bool(finite):  # the step's one host read
+            self._clip_direction(optimizer)
+            optimizer.step()
+            self._step_scheduler()
+        else:
+            self.skipped_steps += 1
+            warnings.warn(f"non-finite fine-tuning loss or gradient (loss {float(loss)}): step skipped", RuntimeWarning,
+                          stacklevel=2)  # fmt: skip
+        optimizer.zero_grad(set_to_none=True)
+        self._micro_step = 0
+        self._loss_sums = {}
+        if self._should_log_step():
+            lr = torch.full((), float(optimizer.param_groups[0]["lr"]), device=self.device)
+            self.log_dict({"train/loss": loss, "train/lr": lr, "train/skipped_steps": self.skipped_steps.float()},
+                          on_step=True, on_epoch=False, batch_size=1)  # fmt: skip
+            self.log("train/loss_pbar", loss, on_step=True, prog_bar=True, logger=False, batch_size=1)
+
+    @staticmethod
+    def _local(grad: torch.Tensor) -> torch.Tensor:
+        return local_tensor(grad)  # a DTensor's shard on this rank (FSDP2)

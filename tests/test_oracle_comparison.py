@@ -1,0 +1,98 @@
+"""benchmarks/oracle_comparison.py without a model: the run config, the selection rule, dominance, the ledger."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import oracle_comparison as OC  # noqa: E402
+
+
+def test_a_run_config_is_the_user_config_with_the_run_settings(tmp_path):
+    folder = tmp_path / "build"
+    config = OC.run_config(folder, tmp_path / "run", "graddiff", 1.0, 3e-5, 2, "validation10", OC.FULL)
+    model, data = config["model"], config["data"]
+    assert (model["forget_loss"], model["mode"], model["gamma"]) == ("ga", "penalty", 1.0)
+    assert model["optimizer"]["init_args"]["lr"] == 3e-5 and model["model"] == str(folder / "target")
+    assert data["forget_path"] == str(folder / "data" / "validation10.jsonl") and data["seed"] == 2
+    assert config["seed_everything"] == 2 and config["trainer"]["max_steps"] == OC.FULL.steps
+    classes = [c["class_path"].rsplit(".", 1)[-1] for c in config["trainer"]["callbacks"]]
+    assert "RelearningProbe" not in classes and "EvaluationCallback" in classes
+    (evaluation,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("EvaluationCallback")]
+    args = evaluation["init_args"]
+    assert args["stages"] == ["fit_end"]
+    assert args["splits"]["forget"].endswith("validation10_perturbed.jsonl")
+    assert args["options"]["oracle_truth_ratios"].endswith("oracle_truth_ratios/validation10.json")
+
+
+def _ledger(tmp_path, rows):
+    ledger = OC.Ledger(tmp_path / "c.csv", "p50-x", OC.FULL)
+    for key, values in rows:
+        ledger.add(key, values)
+    return OC.Ledger(tmp_path / "c.csv", "p50-x", OC.FULL)  # read back from the file
+
+
+def _val(method, knob, lr, fq, mu):
+    key = {"stage": "validation", "split": "validation10", "method": method, "knob": knob, "lr": lr, "seed": 0,
+           "steps": 20}  # fmt: skip
+    return key, {"forget_quality": fq, "model_utility": mu}
+
+
+def test_selection_takes_the_best_forget_quality_above_the_utility_floor(tmp_path):
+    target = ({"stage": "reference", "split": "validation10", "method": "target", "steps": 0}, {"model_utility": 0.5})
+    ledger = _ledger(tmp_path, [
+        target,
+        _val("blur", 0.1, 1e-5, 0.9, 0.40),   # best forget quality, but under 95 % of 0.5
+        _val("blur", 0.3, 1e-5, 0.3, 0.48),
+        _val("blur", 1.0, 1e-5, 0.2, 0.49),
+        _val("npo_sum", 1.0, 1e-5, 0.5, 0.30),
+        _val("npo_sum", 1.0, 3e-5, 0.6, 0.20),  # none above the floor: the highest utility wins
+    ])  # fmt: skip
+    assert OC.choose(ledger, "blur", 0.95) == (0.3, 1e-5)
+    assert OC.choose(ledger, "npo_sum", 0.95) == (1.0, 1e-5)
+    assert OC.choose(ledger, "graddiff", 0.95) is None
+    assert ledger.find(stage="validation", method="blur", knob=0.3, lr=1e-5) is not None
+
+
+def test_dominance_needs_both_axes_at_least_as_good():
+    def point(fq, mu):
+        return {"forget_quality": (fq, 0, 3), "model_utility": (mu, 0, 3)}
+
+    assert OC.dominates(point(0.5, 0.6), point(0.4, 0.6))
+    assert not OC.dominates(point(0.5, 0.5), point(0.4, 0.6))
+    assert not OC.dominates(point(0.5, 0.6), point(0.5, 0.6))
+
+
+def test_the_summary_reads_the_ledger(tmp_path):
+    ref = {"stage": "reference", "split": "forget10", "steps": 0}
+    rows = [
+        (ref | {"method": "target"}, {"forget_quality": 1e-6, "model_utility": 0.5, "forget_acc": 0.95,
+                                      "held_back_acc_after": 0.9}),
+        (ref | {"method": "oracle"}, {"forget_quality": 1.0, "model_utility": 0.49, "forget_acc": 0.0,
+                                      "held_back_acc_after": 0.1}),
+        ({"stage": "reference", "split": "validation10", "method": "target", "steps": 0}, {"model_utility": 0.5}),
+        _val("blur", 0.3, 1e-5, 0.3, 0.49),
+        _val("graddiff", 1.0, 1e-5, 0.3, 0.49),
+    ]  # fmt: skip
+    for seed, (fq_b, fq_g) in enumerate(((0.4, 0.1), (0.6, 0.2), (0.5, 0.15))):
+        test = {"stage": "test", "split": "forget10", "knob": None, "lr": 1e-5, "seed": seed, "steps": 20}
+        rows.append((test | {"method": "blur", "knob": 0.3}, {"forget_quality": fq_b, "model_utility": 0.49,
+                                                              "held_back_acc_after": 0.2}))  # fmt: skip
+        rows.append((test | {"method": "graddiff", "knob": 1.0}, {"forget_quality": fq_g, "model_utility": 0.47}))
+    ledger = _ledger(tmp_path, rows)
+    text = OC.summary(ledger, 0.95, tmp_path / "plot.png")
+    assert "| BLUR (forget_lower, NPO + NLL) **(chosen)** | 0.3 | 1e-05 | 3 | 0.5 ± 0.1 | 98.0 ± 0.0 |" in text
+    assert "10.0 ± 0.0" in text  # the removal gap: 20 % held back after relearning, the oracle's 10 %
+    assert "GradDiff (GA + NLL): dominated by BLUR at gamma 0.3" in text
+    assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_profiles_keep_the_quick_run_small():
+    assert OC.QUICK.steps < OC.FULL.steps and len(OC.QUICK.seeds) == 1 and len(OC.FULL.seeds) >= 3
+    assert set(OC.FULL.methods) == set(OC.METHODS) and set(OC.QUICK.methods) <= set(OC.METHODS)
+    with pytest.raises(SystemExit):
+        OC.main(["--stages", "nonsense"])
