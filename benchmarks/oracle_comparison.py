@@ -22,7 +22,8 @@ comparison can be split across sessions; ``--stages`` runs some):
    the settings whose validation utility is at least ``--utility-floor`` (95 %) of the target's, the
    highest forget quality (ties: higher utility); when none is, the highest utility.
 3. ``test``: on ``forget10``, each method's chosen setting for every seed, and BLUR's whole gamma sweep
-   at its chosen lr; the removal probes (relearning, 8/4-bit quantization) on the chosen settings.
+   at its chosen lr (the unchosen gammas with the profile's ``sweep_seeds``); the removal probes
+   (relearning, 8/4-bit quantization) on the chosen settings (``probe_seeds`` of them).
 
 Then ``--summary`` (or the end of a run) prints the table (mean and sd over seeds), the removal gap
 (held-back accuracy after relearning, minus the oracle's) and which baselines BLUR's front dominates,
@@ -106,11 +107,17 @@ class Profile:
     relearn_steps: int
     bits: tuple[int, ...]
     knobs: dict[str, tuple[float, ...]] | None = None  # per method, instead of its own
+    sweep_seeds: int | None = None  # seeds of a swept knob that was not chosen (None: all of `seeds`)
+    probe_seeds: dict[str, int] | None = None  # per method, how many seeds of its chosen setting are probed
 
 
 # lrs: the quick run's 4 steps at 3e-5 took the target's forget10 accuracy only from 100 % to 80 % (its facts
 # sit at answer probability 0.999), so the grid starts there and goes 3x up.
-FULL = Profile("full", tuple(METHODS), (3e-5, 1e-4), (0, 1, 2), 20, 40, 10, PROBE_BITS)
+# What a 3-hour session on 2 cores affords (a run is ~140 s, its probes ~60 s more): every method's chosen
+# setting gets all 3 seeds; BLUR's other gammas 1 seed; the probes run on BLUR's 3 seeds and the baselines'
+# first seed (the CSV is resumable: a later session can add the rest with these fields raised).
+FULL = Profile("full", tuple(METHODS), (3e-5, 1e-4), (0, 1, 2), 20, 40, 10, PROBE_BITS, sweep_seeds=1,
+               probe_seeds={"graddiff": 1, "npo_sum": 1, "simnpo": 1})  # fmt: skip
 QUICK = Profile("quick", ("blur", "npo_sum"), (3e-5,), (0,), 4, 10, 2, (4,), knobs={"blur": (0.3,)})
 
 
@@ -497,12 +504,14 @@ def compare(profile: Profile, stages: Sequence[str], csv_path: Path, runs_dir: P
             if METHODS[method].sweep_on_test:
                 settings += [(k, lr_c) for k in knobs(method) if k != knob_c]
             for knob, lr in settings:
-                for seed in profile.seeds:
+                seeds = profile.seeds if (knob, lr) == chosen else profile.seeds[: profile.sweep_seeds]
+                for seed in seeds:
                     key = {"stage": "test", "split": "forget10", "method": method, "knob": knob, "lr": lr,
                            "seed": seed, "steps": profile.steps}  # fmt: skip
                     if ledger.find(**key) is not None:
                         continue
-                    probe = (knob, lr) == chosen
+                    probed = (profile.probe_seeds or {}).get(method, len(profile.seeds))
+                    probe = (knob, lr) == chosen and seed in profile.seeds[:probed]
                     run_dir = runs_dir / f"test_{method}_k{knob:g}_lr{lr:g}_s{seed}"
                     row = unlearn(folder, run_dir, method, knob, lr, seed, "forget10", profile, probe, oracle_q)
                     row.pop("_quant_ratios", None)

@@ -52,10 +52,10 @@ class EvaluationCallback(pl.Callback):
     """Run a benchmark's evaluation at the given stages; log it, keep a JSON summary and a bar plot.
 
     Args:
-        benchmark: a registered benchmark: "qa", "tofu", "muse" or "wmdp".
+        benchmark: a registered benchmark: "qa", "tofu", "muse", "wmdp" or "fictitious".
         splits: split name -> spec (a file or ``hub:...``; see the module docstring). The names:
             qa: any names, each a question/answer set (greedy accuracy + answer probability);
-            tofu: forget, retain, real_authors, world_facts (the *_perturbed sets, all four);
+            tofu and fictitious: forget, retain, real_authors, world_facts (the *_perturbed sets, all four);
             muse: any of verbmem, knowmem_forget, knowmem_retain, knowmem_forget_icl,
             knowmem_retain_icl, privleak_forget, privleak_holdout (privleak needs both);
             wmdp: any names, each a multiple-choice set (question, choices, answer index).

@@ -235,7 +235,7 @@ def test_hub_specs(monkeypatch):
 
 
 def test_registry_lists_each_benchmark_once():
-    assert list(BENCHMARKS) == ["qa", "tofu", "muse", "wmdp"]
+    assert list(BENCHMARKS) == ["qa", "tofu", "muse", "wmdp", "fictitious"]
     assert all(b.name == name for name, b in BENCHMARKS.items())
 
 
