@@ -254,7 +254,8 @@ def oracle_section(rows: list[dict[str, str]]) -> list[str]:
         "### Fictitious forget10: BLUR and the baselines against the retain oracle",
         "",
         f"`benchmarks/oracle_comparison.py`, build `{recipe}` ({_provenance(mine)}); mean ± sd over seeds; "
-        "hyperparameters chosen on validation10; plot `benchmarks/results/oracle_pareto.png`.",
+        "hyperparameters chosen on validation10; the probe columns (relearning, 4 bits) over the probed seeds "
+        "(the profile's probe_seeds: all of BLUR's, the baselines' first); plot `benchmarks/results/oracle_pareto.png`.",
         "",
         oracle_comparison.summary(ledger, 0.95, None),
     ]
