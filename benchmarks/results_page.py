@@ -255,7 +255,8 @@ def oracle_section(rows: list[dict[str, str]]) -> list[str]:
         "",
         f"`benchmarks/oracle_comparison.py`, build `{recipe}` ({_provenance(mine)}); mean ± sd over seeds; "
         "hyperparameters chosen on validation10; the probe columns (relearning, 4 bits) over the probed seeds "
-        "(the profile's probe_seeds: all of BLUR's, the baselines' first); plot `benchmarks/results/oracle_pareto.png`.",
+        "(the profile's probe_seeds: all of BLUR's, the baselines' first); "
+        "plot `benchmarks/results/oracle_pareto.png`.",
         "",
         oracle_comparison.summary(ledger, 0.95, None),
     ]
