@@ -222,15 +222,15 @@ def unlearn(folder: Path, run_dir: Path, method: str, knob: float, lr: float, se
 
 
 def evaluate_as_is(folder: Path, role: str, split: str, profile: Profile) -> dict[str, Any]:
+    from blur_lightning import oracle as oracle_build
     from blur_lightning.evals.base import EvalSettings
     from blur_lightning.evals.registry import evaluate_benchmark
     from blur_lightning.models import load_causal_lm, load_tokenizer
-    from blur_lightning.rows import load_rows
 
     model, tokenizer = load_causal_lm(str(folder / role)), load_tokenizer(str(folder / role))
     model.eval()
-    spec = _eval_rows_config(folder, split, profile.max_world)
-    rows = {name: load_rows(path)[: spec["max_rows"].get(name)] for name, path in spec["splits"].items()}
+    spec = _eval_rows_config(folder, split, profile.max_world)  # what the runs' EvaluationCallback reads
+    rows = oracle_build.evaluation_rows(folder, split, profile.max_world)
     t0 = time.perf_counter()
     results = evaluate_benchmark("fictitious", model, tokenizer, rows, EvalSettings(batch_size=32, max_new_tokens=32,
                                  show_progress=False), spec["options"])  # fmt: skip
@@ -447,7 +447,6 @@ def plot(points: Sequence[dict[str, Any]], target, oracle, path: Path) -> None:
 def compare(profile: Profile, stages: Sequence[str], csv_path: Path, runs_dir: Path, floor: float) -> Ledger:
     from blur_lightning import oracle as oracle_build
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     folder = oracle_build.build()
     ledger = Ledger(csv_path, folder.name, profile)
     t_all = time.perf_counter()

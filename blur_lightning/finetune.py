@@ -100,12 +100,12 @@ class FineTuner(BLURUnlearner):
 
     def _fine_tune_step(self) -> None:
         optimizer = self.optimizers()
-        params = [p for p in self.trainable_parameters() if p.grad is not None]
         loss = self._loss_sums["loss"]
-        grads = [self._local(p.grad) for p in params]
-        sq_norm = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else loss.new_zeros(())
-        # Every rank checks its own shards and loss; one rank's non-finite value skips the step on all.
-        finite = nonfinite.agree_across_ranks(torch.isfinite(loss) & torch.isfinite(sq_norm))
+        grads = [local_tensor(p.grad) for p in self.trainable_parameters() if p.grad is not None]
+        # The norm of this rank's shards (foreach: no gradient-sized temporary) is finite iff every entry
+        # is; one rank's non-finite value skips the step on all.
+        norm = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
+        finite = nonfinite.agree_across_ranks(torch.isfinite(loss) & torch.isfinite(norm))
         if bool(finite):  # the step's one host read
             self._clip_direction(optimizer)
             optimizer.step()
@@ -122,7 +122,3 @@ class FineTuner(BLURUnlearner):
             self.log_dict({"train/loss": loss, "train/lr": lr, "train/skipped_steps": self.skipped_steps.float()},
                           on_step=True, on_epoch=False, batch_size=1)  # fmt: skip
             self.log("train/loss_pbar", loss, on_step=True, prog_bar=True, logger=False, batch_size=1)
-
-    @staticmethod
-    def _local(grad: torch.Tensor) -> torch.Tensor:
-        return local_tensor(grad)  # a DTensor's shard on this rank (FSDP2)

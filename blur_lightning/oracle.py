@@ -188,9 +188,8 @@ def _steps_taken(folder: Path, role: str) -> int | None:
 
 # ============================================================================ the oracle's truth ratios
 def _save_oracle_truth_ratios(folder: Path, batch_size: int = 32) -> None:
-    from blur_lightning.evals.tofu import TOFU_PROMPT, truth_ratios
+    from blur_lightning.evals.tofu import prompt_template, truth_ratios
     from blur_lightning.models import load_causal_lm, load_tokenizer
-    from blur_lightning.prompts import chat_prompt_template
     from blur_lightning.rows import load_rows
 
     model = load_causal_lm(str(folder / "oracle"))
@@ -198,7 +197,7 @@ def _save_oracle_truth_ratios(folder: Path, batch_size: int = 32) -> None:
     model.eval()
     # The prompt the benchmark evaluates with (chat_template on, the default): the same ratios, or the KS
     # test compares two different measurements.
-    template = chat_prompt_template(tokenizer) or TOFU_PROMPT
+    template = prompt_template(tokenizer)
     out = folder / "oracle_truth_ratios"
     out.mkdir(exist_ok=True)
     for split in ORACLE_SPLITS:
@@ -331,7 +330,7 @@ def resolve_names(config: Any, resolver: Callable[[str], str] | None = None) -> 
     """Replace every ``fictitious:`` string inside `config` (a jsonargparse Namespace, dict or list,
     nested) by its path (`resolver`, default `resolve`), in place where the container allows; returns
     the config."""
-    resolver = resolver or (lambda name: resolve(name))  # looked up per call: tests swap `resolve`
+    resolver = resolver or resolve  # the module's `resolve` at call time (tests swap it)
     if isinstance(config, str):
         return resolver(config) if config.startswith(PREFIX) else config
     if isinstance(config, list):

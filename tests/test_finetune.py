@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import glob
 import os
 
 import pytest
 import torch
 from conftest import build_tiny_llama, make_side
-from test_module import fit
+from test_module import fit, sgd
 
 from blur_lightning import losses
 from blur_lightning.data import ForgetRetainDataModule
@@ -17,10 +16,6 @@ from blur_lightning.finetune import FineTuner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QA = os.path.join(ROOT, "tests", "fixtures", "qa")
-
-
-def sgd(lr):
-    return functools.partial(torch.optim.SGD, lr=lr)
 
 
 def test_one_step_is_sgd_on_the_nll_of_the_retain_side():

@@ -54,8 +54,7 @@ class FictitiousBenchmark(TofuBenchmark):
     default_split = None
 
     def check_splits(self, names: Sequence[str], options: Mapping[str, Any]) -> None:
-        if set(names) != set(SPLIT_NAMES):
-            raise ValueError(f"fictitious needs exactly the splits {SPLIT_NAMES}, got {sorted(names)}")
+        super().check_splits(names, options)
         if "retain_model_truth_ratios" in options:
             raise ValueError("fictitious: name the oracle's file as options.oracle_truth_ratios")
 

@@ -24,9 +24,8 @@ import torch
 from blur_lightning.evals.metrics import forget_quality
 from blur_lightning.evals.qa import evaluate_qa
 from blur_lightning.evals.relearning import relearning_probe
-from blur_lightning.evals.tofu import TOFU_PROMPT, truth_ratios
+from blur_lightning.evals.tofu import prompt_template, truth_ratios
 from blur_lightning.fictitious import qa_rows
-from blur_lightning.prompts import chat_prompt_template
 from blur_lightning.rows import Row
 
 __all__ = ["fictitious_relearning", "forget_facts", "quantization_probe"]
@@ -43,8 +42,7 @@ def forget_facts(
               "show_progress": show_progress}  # fmt: skip
     asked = evaluate_qa(model, tokenizer, qa_rows(rows), name="forget facts", **kwargs)
     paraphrased = evaluate_qa(model, tokenizer, qa_rows(rows, paraphrased=True), name="forget paraphrased", **kwargs)
-    template = chat_prompt_template(tokenizer) or TOFU_PROMPT  # as the fictitious benchmark prompts
-    ratios = truth_ratios(model, tokenizer, rows, prompt_template=template, batch_size=batch_size,
+    ratios = truth_ratios(model, tokenizer, rows, prompt_template=prompt_template(tokenizer), batch_size=batch_size,
                           show_progress=show_progress)  # fmt: skip
     out: dict[str, Any] = {
         "accuracy": asked["accuracy"],

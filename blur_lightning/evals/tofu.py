@@ -34,6 +34,7 @@ __all__ = [
     "evaluate_tofu",
     "load_tofu",
     "load_truth_ratios",
+    "prompt_template",
     "save_truth_ratios",
     "tofu_columns",
     "truth_ratios",
@@ -168,6 +169,14 @@ def _split_inputs(
     return inputs
 
 
+def prompt_template(tokenizer: Any, chat_template: bool = True) -> str:
+    """The prompt TOFU's scoring uses: the tokenizer's chat prompt when `chat_template` is on and it has one
+    (as the data module trains), TOFU's plain prompt otherwise. Truth ratios saved for a forget-quality
+    reference must be taken with the prompt the evaluation will use."""
+    template = chat_prompt_template(tokenizer) if chat_template else None
+    return template if template is not None else TOFU_PROMPT
+
+
 def _accuracy(rows: Sequence[Row], predictions: Sequence[str]) -> float | None:
     """Fraction of greedy answers holding the row's bare "value" (qa.is_correct); None without values
     (TOFU's own answers are whole sentences, which a generation almost never repeats word for word)."""
@@ -297,17 +306,14 @@ class TofuBenchmark(Benchmark):
 
     def check_splits(self, names: Sequence[str], options: Mapping[str, Any]) -> None:
         if set(names) != set(SPLIT_NAMES):
-            raise ValueError(f"tofu needs exactly the splits {SPLIT_NAMES}, got {sorted(names)}")
+            raise ValueError(f"{self.name} needs exactly the splits {SPLIT_NAMES}, got {sorted(names)}")
 
     def evaluate(
         self, model: Any, tokenizer: Any, rows: Mapping[str, Sequence[Row]], settings: EvalSettings,
         options: Mapping[str, Any],
     ) -> Results:  # fmt: skip
         options = dict(options)
-        if settings.chat_template and "prompt_template" not in options:
-            template = chat_prompt_template(tokenizer)
-            if template is not None:
-                options["prompt_template"] = template
+        options.setdefault("prompt_template", prompt_template(tokenizer, settings.chat_template))
         if settings.max_new_tokens is not None:
             options.setdefault("max_new_tokens", settings.max_new_tokens)
         return evaluate_tofu(
