@@ -7,7 +7,8 @@ Four variants of one configuration (configs/lora.yaml's: NPO + NLL, forget_lower
 length 96, AdamW; LoRA rank 16 / alpha 32 on every linear layer), each fitted through Lightning for
 `--steps` optimizer steps on the same batches:
 
-    full        every weight trained; NPO's reference is a frozen copy
+    full        every weight trained; NPO's reference log-probs are cached before the first update
+                (npo_reference auto), no frozen copy
     full_ac     the same, activation checkpointing per decoder layer
     lora        adapters only; the reference is the model with its adapters disabled (no copy)
     lora_ac     LoRA and checkpointing

@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                         help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="timed optimizer steps (default: 10 on CUDA, 3 on CPU)")
+                        help="timed optimizer steps (default: 20 on CUDA, 5 on CPU)")
     parser.add_argument("--warmup", type=int, default=3,
                         help="untimed steps first (Triton compiles here; the last counts host reads)")
     parser.add_argument("--profile", action="store_true",

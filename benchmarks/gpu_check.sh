@@ -38,17 +38,14 @@ say "host $(hostname), $(nproc) CPUs"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 $PYTHON -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tee -a "$LOG"
 
-# blur_lightning.kernels lives in kernels/ (pyproject's package-dir mapping). An editable install
-# needs no network with --no-build-isolation; if it fails, a folder of symlinks does the mapping.
+# blur_lightning.kernels lives in kernels/ (blur_lightning/kernels.py points its __path__ there), so
+# the repository root on the path is enough; an editable install (offline with --no-build-isolation)
+# also puts the console script in place.
 if ! $PYTHON -c "import blur_lightning.kernels" >/dev/null 2>&1; then
   if ! timeout 60 $PYTHON -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 ||
     ! $PYTHON -c "import blur_lightning.kernels" >>"$LOG" 2>&1; then
-    say "pip install -e . failed: mapping the package with symlinks"
-    PKG=/tmp/blur_pkg
-    rm -rf "$PKG" && mkdir -p "$PKG/blur_lightning"
-    for f in "$PWD"/blur_lightning/*; do ln -s "$f" "$PKG/blur_lightning/"; done
-    ln -s "$PWD/kernels" "$PKG/blur_lightning/kernels"
-    export PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}"
+    say "pip install -e . failed: using the repository root on PYTHONPATH"
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   fi
 fi
 $PYTHON -c "import blur_lightning.kernels as k, blur_lightning; print('blur_lightning from', blur_lightning.__file__, '| kernels from', k.__file__)" 2>&1 | tee -a "$LOG"

@@ -32,6 +32,8 @@ and draws ``oracle_pareto.png`` (forget quality against model utility).
     python benchmarks/oracle_comparison.py              # the full comparison (time: benchmarks/RESULTS.md)
     python benchmarks/oracle_comparison.py --quick      # a smoke run: 2 methods, 1 seed, 4 steps (< 10 min)
     python benchmarks/oracle_comparison.py --summary    # the table and plot of what the CSV holds
+    python benchmarks/oracle_comparison.py --quick --build DIR --csv c.csv --runs-dir runs --plot p.png
+                                # on another build (python -m blur_lightning.oracle --root ... makes one)
 """
 
 from __future__ import annotations
@@ -444,10 +446,12 @@ def plot(points: Sequence[dict[str, Any]], target, oracle, path: Path) -> None:
 
 
 # ============================================================================ the comparison
-def compare(profile: Profile, stages: Sequence[str], csv_path: Path, runs_dir: Path, floor: float) -> Ledger:
+def compare(profile: Profile, stages: Sequence[str], csv_path: Path, runs_dir: Path, floor: float,
+            folder: Path | None = None) -> Ledger:  # fmt: skip
+    """Run the stages on `folder`'s build (None: the default recipe's, built first when missing)."""
     from blur_lightning import oracle as oracle_build
 
-    folder = oracle_build.build()
+    folder = folder or oracle_build.build()
     ledger = Ledger(csv_path, folder.name, profile)
     t_all = time.perf_counter()
     oracle_q: dict[int, list[float]] | None = None
@@ -548,7 +552,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs-dir", type=Path, default=None, help="default runs/oracle_comparison[_quick]")
     parser.add_argument("--plot", type=Path, default=None, help="default benchmarks/results/oracle_pareto[_quick].png")
     parser.add_argument("--utility-floor", type=float, default=0.95)
+    parser.add_argument("--build", type=Path, default=None,
+                        help="a finished build folder to compare on, e.g. a tiny model's for a smoke test (python "
+                             "-m blur_lightning.oracle --base-model PATH --root DIR prints it); default: the "
+                             "default recipe's, built first when missing")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.build is not None and not (args.build / "build.json").is_file():
+        parser.error(f"--build {args.build}: not a finished build (no build.json)")
     profile = QUICK if args.quick else FULL
     suffix = "_quick" if args.quick else ""
     csv_path = args.csv or RESULTS / f"oracle_comparison{suffix}.csv"
@@ -558,9 +568,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.summary:
         from blur_lightning import oracle as oracle_build
 
-        ledger = Ledger(csv_path, oracle_build.build_dir().name, profile)
+        ledger = Ledger(csv_path, (args.build or oracle_build.build_dir()).name, profile)
     else:
-        ledger = compare(profile, args.stages, csv_path, runs_dir, args.utility_floor)
+        ledger = compare(profile, args.stages, csv_path, runs_dir, args.utility_floor, args.build)
     print(summary(ledger, args.utility_floor, plot_path))
     print(f"\n{time.perf_counter() - t0:.0f} s")
     return 0

@@ -3,7 +3,8 @@
 Every test that needs a model builds it here: :func:`tiny_tokenizer` (a byte-level BPE trained on a
 dozen sentences, SmolLM2's special tokens and chat template) and :func:`tiny_llama` (a random-init
 Llama whose size and attention kernel are arguments; :func:`tiny_llama_for_steps` is the 101-token,
-eager-attention one the training-step tests use).
+eager-attention one the training-step tests use; :func:`tiny_llama_answering` greedily answers every
+prompt with one fixed text, for tests that need a model to know something).
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["STEP_TEST_VOCAB", "TINY_VOCAB_SIZE", "tiny_llama", "tiny_llama_for_steps", "tiny_tokenizer"]
+__all__ = [
+    "STEP_TEST_VOCAB",
+    "TINY_VOCAB_SIZE",
+    "tiny_llama",
+    "tiny_llama_answering",
+    "tiny_llama_for_steps",
+    "tiny_tokenizer",
+]
 
 
 TINY_VOCAB_SIZE = 512
@@ -147,3 +155,39 @@ def tiny_llama_for_steps(
         attn_implementation=attn,
     )
     return LlamaForCausalLM(config).float()
+
+
+def tiny_llama_answering(text: str, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
+    """A :func:`tiny_llama` whose greedy reply to any prompt is `text`, then eos: a model that "knows" facts.
+
+    A bigram machine: attention and MLP outputs are zeroed (``o_proj`` and ``down_proj``), so the
+    last hidden state is the embedding of the last token. Token i of `text` embeds as basis vector
+    i + 1, every other token as basis vector 0, and the head maps vector 0 (any prompt's last
+    token) to the first token of `text`, vector i to token i + 1 and the last one to eos, each with
+    logit 10 * sqrt(hidden) after the final RMSNorm against 0 for every other token. So the tokens
+    of `text` must be distinct, at most hidden - 1 = 63 of them (checked).
+
+    Args:
+        text: the reply, tokenized by `tokenizer` without special tokens.
+        tokenizer: default :func:`tiny_tokenizer`; its eos ends the reply.
+    """
+    tokenizer = tokenizer or tiny_tokenizer()
+    model = tiny_llama(vocab_size=len(tokenizer))
+    chain = tokenizer(text, add_special_tokens=False)["input_ids"]
+    hidden = model.config.hidden_size
+    if len(set(chain)) != len(chain) or not 0 < len(chain) < hidden:
+        tokens = tokenizer.convert_ids_to_tokens(chain)
+        raise ValueError(f"{text!r}: needs 1 to {hidden - 1} distinct tokens, got {tokens}")
+    basis = torch.eye(hidden)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+        embed.copy_(basis[0].expand_as(embed))
+        head.zero_()
+        for i, token in enumerate(chain):
+            embed[token] = basis[i + 1]
+            head[token] = 10 * basis[i]
+        head[tokenizer.eos_token_id] = 10 * basis[len(chain)]
+    return model

@@ -17,6 +17,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+from blur_lightning.baselines import authors_projection  # noqa: E402
 from blur_lightning.kernels import (  # noqa: E402
     BLURFusedAdamW,
     _launch,
@@ -29,8 +31,6 @@ from blur_lightning.kernels.reference import (  # noqa: E402
     combine_ref,
     multi_tensor_dots_ref,
 )
-
-from blur_lightning.baselines import authors_projection  # noqa: E402
 from blur_lightning.projection import MODES, blur_direction_, compute_stats  # noqa: E402
 
 CUDA = pytest.param(

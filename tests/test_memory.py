@@ -248,7 +248,13 @@ def test_checkpointing_keeps_only_each_layers_input(dtype):
     predicted = memory.activation_bytes(plain.config, batch, seq, compute=compute)
     assert bytes_alive_after_forward(plain, side) == saved_bytes(plain, side) == predicted["total"]
     checkpointed = tiny_llama(vocab_size=101, dtype=dtype, **shapes).train()
-    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    # transformers 5.x renamed gradient_checkpointing_enable to activation_checkpointing_enable (5.0.0 has
+    # only the old name)
+    enable = getattr(checkpointed, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     predicted = memory.activation_bytes(plain.config, batch, seq, compute=compute, checkpointing=True)
     assert bytes_alive_after_forward(checkpointed, side) == predicted["total"] - predicted["per_layer"], predicted
 
