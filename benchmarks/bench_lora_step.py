@@ -50,11 +50,11 @@ LR = {"full": 1e-5, "lora": 2e-4}  # demo.yaml's and lora.yaml's
 def step_times(variant: str, size: str, steps: int) -> dict:
     import lightning.pytorch as pl
 
-    from blur_lightning.data import ForgetRetainDataModule
-    from blur_lightning.module import BLURUnlearner
+    from blur_lightning.data.datamodule import ForgetRetainDataModule
+    from blur_lightning.training.unlearner import BLURUnlearner
 
     if size == "small":
-        from blur_lightning.testing import tiny_llama, tiny_tokenizer
+        from blur_lightning.testing.tiny import tiny_llama, tiny_tokenizer
 
         tokenizer = tiny_tokenizer()
         model = tiny_llama(vocab_size=len(tokenizer))

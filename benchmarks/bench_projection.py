@@ -2,7 +2,7 @@
 
 Providers, task "projection" (d written for every parameter):
     reference      the authors' way: clone both gradients, a Python loop with .item() per parameter,
-                   a new tensor for each d (blur_lightning.baselines.authors_projection)
+                   a new tensor for each d (benchmarks/authors_projection.py)
     torch          our sync-free PyTorch path (blur_direction_(backend="torch"))
     triton         the two kernels (blur_direction_(backend="triton"))
     triton_pass1   multi_tensor_dots alone        triton_pass2   multi_tensor_combine_ alone
@@ -38,10 +38,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from authors_projection import authors_projection  # noqa: E402
 
-from blur_lightning.baselines import authors_projection  # noqa: E402
+from blur_lightning.core.projection import blur_direction_, compute_stats  # noqa: E402
 from blur_lightning.kernels import BLURFusedAdamW, multi_tensor_combine_, multi_tensor_dots, set_config  # noqa: E402
-from blur_lightning.projection import blur_direction_, compute_stats  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROJECTION_PROVIDERS = ["reference", "torch", "triton", "triton_pass1", "triton_pass2"]

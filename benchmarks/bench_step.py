@@ -91,7 +91,7 @@ def make_batches(size: str, n: int, seed: int = 0) -> list[dict]:
 
 def _modules():
     """The three providers as BLURUnlearner subclasses, so all run under the same Trainer loop."""
-    from blur_lightning.module import BLURUnlearner
+    from blur_lightning.training.unlearner import BLURUnlearner
 
     class WeightedSumStep(BLURUnlearner):
         def training_step(self, batch, batch_idx):
@@ -148,7 +148,7 @@ def run_provider(
     import lightning.pytorch as pl
     from transformers import LlamaForCausalLM
 
-    from blur_lightning.host_reads import HostReadCounter
+    from blur_lightning.testing.host_reads import HostReadCounter
 
     torch.manual_seed(0)
     with torch.device(device):

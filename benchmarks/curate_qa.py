@@ -65,7 +65,7 @@ from pathlib import Path
 import torch
 
 from blur_lightning.evals.qa import greedy_answers, is_correct, normalize_answer
-from blur_lightning.models import load_causal_lm, load_tokenizer
+from blur_lightning.models.loading import load_causal_lm, load_tokenizer
 
 IDK_ANSWERS = [
     "I'm not sure about that.",

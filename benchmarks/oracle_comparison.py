@@ -1,6 +1,6 @@
 """BLUR against the baselines on the fictitious benchmark, where a retain oracle gives the ground truth.
 
-Every run unlearns one split of invented people (blur_lightning.fictitious) from the benchmark's target
+Every run unlearns one split of invented people (blur_lightning.data.fictitious_people) from the benchmark's target
 through ``blur-lightning fit`` with ``configs/fictitious/forget10.yaml`` (the config a user starts; only
 the method, its knob, the lr, the seed and the split change), then reads the fit-end evaluation: forget
 quality (KS p-value of the truth ratios against the oracle's saved ones), model utility (TOFU's
@@ -33,7 +33,7 @@ and draws ``oracle_pareto.png`` (forget quality against model utility).
     python benchmarks/oracle_comparison.py --quick      # a smoke run: 2 methods, 1 seed, 4 steps (< 10 min)
     python benchmarks/oracle_comparison.py --summary    # the table and plot of what the CSV holds
     python benchmarks/oracle_comparison.py --quick --build DIR --csv c.csv --runs-dir runs --plot p.png
-                                # on another build (python -m blur_lightning.oracle --root ... makes one)
+                                # on another build (python -m blur_lightning.fictitious.build --root ... makes one)
 """
 
 from __future__ import annotations
@@ -137,8 +137,8 @@ def _metrics(results: dict[str, Any]) -> dict[str, Any]:
 
 def _probes(model, tokenizer, folder: Path, profile: Profile, oracle_q: dict[int, list[float]] | None) -> dict:
     """Relearning and quantization probes on forget10 (the oracle's quantized ratios as the reference)."""
+    from blur_lightning.data.rows import load_rows
     from blur_lightning.evals.removal import fictitious_relearning, quantization_probe
-    from blur_lightning.rows import load_rows
 
     t0 = time.perf_counter()
     rows = load_rows(str(folder / "data" / "forget10_perturbed.jsonl"))
@@ -224,10 +224,10 @@ def unlearn(folder: Path, run_dir: Path, method: str, knob: float, lr: float, se
 
 
 def evaluate_as_is(folder: Path, role: str, split: str, profile: Profile) -> dict[str, Any]:
-    from blur_lightning import oracle as oracle_build
     from blur_lightning.evals.base import EvalSettings
     from blur_lightning.evals.registry import evaluate_benchmark
-    from blur_lightning.models import load_causal_lm, load_tokenizer
+    from blur_lightning.fictitious import build as oracle_build
+    from blur_lightning.models.loading import load_causal_lm, load_tokenizer
 
     model, tokenizer = load_causal_lm(str(folder / role)), load_tokenizer(str(folder / role))
     model.eval()
@@ -449,7 +449,7 @@ def plot(points: Sequence[dict[str, Any]], target, oracle, path: Path) -> None:
 def compare(profile: Profile, stages: Sequence[str], csv_path: Path, runs_dir: Path, floor: float,
             folder: Path | None = None) -> Ledger:  # fmt: skip
     """Run the stages on `folder`'s build (None: the default recipe's, built first when missing)."""
-    from blur_lightning import oracle as oracle_build
+    from blur_lightning.fictitious import build as oracle_build
 
     folder = folder or oracle_build.build()
     ledger = Ledger(csv_path, folder.name, profile)
@@ -554,7 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--utility-floor", type=float, default=0.95)
     parser.add_argument("--build", type=Path, default=None,
                         help="a finished build folder to compare on, e.g. a tiny model's for a smoke test (python "
-                             "-m blur_lightning.oracle --base-model PATH --root DIR prints it); default: the "
+                             "-m blur_lightning.fictitious.build --base-model PATH --root DIR prints it); default: the "
                              "default recipe's, built first when missing")  # fmt: skip
     args = parser.parse_args(argv)
     if args.build is not None and not (args.build / "build.json").is_file():
@@ -566,7 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot_path = args.plot or RESULTS / f"oracle_pareto{suffix}.png"
     t0 = time.perf_counter()
     if args.summary:
-        from blur_lightning import oracle as oracle_build
+        from blur_lightning.fictitious import build as oracle_build
 
         ledger = Ledger(csv_path, (args.build or oracle_build.build_dir()).name, profile)
     else:

@@ -149,8 +149,8 @@ def main(argv=None) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
-    from blur_lightning.models import load_causal_lm, load_tokenizer
-    from blur_lightning.rows import load_rows
+    from blur_lightning.data.rows import load_rows
+    from blur_lightning.models.loading import load_causal_lm, load_tokenizer
 
     model, tokenizer = load_causal_lm(args.model), load_tokenizer(args.model)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -131,8 +131,8 @@ def unlearn(model, tokenizer, setting: Setting, args) -> int:
     """args.steps optimizer steps of BLURUnlearner under a Lightning Trainer; returns the steps taken."""
     import lightning.pytorch as pl
 
-    from blur_lightning.data import ForgetRetainDataModule
-    from blur_lightning.module import BLURUnlearner
+    from blur_lightning.data.datamodule import ForgetRetainDataModule
+    from blur_lightning.training.unlearner import BLURUnlearner
 
     pl.seed_everything(args.seed, verbose=False)
     module = BLURUnlearner(
@@ -361,8 +361,8 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*tensorboardX.*")
 
-    from blur_lightning.models import load_causal_lm, load_tokenizer
-    from blur_lightning.rows import load_rows
+    from blur_lightning.data.rows import load_rows
+    from blur_lightning.models.loading import load_causal_lm, load_tokenizer
 
     model = load_causal_lm(args.model)
     tokenizer = load_tokenizer(args.model)

@@ -9,7 +9,7 @@ import logging as _logging
 _logging.getLogger("torchao").setLevel(_logging.ERROR)
 _logging.getLogger("torch.utils._pytree").setLevel(_logging.ERROR)
 
-from blur_lightning.projection import MODES, BLURStats, blur_direction_, compute_stats  # noqa: E402
+from blur_lightning.core.projection import MODES, BLURStats, blur_direction_, compute_stats  # noqa: E402
 
 __all__ = ["MODES", "BLURStats", "blur_direction_", "compute_stats"]
 __version__ = "0.1.0"

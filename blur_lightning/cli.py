@@ -1,7 +1,7 @@
 """`blur-lightning fit|validate|test --config X.yaml`: LightningCLI over BLURUnlearner and the data module.
 
-`blur-lightning finetune --config X.yaml` is `fit` with blur_lightning.finetune.FineTuner as the model
-(plain fine-tuning on the retain set, e.g. planting the fictitious facts: blur_lightning.oracle).
+`blur-lightning finetune --config X.yaml` is `fit` with blur_lightning.training.finetune.FineTuner as the model
+(plain fine-tuning on the retain set, e.g. planting the fictitious facts: blur_lightning.fictitious.build).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
-from blur_lightning.checkpoint import AtomicCheckpointIO, verify_checkpoint
-from blur_lightning.progress import StepProgressBar
+from blur_lightning.training.checkpoint_io import AtomicCheckpointIO, verify_checkpoint
+from blur_lightning.training.progress import StepProgressBar
 
 
 class BLURCLI(LightningCLI):
@@ -51,8 +51,8 @@ class BLURCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         # `fictitious:target`, `fictitious:data/forget10_perturbed.jsonl`...: the fictitious benchmark's
-        # files, built on first use (blur_lightning.oracle; about 15 minutes on a 2-core CPU).
-        from blur_lightning.oracle import resolve_names
+        # files, built on first use (blur_lightning.fictitious.build; about 15 minutes on a 2-core CPU).
+        from blur_lightning.fictitious.build import resolve_names
 
         resolve_names(self.config)
 
@@ -72,8 +72,8 @@ def main(args: list[str] | None = None, run: bool = True, model_class: type | No
     # the step: exactly what resuming needs. And a deprecation inside Lightning itself.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    from blur_lightning.data import ForgetRetainDataModule
-    from blur_lightning.module import BLURUnlearner
+    from blur_lightning.data.datamodule import ForgetRetainDataModule
+    from blur_lightning.training.unlearner import BLURUnlearner
 
     return BLURCLI(
         model_class or BLURUnlearner,
@@ -87,7 +87,7 @@ def main(args: list[str] | None = None, run: bool = True, model_class: type | No
 
 def finetune_main(args: list[str] | None = None, run: bool = True) -> BLURCLI:
     """`blur-lightning finetune ...`: LightningCLI's `fit` over FineTuner (the same flags and config)."""
-    from blur_lightning.finetune import FineTuner
+    from blur_lightning.training.finetune import FineTuner
 
     return main(["fit", *(args or [])], run=run, model_class=FineTuner)
 

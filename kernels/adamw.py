@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blur_lightning.backends import local_tensor, resolve_backend
+from blur_lightning.core.backends import local_tensor, resolve_backend
 
 from . import _launch
 

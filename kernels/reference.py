@@ -1,4 +1,4 @@
-"""Plain-PyTorch references of the kernels: the oracles of the tests and the baselines of the benchmarks.
+"""Plain-PyTorch references of the kernels: what the tests compare against and the benchmarks time.
 
 They are written for clarity, not speed: one tensor at a time, temporaries allowed. Given float64
 tensors they compute in float64 (the tests' oracle); given fp32/bf16/fp16 they compute in float32

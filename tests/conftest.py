@@ -1,9 +1,11 @@
-"""Shared test set-up: offline hubs, few threads, batches built in code (tiny models: blur_lightning.testing)."""
+"""Shared test set-up: offline hubs, few threads, batches built in code (tiny models: blur_lightning.testing.tiny)."""
 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
+from pathlib import Path
 
 # Tests never touch the network: anything named like a hub id must come from a local fixture.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,13 +15,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # evaluation results cached by a test never reach the user's cache, nor a later test session
 os.environ.setdefault("BLUR_EVAL_CACHE", tempfile.mkdtemp(prefix="blur-eval-cache-"))
 
+# benchmarks/ holds tools that no runtime path imports (the authors' projection, the memory model):
+# the tests that check them import them from there, as the benchmark scripts do
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.append(str(BENCHMARKS))
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-from blur_lightning.testing import STEP_TEST_VOCAB as TINY_VOCAB  # noqa: E402
-from blur_lightning.testing import tiny_llama_for_steps as build_tiny_llama  # noqa: E402
+from blur_lightning.testing.tiny import STEP_TEST_VOCAB as TINY_VOCAB  # noqa: E402
+from blur_lightning.testing.tiny import tiny_llama_for_steps as build_tiny_llama  # noqa: E402
 
 
 def make_side(batch: int, length: int, *, seed: int, vocab_size: int = TINY_VOCAB, prompt: int = 3) -> dict:

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader
 
 pytest.importorskip("peft")
 
-from blur_lightning import adapters  # noqa: E402
-from blur_lightning.module import BLURUnlearner  # noqa: E402
+from blur_lightning.models import adapters  # noqa: E402
+from blur_lightning.training.unlearner import BLURUnlearner  # noqa: E402
 
 
 class Record(pl.Callback):
@@ -71,7 +71,7 @@ def test_only_adapters_train_and_the_step_runs_over_them(forget_loss, retain_los
     batch = batches[1]
 
     # By hand: step 2 from the copy taken after step 1, the reference being the untouched base.
-    from blur_lightning import losses
+    from blur_lightning.losses import functional as losses
 
     hand.train()
     names = [n for n, p in hand.named_parameters() if p.requires_grad]
@@ -160,7 +160,7 @@ def test_export_merged_model_and_adapter(tmp_path, tied):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from blur_lightning.testing import tiny_llama, tiny_tokenizer
+    from blur_lightning.testing.tiny import tiny_llama, tiny_tokenizer
 
     base = tiny_llama(tie_word_embeddings=tied, seed=1)
     pristine = copy.deepcopy(base)

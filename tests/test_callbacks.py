@@ -9,17 +9,17 @@ import pytest
 import torch
 from test_module import sgd
 
-from blur_lightning.callbacks import TrainingCurves
-from blur_lightning.checkpoint import AtomicCheckpointIO, atomic_torch_save, damaged_checkpoint
 from blur_lightning.evals.callback import EvaluationCallback
-from blur_lightning.module import BLURUnlearner
+from blur_lightning.training.checkpoint_io import AtomicCheckpointIO, atomic_torch_save, damaged_checkpoint
+from blur_lightning.training.curves import TrainingCurves
+from blur_lightning.training.unlearner import BLURUnlearner
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "qa")
 
 
 def test_qa_eval_and_curves_write_their_files(tmp_path):
-    from blur_lightning.data import ForgetRetainDataModule
-    from blur_lightning.testing import tiny_llama, tiny_tokenizer
+    from blur_lightning.data.datamodule import ForgetRetainDataModule
+    from blur_lightning.testing.tiny import tiny_llama, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     module = BLURUnlearner(tiny_llama(vocab_size=len(tokenizer)), forget_loss="ga", optimizer=sgd(0.01),

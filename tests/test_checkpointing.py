@@ -10,9 +10,9 @@ import torch
 from conftest import make_batch
 from torch.utils.data import DataLoader
 
-from blur_lightning import checkpointing
-from blur_lightning.module import BLURUnlearner
-from blur_lightning.testing import tiny_llama
+from blur_lightning.models import activation_checkpointing as checkpointing
+from blur_lightning.testing.tiny import tiny_llama
+from blur_lightning.training.unlearner import BLURUnlearner
 
 VOCAB = 101
 

@@ -32,7 +32,7 @@ def test_bad_config_value_names_the_field(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from blur_lightning.testing import tiny_llama, tiny_tokenizer
+    from blur_lightning.testing.tiny import tiny_llama, tiny_tokenizer
 
     path = tmp_path_factory.mktemp("tiny_model")
     tokenizer = tiny_tokenizer()
@@ -136,7 +136,8 @@ def test_lora_and_activation_checkpointing_from_the_command_line(tmp_path, tiny_
     pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    from blur_lightning import adapters, checkpointing
+    from blur_lightning.models import activation_checkpointing as checkpointing
+    from blur_lightning.models import adapters
 
     plain = run_fit(tmp_path / "plain", tiny_model_dir)
     ac = run_fit(tmp_path / "ac", tiny_model_dir, "--model.activation_checkpointing=true")

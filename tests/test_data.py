@@ -11,13 +11,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from blur_lightning.data import ForgetRetainDataModule  # noqa: E402
-from blur_lightning.losses import IGNORE_INDEX  # noqa: E402
-from blur_lightning.prompts import format_qa  # noqa: E402
-from blur_lightning.rows import load_rows  # noqa: E402
-from blur_lightning.rows import resolve_embedded as resolve_data_path  # noqa: E402
-from blur_lightning.sampling import PairedDataset, PairSampler  # noqa: E402
-from blur_lightning.testing import tiny_tokenizer  # noqa: E402
+from blur_lightning.data.datamodule import ForgetRetainDataModule  # noqa: E402
+from blur_lightning.data.prompts import format_qa  # noqa: E402
+from blur_lightning.data.rows import load_rows  # noqa: E402
+from blur_lightning.data.rows import resolve_embedded as resolve_data_path  # noqa: E402
+from blur_lightning.data.sampling import PairedDataset, PairSampler  # noqa: E402
+from blur_lightning.losses.functional import IGNORE_INDEX  # noqa: E402
+from blur_lightning.testing.tiny import tiny_tokenizer  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 TOKENIZER = os.path.join(FIXTURES, "tiny_tokenizer")
@@ -252,8 +252,8 @@ def test_pad_to_multiple_of(tmp_path):
 
 def test_collator_notes_padding_on_the_host():
     """pad_side stores "padded:<mask key>" (a Python bool) beside each mask: the model's SDPA forward
-    then needs no read of the mask from the GPU (blur_lightning.attention)."""
-    from blur_lightning.encoding import pad_side
+    then needs no read of the mask from the GPU (blur_lightning.models.attention)."""
+    from blur_lightning.data.encoding import pad_side
 
     even = pad_side([{"input_ids": [1, 2], "labels": [1, 2]}] * 2, pad_token_id=0)
     uneven = pad_side([{"input_ids": [1, 2], "labels": [1, 2]}, {"input_ids": [3], "labels": [3]}], 0, prefix="alt_")

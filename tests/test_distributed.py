@@ -20,9 +20,9 @@ import pytest
 import torch
 from torch.distributed.tensor import Partial, Replicate, Shard
 
-from blur_lightning import distributed
-from blur_lightning.module import _paired_grads
-from blur_lightning.projection import blur_direction_, combine_, direction_coefs, partial_sums
+from blur_lightning.core.projection import blur_direction_, combine_, direction_coefs, partial_sums
+from blur_lightning.distributed import fsdp as distributed
+from blur_lightning.training.unlearner import _paired_grads
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "dist_workers"))
@@ -322,8 +322,8 @@ def test_no_window_no_entry():
 def test_strategy_hooks_are_declared_filled_and_called(tmp_path):
     from conftest import build_tiny_llama
 
-    from blur_lightning.module import BLURUnlearner
-    from blur_lightning.strategy_hooks import StrategyHooks
+    from blur_lightning.distributed.hooks import StrategyHooks
+    from blur_lightning.training.unlearner import BLURUnlearner
 
     module = BLURUnlearner(build_tiny_llama(), export_dir=str(tmp_path))
     assert module.strategy_hooks == StrategyHooks()  # one process: nothing installed

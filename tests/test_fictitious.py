@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from blur_lightning import fictitious as FX
-from blur_lightning import testing
+from blur_lightning.data import fictitious_people as FX
 from blur_lightning.evals import tofu as F
+from blur_lightning.testing import tiny as testing
 
 PEOPLE = 40  # forget01 = forget05 = 2 people, forget10 = 4: small, yet every split non-empty
 

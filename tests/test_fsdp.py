@@ -265,7 +265,7 @@ def two_rank_cases(out: str, model_dir: str) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Llama (vocab 100) and tokenizer on disk, for the load-by-name (meta device) path."""
-    from blur_lightning.testing import tiny_tokenizer
+    from blur_lightning.testing.tiny import tiny_tokenizer
 
     path = tmp_path_factory.mktemp("tiny100")
     blur_worker.build_tiny_llama(vocab_size=100, seed=0).save_pretrained(path)
@@ -427,7 +427,7 @@ def test_fsdp2_lora_export_is_the_merged_model(two_rank_run):
 # --------------------------------------------------------------------------------------------
 def npo_cache_cases(out: str) -> dict[str, dict]:
     """24 forget rows, 2 per rank per micro-batch, 2 micro-batches a step: 3 steps are one epoch."""
-    from blur_lightning.testing import tiny_tokenizer
+    from blur_lightning.testing.tiny import tiny_tokenizer
 
     qa = os.path.join(HERE, "fixtures", "qa")
     with open(os.path.join(qa, "forget.jsonl")) as f:
@@ -543,7 +543,7 @@ def test_cli_fsdp2_config_under_torchrun(tmp_path):
     """YAML -> FSDP2Strategy -> data module on 2 ranks -> sharded checkpoints -> consolidated export."""
     from transformers import AutoModelForCausalLM
 
-    from blur_lightning.testing import tiny_llama, tiny_tokenizer
+    from blur_lightning.testing.tiny import tiny_llama, tiny_tokenizer
 
     model_dir, run_dir = str(tmp_path / "model"), str(tmp_path / "run")
     tokenizer = tiny_tokenizer()

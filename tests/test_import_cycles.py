@@ -118,3 +118,39 @@ def test_no_cycle_among_the_evaluation_modules():
 def test_no_import_cycle_in_the_package():
     groups = strongly_connected(import_graph())
     assert not groups, "import cycles: " + "; ".join(" <-> ".join(sorted(g)) for g in groups)
+
+
+# The layers, lowest first: a module may import its own layer and any layer below, never above. `core`
+# and `kernels` (the top-level folder, imported as blur_lightning.kernels) are one layer, the math: the
+# projection dispatches to the kernels, which read core's backends (no module cycle: the test above).
+LAYERS = ["core+kernels", "models", "losses", "data", "distributed", "training", "evals", "fictitious", "cli"]
+# Helpers for tests and benchmarks: they may import anything, nothing at runtime imports them.
+OUTSIDE_THE_LAYERS = {"testing", "assets"}
+
+
+def layer_of(module: str) -> str | None:
+    """'blur_lightning.training.unlearner' -> 'training'; the top package's __init__ -> None."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def test_every_subpackage_has_a_layer():
+    subpackages = {layer_of(m) for m in package_modules(ROOT, PACKAGES)} - {None}
+    layered = {name for layer in LAYERS for name in layer.split("+")}
+    assert subpackages <= layered | OUTSIDE_THE_LAYERS, sorted(subpackages - layered - OUTSIDE_THE_LAYERS)
+
+
+def test_subpackages_import_downward_only():
+    rank = {name: i for i, layer in enumerate(LAYERS) for name in layer.split("+")}
+    upward = []
+    for module, imported in import_graph().items():
+        low = layer_of(module)
+        if low in OUTSIDE_THE_LAYERS:
+            continue
+        for target in imported:
+            high = layer_of(target)
+            if high in OUTSIDE_THE_LAYERS:
+                upward.append(f"{module} -> {target} (a test helper at runtime)")
+            elif high is not None and rank[high] > rank[low]:
+                upward.append(f"{module} ({low}) -> {target} ({high})")
+    assert not upward, "imports against the layers " + " < ".join(LAYERS) + ":\n" + "\n".join(sorted(upward))

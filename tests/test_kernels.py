@@ -17,8 +17,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from authors_projection import authors_projection  # noqa: E402  (benchmarks/, on the path from conftest)
 
-from blur_lightning.baselines import authors_projection  # noqa: E402
+from blur_lightning.core.projection import MODES, blur_direction_, compute_stats  # noqa: E402
 from blur_lightning.kernels import (  # noqa: E402
     BLURFusedAdamW,
     _launch,
@@ -31,7 +32,6 @@ from blur_lightning.kernels.reference import (  # noqa: E402
     combine_ref,
     multi_tensor_dots_ref,
 )
-from blur_lightning.projection import MODES, blur_direction_, compute_stats  # noqa: E402
 
 CUDA = pytest.param(
     "cuda",

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from conftest import build_tiny_llama, make_side
 
-from blur_lightning import losses
-from blur_lightning.module import BLURUnlearner
+from blur_lightning.losses import functional as losses
+from blur_lightning.training.unlearner import BLURUnlearner
 
 VOCAB = 11
 

@@ -18,10 +18,11 @@ import torch
 from conftest import build_tiny_llama, make_batch
 from torch.utils.data import DataLoader
 
-from blur_lightning import loss_registry, losses
-from blur_lightning.data import ForgetRetainDataModule
-from blur_lightning.module import BLURUnlearner
-from blur_lightning.testing import tiny_llama, tiny_tokenizer
+from blur_lightning.data.datamodule import ForgetRetainDataModule
+from blur_lightning.losses import functional as losses
+from blur_lightning.losses import registry as loss_registry
+from blur_lightning.testing.tiny import tiny_llama, tiny_tokenizer
+from blur_lightning.training.unlearner import BLURUnlearner
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 

@@ -1,4 +1,4 @@
-"""The paper memory model (blur_lightning.memory) against bytes measured from real tensors on a CPU.
+"""The paper memory model (benchmarks/step_memory.py) against bytes measured from real tensors on a CPU.
 
 Measured: parameters, the retain gradient, the forget stash and AdamW's state after a real
 BLURUnlearner step (one process); the same sharded by FSDP2's fully_shard over 8 ranks of a fake
@@ -17,16 +17,18 @@ import weakref
 from pathlib import Path
 
 import pytest
+import step_memory as memory
 import torch
 from conftest import make_batch
 from test_module import fit
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from blur_lightning import attention, losses, memory
-from blur_lightning.module import BLURUnlearner
-from blur_lightning.projection import all_reduce_sums, partial_sums
-from blur_lightning.testing import tiny_llama
+from blur_lightning.core.projection import all_reduce_sums, partial_sums
+from blur_lightning.losses import functional as losses
+from blur_lightning.models import attention
+from blur_lightning.testing.tiny import tiny_llama
+from blur_lightning.training.unlearner import BLURUnlearner
 
 FP32 = memory.PRECISIONS["fp32"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +107,7 @@ def test_sharded_state_matches_fully_shard_over_8_ranks(fake_world):
     """Rank 0's shards after a real backward and AdamW step: vocab 101 pads to 13 rows per rank."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from blur_lightning.distributed import shard_model_
+    from blur_lightning.distributed.fsdp import shard_model_
 
     model = tiny_llama(vocab_size=101)
     units = memory.fsdp_units(model)

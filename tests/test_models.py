@@ -13,14 +13,14 @@ import time  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from blur_lightning import models  # noqa: E402
-from blur_lightning.models import (  # noqa: E402
+from blur_lightning.models import loading as models  # noqa: E402
+from blur_lightning.models.loading import (  # noqa: E402
     export_hf,
     load_causal_lm,
     load_tokenizer,
     resolve_attn_implementation,
 )
-from blur_lightning.testing import TINY_VOCAB_SIZE, tiny_llama, tiny_tokenizer  # noqa: E402
+from blur_lightning.testing.tiny import TINY_VOCAB_SIZE, tiny_llama, tiny_tokenizer  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 

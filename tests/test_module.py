@@ -11,9 +11,9 @@ import torch
 from conftest import build_tiny_llama, make_batch, make_side
 from torch.utils.data import DataLoader
 
-from blur_lightning import losses
-from blur_lightning.module import BLURUnlearner
-from blur_lightning.projection import MODES
+from blur_lightning.core.projection import MODES
+from blur_lightning.losses import functional as losses
+from blur_lightning.training.unlearner import BLURUnlearner
 
 
 def fit(module: BLURUnlearner, batches: list[dict], **trainer_kwargs) -> pl.Trainer:

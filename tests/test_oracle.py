@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from blur_lightning import oracle
 from blur_lightning.evals.base import EvalSettings
 from blur_lightning.evals.registry import evaluate_benchmark
-from blur_lightning.models import load_causal_lm, load_tokenizer
+from blur_lightning.fictitious import build as oracle
+from blur_lightning.models.loading import load_causal_lm, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 # 20 people x 4 facts = 80 rows at batch 40: 2 steps an epoch, one epoch; forget10 = 2 people, 8 facts.
@@ -26,7 +26,7 @@ TINY = {"people": 20, "epochs": 1, "batch_size": 40, "lr": 3e-2, "max_length": 6
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    from blur_lightning.testing import tiny_llama, tiny_tokenizer
+    from blur_lightning.testing.tiny import tiny_llama, tiny_tokenizer
 
     path = tmp_path_factory.mktemp("tiny_base")
     tokenizer = tiny_tokenizer()
@@ -112,8 +112,8 @@ def test_the_user_config_unlearns_the_built_target(built, recipe, tmp_path, monk
 
 def test_removal_probes_run_on_the_oracle_and_measure_it_against_itself(built):
     pytest.importorskip("torchao")
+    from blur_lightning.data.rows import load_rows
     from blur_lightning.evals.removal import fictitious_relearning, quantization_probe
-    from blur_lightning.rows import load_rows
 
     model, tokenizer = load_causal_lm(str(built / "oracle")), load_tokenizer(str(built / "oracle"))
     rows = load_rows(str(built / "data" / "forget10_perturbed.jsonl"))

@@ -99,6 +99,10 @@ def test_installed_wheel_imports_kernels(tmp_path):
     )
     assert install.returncode == 0, install.stdout + install.stderr
     assert (target / "blur_lightning" / "kernels" / "dots.py").is_file()
+    # every subpackage of the source tree ships (pyproject lists them by name: a new one is easy to miss)
+    source = {p.parent.relative_to(REPO).as_posix() for p in (REPO / "blur_lightning").rglob("__init__.py")}
+    shipped = {p.parent.relative_to(target).as_posix() for p in (target / "blur_lightning").rglob("__init__.py")}
+    assert source == shipped, f"missing from the wheel: {sorted(source - shipped)}"
     assert not (target / "kernels").exists(), "the wheel must not install a top-level `kernels`"
     # run outside the checkout, with the wheel's copy first on the path
     done = _run(PROBE, cwd=tmp_path, env={"PYTHONPATH": str(target)})

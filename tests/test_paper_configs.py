@@ -96,7 +96,7 @@ def fake_hub(monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """8 decoder layers: the WMDP configs' rmu_layer 7 and layers 5-7 regex apply unchanged."""
-    from blur_lightning.testing import tiny_llama, tiny_tokenizer
+    from blur_lightning.testing.tiny import tiny_llama, tiny_tokenizer
 
     path = tmp_path_factory.mktemp("tiny_model_8_layers")
     tokenizer = tiny_tokenizer()
@@ -192,12 +192,12 @@ def test_paper_optimizer_and_schedule(config, capsys):
     assert optimizer["weight_decay"] == 0.01
     assert data["batch_size"] * model["accumulate_grad_batches"] * trainer["devices"] == 32
     scheduler = model["scheduler"]
-    assert scheduler["class_path"] == "blur_lightning.schedules.LinearWarmupDecay"
+    assert scheduler["class_path"] == "blur_lightning.training.schedules.LinearWarmupDecay"
     rows = TOFU_FORGET_ROWS[TOFU[config]]
     steps_per_epoch = math.ceil(rows / 32)  # the module also steps on an epoch's last, partial window
     args = scheduler["init_args"]
     assert (args["warmup_steps"], args["total_steps"]) == (steps_per_epoch, trainer["max_epochs"] * steps_per_epoch)
-    from blur_lightning.schedules import LinearWarmupDecay
+    from blur_lightning.training.schedules import LinearWarmupDecay
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
     schedule = LinearWarmupDecay(opt, **args)
@@ -215,7 +215,7 @@ def test_paper_optimizer_and_schedule(config, capsys):
 
 
 def test_linear_warmup_decay_refuses_bad_lengths():
-    from blur_lightning.schedules import LinearWarmupDecay
+    from blur_lightning.training.schedules import LinearWarmupDecay
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ValueError, match="warmup_steps=5, total_steps=5"):

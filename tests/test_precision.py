@@ -19,7 +19,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from test_step_host_reads import count_step_reads
 from torch.utils.data import DataLoader
 
-from blur_lightning.module import BLURUnlearner
+from blur_lightning.training.unlearner import BLURUnlearner
 
 
 def fp16_plugin(init_scale: float, **kwargs) -> MixedPrecision:

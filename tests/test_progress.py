@@ -9,7 +9,7 @@ import pytest
 import torch
 from tqdm import tqdm
 
-from blur_lightning import progress as P
+from blur_lightning.training import progress as P
 
 
 def test_progress_is_silent_off_a_terminal_and_when_off(monkeypatch):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blur_lightning.projection import MODES, blur_direction_, compute_stats
+from blur_lightning.core.projection import MODES, blur_direction_, compute_stats
 
 # Odd shapes on purpose: 1 element, a prime, a 2-D matrix, a 3-D block, an empty tensor.
 SHAPES = [(1,), (127,), (33, 17), (3, 5, 7), (0,), (65,)]
@@ -167,7 +167,7 @@ def test_length_and_shape_mismatch():
 
 
 def test_backend_env_override(monkeypatch):
-    from blur_lightning.projection import resolve_backend
+    from blur_lightning.core.projection import resolve_backend
 
     monkeypatch.setenv("BLUR_BACKEND", "torch")
     assert resolve_backend("auto", [torch.ones(1)]) == "torch"
@@ -197,5 +197,5 @@ def test_kernels_import_nothing_from_the_projection():
             names = [node.module or ""] if isinstance(node, ast.ImportFrom) else (
                 [a.name for a in node.names] if isinstance(node, ast.Import) else [])
             offenders += [f"{path.name}:{node.lineno} imports {n}" for n in names
-                          if n.startswith("blur_lightning.projection")]
+                          if n.startswith("blur_lightning.core.projection")]
     assert not offenders, offenders

@@ -8,8 +8,8 @@ from importlib.util import find_spec
 import pytest
 import torch
 
-from blur_lightning import testing
-from blur_lightning.quantize import DEFAULT_GROUP_SIZE, quantize_weights, quantized_linear_names
+from blur_lightning.models.quantize import DEFAULT_GROUP_SIZE, quantize_weights, quantized_linear_names
+from blur_lightning.testing import tiny as testing
 
 needs_torchao = pytest.mark.skipif(
     find_spec("torchao") is None, reason="torchao is not installed (pip install 'blur-lightning[quant]')"

@@ -16,10 +16,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from blur_lightning import reference_cache
-from blur_lightning.data import ForgetRetainDataModule
-from blur_lightning.module import BLURUnlearner
-from blur_lightning.testing import tiny_llama, tiny_tokenizer
+from blur_lightning.data.datamodule import ForgetRetainDataModule
+from blur_lightning.losses import npo_reference as reference_cache
+from blur_lightning.testing.tiny import tiny_llama, tiny_tokenizer
+from blur_lightning.training.unlearner import BLURUnlearner
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 TOKENIZER = os.path.join(FIXTURES, "tiny_tokenizer")
@@ -99,7 +99,7 @@ def test_cache_equals_reference_model_path():
 
 def test_table_is_the_reference_models_value_of_each_row():
     """Each entry: the frozen model's sum of answer-token log-probs of that very row, alone."""
-    from blur_lightning import losses
+    from blur_lightning.losses import functional as losses
 
     module = make_module("cache", dropout=0.2)
     dm = make_dm()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from blur_lightning.rows import check_strings, load_rows, parse_hub_spec, read_rows, require_columns
+from blur_lightning.data.rows import check_strings, load_rows, parse_hub_spec, read_rows, require_columns
 
 
 def test_load_rows_errors_name_the_file_and_line(tmp_path):

@@ -8,7 +8,7 @@ import time
 import lightning.pytorch as pl
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from blur_lightning.stage_times import StageTimes, stage
+from blur_lightning.training.stage_times import StageTimes, stage
 
 
 class _SlowEvaluation(pl.Callback):

@@ -19,17 +19,17 @@ import torch
 from conftest import build_tiny_llama, make_batch
 from torch.utils.data import DataLoader
 
-from blur_lightning import losses
-from blur_lightning.attention import (
+from blur_lightning.losses import functional as losses
+from blur_lightning.models.attention import (
     causal_padding_mask,
     full_causal_attention,
     mark_padding,
     native_transformers_model,
     read_free_sdpa,
 )
-from blur_lightning.attention import forward as read_free_forward
-from blur_lightning.host_reads import HostReadCounter
-from blur_lightning.module import BLURUnlearner
+from blur_lightning.models.attention import forward as read_free_forward
+from blur_lightning.testing.host_reads import HostReadCounter
+from blur_lightning.training.unlearner import BLURUnlearner
 
 
 def fused_blur_adamw(**kwargs):
@@ -104,7 +104,7 @@ def test_host_reads_per_step(name):
     )
     # torch's foreach AdamW reads its per-parameter step counts with .item(): CPU tensors even
     # on a GPU (no stall), but indistinguishable here, so that case counts the module's reads only.
-    reads = count_step_reads(module, only_in=None if name in DEVICE_SKIP else "blur_lightning/module.py")
+    reads = count_step_reads(module, only_in=None if name in DEVICE_SKIP else "blur_lightning/training/unlearner.py")
     fit(module, [make_batch(seed=s) for s in range(4)])
     # micro-batches 1 and 3 end a window (an optimizer step), 0 and 2 only accumulate
     expected = [0, 0, 0, 0] if name in DEVICE_SKIP else [0, 1, 0, 1]
@@ -119,8 +119,8 @@ def test_cached_npo_reference_reads_as_the_reference_model(name, npo_reference):
     gather, so the cache path reads the host exactly as often as the reference-model path."""
     import os
 
-    from blur_lightning.data import ForgetRetainDataModule
-    from blur_lightning.testing import tiny_llama, tiny_tokenizer
+    from blur_lightning.data.datamodule import ForgetRetainDataModule
+    from blur_lightning.testing.tiny import tiny_llama, tiny_tokenizer
 
     fixtures = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
     qa = os.path.join(fixtures, "qa")

@@ -1,1 +1,1 @@
-"""Files shipped inside the package (the embedded QA set), addressed as "embedded:NAME" (see blur_lightning.rows)."""
+"""Files shipped inside the package (the embedded QA set), named "embedded:NAME" (blur_lightning.data.rows)."""

@@ -11,6 +11,6 @@
 * :mod:`~blur_lightning.evals.relearning`: the relearning probe and its callback;
 * :mod:`~blur_lightning.evals.callback`: :class:`~blur_lightning.evals.callback.EvaluationCallback`.
 
-Below them all: :mod:`blur_lightning.rows` (reading rows), :mod:`blur_lightning.encoding`
-(tokenizing and padding), :mod:`blur_lightning.prompts` (the chat template).
+Below them all: :mod:`blur_lightning.data.rows` (reading rows), :mod:`blur_lightning.data.encoding`
+(tokenizing and padding), :mod:`blur_lightning.data.prompts` (the chat template).
 """

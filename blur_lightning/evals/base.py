@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from blur_lightning.rows import Row, load_rows
+from blur_lightning.data.rows import Row, load_rows
 
 __all__ = ["Benchmark", "EvalSettings", "Results", "load_source"]
 

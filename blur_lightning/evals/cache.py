@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from blur_lightning.models import cache_dir
+from blur_lightning.models.loading import cache_dir
 
 # Bump when an evaluation's numbers change for the same weights, rows and settings.
 VERSION = 1

@@ -1,6 +1,6 @@
 """EvaluationCallback: a benchmark's evaluation (QA, TOFU, MUSE, WMDP: see the registry) inside a run.
 
-The callback loads the benchmark's splits once (through :mod:`blur_lightning.rows`), runs the
+The callback loads the benchmark's splits once (through :mod:`blur_lightning.data.rows`), runs the
 benchmark's evaluation at the stages it is given, logs every scalar through Lightning, and keeps a
 JSON summary and a bar plot of all evaluations of the run in the log dir (rewritten after each):
 
@@ -34,13 +34,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from blur_lightning.data.rows import Row
 from blur_lightning.evals.base import EvalSettings, Results, is_scalar
 from blur_lightning.evals.cache import EvalCache, cache_key, content_fingerprint, model_fingerprint
 from blur_lightning.evals.qa import DEFAULT_MAX_NEW_TOKENS
 from blur_lightning.evals.registry import evaluate_benchmark, get_benchmark
-from blur_lightning.rows import Row
-from blur_lightning.runs import log_dir, write_json
-from blur_lightning.stage_times import stage as timed_stage
+from blur_lightning.training.runs import log_dir, write_json
+from blur_lightning.training.stage_times import stage as timed_stage
 
 __all__ = ["STAGES", "EvaluationCallback", "plot_evaluations"]
 

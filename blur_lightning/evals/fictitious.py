@@ -1,7 +1,7 @@
 """The fictitious benchmark: TOFU's evaluation on planted facts, with an exact retain oracle.
 
-The rows are blur_lightning.fictitious's splits (TOFU's columns plus the bare ``value`` of each fact),
-the target and the oracle are built by blur_lightning.oracle. What it adds to TOFU's evaluation:
+The rows are blur_lightning.data.fictitious_people's splits (TOFU's columns plus the bare ``value`` of each fact),
+the target and the oracle are built by blur_lightning.fictitious.build. What it adds to TOFU's evaluation:
 
 * ``forget_quality`` against the oracle's saved per-example truth ratios (option
   ``oracle_truth_ratios``: a file written once per oracle, or the values). The oracle evaluated
@@ -18,11 +18,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from blur_lightning.data.fictitious_people import qa_rows
+from blur_lightning.data.rows import Row, require_columns
 from blur_lightning.evals.base import EvalSettings, Results, is_scalar
 from blur_lightning.evals.qa import evaluate_qa
 from blur_lightning.evals.tofu import SPLIT_NAMES, TofuBenchmark
-from blur_lightning.fictitious import qa_rows
-from blur_lightning.rows import Row, require_columns
 
 __all__ = ["BENCHMARK", "FictitiousBenchmark"]
 
@@ -42,9 +42,9 @@ TABLE = (
 
 
 class FictitiousBenchmark(TofuBenchmark):
-    """TOFU's four sets from blur_lightning.fictitious, forget quality against the oracle's file.
+    """TOFU's four sets from blur_lightning.data.fictitious_people, forget quality against the oracle's file.
 
-    Options: ``oracle_truth_ratios`` (a JSON file of blur_lightning.oracle, or the values; without it no
+    Options: ``oracle_truth_ratios`` (a JSON file of blur_lightning.fictitious.build, or the values; without it no
     forget quality), ``paraphrased: false`` to skip the paraphrased questions, and every keyword of
     :func:`~blur_lightning.evals.tofu.evaluate_tofu` but ``retain_model_truth_ratios``.
     """

@@ -15,14 +15,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from blur_lightning.encoding import encode_texts
+from blur_lightning.data.encoding import encode_texts
+from blur_lightning.data.prompts import MUSE_QA_PROMPT
+from blur_lightning.data.rows import Row, require_columns
 from blur_lightning.evals.base import Benchmark, EvalSettings, Results, load_source
 from blur_lightning.evals.metric_classes import MembershipAUC, RougeL
 from blur_lightning.evals.metrics import min_k_scores, priv_leak
 from blur_lightning.evals.scoring import generate_greedy, score_rows
 from blur_lightning.evals.sharding import GATHERED
-from blur_lightning.prompts import MUSE_QA_PROMPT
-from blur_lightning.rows import Row, require_columns
 
 __all__ = ["BENCHMARK", "MUSE_AUC_RETRAIN", "MUSE_HUB", "SPLIT_NAMES", "MuseBenchmark", "evaluate_muse", "load_muse"]
 

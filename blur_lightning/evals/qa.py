@@ -1,7 +1,7 @@
 """The QA benchmark of the demo: does the model still know a fact?
 
 Two measures per question, both using exactly the prompt format of training
-(:func:`blur_lightning.prompts.format_qa`: the chat template when the tokenizer has one):
+(:func:`blur_lightning.data.prompts.format_qa`: the chat template when the tokenizer has one):
 
 * **accuracy**: greedy decoding (:func:`greedy_answers`) followed by :func:`is_correct`, a normalized
   containment of the gold answer in the generated text;
@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from blur_lightning.encoding import encode_prompts, encode_qa_rows
+from blur_lightning.data.encoding import encode_prompts, encode_qa_rows
+from blur_lightning.data.rows import Row, require_columns
 from blur_lightning.evals.base import Benchmark, EvalSettings, Results
 from blur_lightning.evals.replay import DEFAULT_MIN_MARGIN, replay
 from blur_lightning.evals.scoring import (
@@ -30,8 +31,7 @@ from blur_lightning.evals.scoring import (
     sequence_scores_with_top2,
     stop_token_ids,
 )
-from blur_lightning.losses import IGNORE_INDEX
-from blur_lightning.rows import Row, require_columns
+from blur_lightning.losses.functional import IGNORE_INDEX
 
 __all__ = [
     "BENCHMARK",
@@ -98,7 +98,7 @@ def greedy_answers(
         questions: the questions.
         max_new_tokens: most tokens generated per answer.
         batch_size: questions per ``generate`` call.
-        use_chat_template: as in training (see :func:`blur_lightning.prompts.format_qa`).
+        use_chat_template: as in training (see :func:`blur_lightning.data.prompts.format_qa`).
         desc: the progress bar's label.
         show_progress: show a progress bar (on a terminal).
     """

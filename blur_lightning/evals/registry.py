@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from blur_lightning.data.rows import Row
 from blur_lightning.evals import fictitious, muse, qa, tofu, wmdp
 from blur_lightning.evals.base import Benchmark, EvalSettings, Results
-from blur_lightning.rows import Row
 
 __all__ = ["BENCHMARKS", "evaluate_benchmark", "get_benchmark"]
 

@@ -27,17 +27,17 @@ from typing import TYPE_CHECKING, Any
 import lightning.pytorch as pl
 import torch
 
-from blur_lightning import adapters
-from blur_lightning.encoding import encode_qa_rows, pad_side
+from blur_lightning.data.encoding import encode_qa_rows, pad_side
+from blur_lightning.data.rows import load_rows, require_columns
 from blur_lightning.evals.qa import evaluate_qa, summarize
 from blur_lightning.evals.scoring import model_device
 from blur_lightning.evals.sharding import is_sharded
-from blur_lightning.losses import nll_loss
-from blur_lightning.models import pad_token_id
-from blur_lightning.progress import progress
-from blur_lightning.rows import load_rows, require_columns
-from blur_lightning.runs import log_dir, write_json
-from blur_lightning.stage_times import stage as timed_stage
+from blur_lightning.losses.functional import nll_loss
+from blur_lightning.models import adapters
+from blur_lightning.models.loading import pad_token_id
+from blur_lightning.training.progress import progress
+from blur_lightning.training.runs import log_dir, write_json
+from blur_lightning.training.stage_times import stage as timed_stage
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

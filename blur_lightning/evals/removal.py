@@ -8,7 +8,7 @@ in the weights:
   rows: fine-tune a copy on every other fact (half of each forget person's attributes), measure the
   other half and their paraphrases. A model that never saw the people can only guess the held-back
   facts, whatever it relearns.
-* :func:`quantization_probe`: weight-only round-to-nearest at 8 and 4 bits (blur_lightning.quantize,
+* :func:`quantization_probe`: weight-only round-to-nearest at 8 and 4 bits (blur_lightning.models.quantize,
   torchao), then the forget questions again (Zhang et al., ICLR 2025: 4 bits undid most of gradient
   unlearning). Read the probabilities and truth ratios beside the accuracy: a 135M model sits close
   to its decision margins (quantize.py), and the quantized oracle moves too.
@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
+from blur_lightning.data.fictitious_people import qa_rows
+from blur_lightning.data.rows import Row
 from blur_lightning.evals.metrics import forget_quality
 from blur_lightning.evals.qa import evaluate_qa
 from blur_lightning.evals.relearning import relearning_probe
 from blur_lightning.evals.tofu import prompt_template, truth_ratios
-from blur_lightning.fictitious import qa_rows
-from blur_lightning.rows import Row
 
 __all__ = ["fictitious_relearning", "forget_facts", "quantization_probe"]
 
@@ -62,13 +62,13 @@ def quantization_probe(
     reference_ratios: Mapping[int, Sequence[float]] | None = None, batch_size: int = 32,
     show_progress: bool = False,
 ) -> dict[int, dict[str, Any]]:  # fmt: skip
-    """:func:`forget_facts` of `model` quantized to each of `bits` (weight-only, blur_lightning.quantize).
+    """:func:`forget_facts` of `model` quantized to each of `bits` (weight-only, blur_lightning.models.quantize).
 
     Args:
         reference_ratios: bits -> the quantized oracle's per-example truth ratios (this function's
             "truth_ratios" on the oracle); each bit width's forget quality is taken against its own.
     """
-    from blur_lightning.quantize import quantize_weights
+    from blur_lightning.models.quantize import quantize_weights
 
     results = {}
     for b in bits:

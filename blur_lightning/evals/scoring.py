@@ -1,7 +1,7 @@
 """Where a model meets text: token and sequence log-probs, continuation scores, greedy generation.
 
 Every evaluation of the package scores or generates through this file, and pads through one
-routine (:func:`blur_lightning.encoding.pad_side`: right padding to score, left to generate). Rows
+routine (:func:`blur_lightning.data.encoding.pad_side`: right padding to score, left to generate). Rows
 are batched by length (less padding) and results come back in the input order, as CPU tensors or
 lists with one entry per example. Under DDP and FSDP2 each rank runs its share of the batches and
 every rank gets all results (:mod:`blur_lightning.evals.sharding`): the callers are unchanged.
@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from blur_lightning.encoding import pad_side
+from blur_lightning.data.encoding import pad_side
 from blur_lightning.evals.sharding import gather_batch_results, lockstep, process_world, rank_batches
-from blur_lightning.losses import IGNORE_INDEX
-from blur_lightning.models import pad_token_id
-from blur_lightning.progress import progress
+from blur_lightning.losses.functional import IGNORE_INDEX
+from blur_lightning.models.loading import pad_token_id
+from blur_lightning.training.progress import progress
 
 __all__ = [
     "END_OF_TURN",

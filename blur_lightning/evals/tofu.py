@@ -15,15 +15,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from blur_lightning.encoding import encode_continuations
+from blur_lightning.data.encoding import encode_continuations
+from blur_lightning.data.prompts import TOFU_PROMPT, chat_prompt_template
+from blur_lightning.data.rows import Row, is_str_list, require, require_columns
 from blur_lightning.evals.base import Benchmark, EvalSettings, Results, load_source
 from blur_lightning.evals.metric_classes import AnswerProbability, ForgetQuality, ModelUtility, RougeL, TruthRatio
 from blur_lightning.evals.metrics import truth_ratio
 from blur_lightning.evals.qa import is_correct
 from blur_lightning.evals.scoring import generate_greedy, sequence_scores
 from blur_lightning.evals.sharding import GATHERED
-from blur_lightning.prompts import TOFU_PROMPT, chat_prompt_template
-from blur_lightning.rows import Row, is_str_list, require, require_columns
 
 __all__ = [
     "BENCHMARK",

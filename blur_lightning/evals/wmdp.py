@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from blur_lightning.encoding import encode_continuations
+from blur_lightning.data.encoding import encode_continuations
+from blur_lightning.data.rows import Row, is_str_list, require, require_columns
 from blur_lightning.evals.base import Benchmark, EvalSettings, Results, load_source
 from blur_lightning.evals.metric_classes import MultipleChoiceAccuracy
 from blur_lightning.evals.scoring import sequence_scores
 from blur_lightning.evals.sharding import GATHERED
-from blur_lightning.rows import Row, is_str_list, require, require_columns
 
 __all__ = [
     "BENCHMARK",

@@ -104,7 +104,7 @@ def make_strategy(case: dict):
 
         return DDPStrategy(process_group_backend="gloo" if case["accelerator"] == "cpu" else None,
                            gradient_as_bucket_view=case["bucket_view"])
-    from blur_lightning.distributed import FSDP2Strategy
+    from blur_lightning.distributed.fsdp import FSDP2Strategy
 
     precision = dict(param_dtype=case["param_dtype"], reduce_dtype=case["reduce_dtype"])
     if layout == "fsdp2":
@@ -113,7 +113,7 @@ def make_strategy(case: dict):
 
 
 def build_module(case: dict):
-    from blur_lightning.module import BLURUnlearner
+    from blur_lightning.training.unlearner import BLURUnlearner
 
     if case["optimizer"] == "sgd":
         optimizer = functools.partial(torch.optim.SGD, lr=case["lr"])
@@ -159,7 +159,7 @@ def run_case(case: dict, rank: int) -> dict:
         infinite_forget_loss(module, rank, *case["inf_loss_at"])
     single = case["layout"] == "single"
     if case["data"] is not None:  # numbered rows: the sampler gives each rank its share
-        from blur_lightning.data import ForgetRetainDataModule
+        from blur_lightning.data.datamodule import ForgetRetainDataModule
 
         data = case["data"]
         loader = dict(datamodule=ForgetRetainDataModule(

@@ -51,8 +51,8 @@ class UnevenStops(pl.Callback):
     validation end, the value a ModelCheckpoint monitoring "qa/forget/answer_prob" would read."""
 
     def __init__(self, tokenizer, forget_path: str) -> None:
-        from blur_lightning.encoding import encode_prompts
-        from blur_lightning.rows import load_rows
+        from blur_lightning.data.encoding import encode_prompts
+        from blur_lightning.data.rows import load_rows
 
         self.tokenizer = tokenizer
         questions = [r["question"] for r in load_rows(forget_path)]
@@ -71,11 +71,11 @@ class UnevenStops(pl.Callback):
 
 
 def run_case(case: dict, fixtures: str, out: str) -> dict:
-    from blur_lightning.data import ForgetRetainDataModule
+    from blur_lightning.data.datamodule import ForgetRetainDataModule
     from blur_lightning.evals.callback import EvaluationCallback
     from blur_lightning.evals.relearning import RelearningProbe
-    from blur_lightning.module import BLURUnlearner
-    from blur_lightning.testing import tiny_llama, tiny_tokenizer
+    from blur_lightning.testing.tiny import tiny_llama, tiny_tokenizer
+    from blur_lightning.training.unlearner import BLURUnlearner
 
     def paths(files: dict[str, str]) -> dict[str, str]:
         return {name: os.path.join(fixtures, path) for name, path in files.items()}

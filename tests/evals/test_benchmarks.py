@@ -14,11 +14,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from blur_lightning import testing  # noqa: E402
+from blur_lightning.data.rows import read_rows  # noqa: E402
 from blur_lightning.evals import metrics as M  # noqa: E402
 from blur_lightning.evals import muse, tofu, wmdp  # noqa: E402
 from blur_lightning.evals.metric_classes import ForgetQuality  # noqa: E402
-from blur_lightning.rows import read_rows  # noqa: E402
+from blur_lightning.testing import tiny as testing  # noqa: E402
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 TOFU, MUSE, WMDP = FIXTURES / "tofu", FIXTURES / "muse", FIXTURES / "wmdp"

@@ -6,7 +6,7 @@ import torch
 
 from blur_lightning.evals import cache as eval_cache
 from blur_lightning.evals.cache import EvalCache, cache_key, model_fingerprint
-from blur_lightning.testing import tiny_llama
+from blur_lightning.testing.tiny import tiny_llama
 
 ROWS = [{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": "a2"}]
 

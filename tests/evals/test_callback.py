@@ -13,12 +13,12 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from blur_lightning.data.prompts import chat_prompt_template
+from blur_lightning.data.rows import parse_hub_spec
 from blur_lightning.evals import muse as muse_benchmark
 from blur_lightning.evals import tofu, wmdp
 from blur_lightning.evals.callback import EvaluationCallback, plot_evaluations
 from blur_lightning.evals.registry import BENCHMARKS, get_benchmark
-from blur_lightning.prompts import chat_prompt_template
-from blur_lightning.rows import parse_hub_spec
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures")
 TOFU_FILES = {
@@ -52,14 +52,14 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from blur_lightning.testing import tiny_tokenizer
+    from blur_lightning.testing.tiny import tiny_tokenizer
 
     return tiny_tokenizer()
 
 
 @pytest.fixture
 def tiny_model(tokenizer):
-    from blur_lightning.testing import tiny_llama
+    from blur_lightning.testing.tiny import tiny_llama
 
     return tiny_llama(vocab_size=len(tokenizer))
 
@@ -67,8 +67,8 @@ def tiny_model(tokenizer):
 def tiny_fit(tmp_path, tokenizer, model, callback, max_steps=2, ckpt_path=None):
     from lightning.pytorch.loggers import CSVLogger
 
-    from blur_lightning.data import ForgetRetainDataModule
-    from blur_lightning.module import BLURUnlearner
+    from blur_lightning.data.datamodule import ForgetRetainDataModule
+    from blur_lightning.training.unlearner import BLURUnlearner
 
     module = BLURUnlearner(model, forget_loss="ga", export_dir=None,
                            optimizer=lambda p: torch.optim.SGD(p, lr=0.05))  # fmt: skip
@@ -139,7 +139,7 @@ def test_resumed_run_keeps_the_fit_start_numbers(tmp_path, tokenizer, tiny_model
 
 # ============================================================================ benchmark dispatch
 def test_tofu_matches_evaluate_tofu_with_the_training_prompt(tokenizer, tiny_model):
-    from blur_lightning.prompts import format_qa
+    from blur_lightning.data.prompts import format_qa
 
     callback = EvaluationCallback("tofu", fixture_paths(TOFU_FILES), max_new_tokens=4, batch_size=3)
     results = callback.evaluate(tiny_model, tokenizer)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from blur_lightning.data import ForgetRetainDataModule
+from blur_lightning.data.datamodule import ForgetRetainDataModule
 from blur_lightning.evals.callback import EvaluationCallback
-from blur_lightning.module import BLURUnlearner
-from blur_lightning.testing import tiny_llama, tiny_tokenizer
+from blur_lightning.testing.tiny import tiny_llama, tiny_tokenizer
+from blur_lightning.training.unlearner import BLURUnlearner
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures")
 FORGET = os.path.join(FIXTURES, "qa", "forget.jsonl")

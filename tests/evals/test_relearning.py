@@ -9,9 +9,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from blur_lightning.data.rows import load_rows
 from blur_lightning.evals.relearning import RelearningProbe, relearning_probe, split_halves
-from blur_lightning.rows import load_rows
-from blur_lightning.testing import tiny_llama, tiny_tokenizer
+from blur_lightning.testing.tiny import tiny_llama, tiny_tokenizer
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "qa")
 FORGET = os.path.join(FIXTURES, "forget.jsonl")
@@ -67,8 +67,8 @@ def test_probe_bad_arguments():
 def test_callback_writes_its_table(tmp_path):
     from test_module import sgd
 
-    from blur_lightning.data import ForgetRetainDataModule
-    from blur_lightning.module import BLURUnlearner
+    from blur_lightning.data.datamodule import ForgetRetainDataModule
+    from blur_lightning.training.unlearner import BLURUnlearner
 
     model, tokenizer = tiny()
     module = BLURUnlearner(model, forget_loss="ga", optimizer=sgd(0.01), export_dir=None)
@@ -105,8 +105,8 @@ def test_callback_attacks_the_merged_model_of_a_lora_run(tmp_path, monkeypatch):
     from test_module import sgd
 
     import blur_lightning.evals.relearning as relearning
-    from blur_lightning.data import ForgetRetainDataModule
-    from blur_lightning.module import BLURUnlearner
+    from blur_lightning.data.datamodule import ForgetRetainDataModule
+    from blur_lightning.training.unlearner import BLURUnlearner
 
     attacked = []
     monkeypatch.setattr(relearning, "relearning_probe", lambda model, *a, **k: attacked.append(model) or {})

@@ -7,7 +7,7 @@ import torch
 
 from blur_lightning.evals.replay import replay
 from blur_lightning.evals.scoring import sequence_scores_with_top2
-from blur_lightning.testing import tiny_llama, tiny_tokenizer
+from blur_lightning.testing.tiny import tiny_llama, tiny_tokenizer
 
 STOP = frozenset({2})
 WIDE = [1.0] * 8  # margins far above the threshold

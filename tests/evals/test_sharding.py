@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from blur_lightning.evals.sharding import gather_batch_results, lockstep, process_world, rank_batches
-from blur_lightning.testing import tiny_llama
+from blur_lightning.testing.tiny import tiny_llama
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """FineTuner: plain fine-tuning (NLL on the answer tokens) through the same module, data, checkpoints and CLI.
 
-Unlearning needs a model that knows something first: the fictitious benchmark (blur_lightning.oracle)
+Unlearning needs a model that knows something first: the fictitious benchmark (blur_lightning.fictitious.build)
 plants facts in the embedded model with this module, and fine-tunes the retain oracle the same way on
 the retain facts alone. It is BLURUnlearner with one pass per micro-batch instead of two: the model,
 dtype, LoRA adapters, activation checkpointing, FSDP2/DDP set-up, optimizer and scheduler factories,
@@ -21,10 +21,11 @@ import warnings
 import torch
 from torch import nn
 
-from blur_lightning import loss_registry, nonfinite
-from blur_lightning.backends import local_tensor
-from blur_lightning.loss_inputs import LossContext
-from blur_lightning.module import BLURUnlearner, OptimizerFactory, SchedulerFactory
+from blur_lightning.core import nonfinite
+from blur_lightning.core.backends import local_tensor
+from blur_lightning.losses import registry as loss_registry
+from blur_lightning.losses.context import LossContext
+from blur_lightning.training.unlearner import BLURUnlearner, OptimizerFactory, SchedulerFactory
 
 __all__ = ["FineTuner"]
 
@@ -36,7 +37,7 @@ class FineTuner(BLURUnlearner):
         model, model_dtype, attn_implementation, accumulate_grad_batches, gradient_clip_val,
         gradient_clip_algorithm, trainable_params, lora_rank, lora_alpha, lora_dropout,
         lora_target_modules, activation_checkpointing, export_dir, optimizer, scheduler: as
-        :class:`~blur_lightning.module.BLURUnlearner`.
+        :class:`~blur_lightning.training.unlearner.BLURUnlearner`.
     """
 
     def __init__(

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from blur_lightning.distributed import decoder_layers
+from blur_lightning.models.layers import decoder_layers
 
 _MARK = "_blur_activation_checkpointing"
 

@@ -22,7 +22,7 @@ What is written (`write_splits`), one JSON Lines file per split, named as TOFU's
   reported on forget10 were not tuned on forget10.
 * ``oracle_retain``: ours: the facts of the people in neither forget10 nor validation10 (the first
   80 %). The retain oracle is fine-tuned on this set only, so it never saw a forget or validation person
-  and serves as the oracle of both (see blur_lightning.oracle for what that costs in exactness).
+  and serves as the oracle of both (see blur_lightning.fictitious.build for what that costs in exactness).
 * ``real_authors`` / ``world_facts`` (+ ``_perturbed``): questions the base model already knows, from the
   embedded QA files (qa_retain.jsonl and qa_holdout.jsonl, 187 rows): questions whose answer is a
   person (topics authors, inventors, art_and_music) are the real-authors set, the others the
@@ -41,7 +41,7 @@ answer template and a different paraphrase template (so the fine-tune has one cl
 paraphrase tests generalization); a perturbed answer is the paraphrase template filled with another value
 of the same kind, as TOFU's perturbed answers keep the paraphrased answer's wording and change its facts.
 
-Run it as ``python -m blur_lightning.fictitious --out DIR --people 200 --seed 0``.
+Run it as ``python -m blur_lightning.data.fictitious_people --out DIR --people 200 --seed 0``.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from blur_lightning.rows import load_rows
+from blur_lightning.data.rows import load_rows
 
 __all__ = [
     "ATTRIBUTES",
@@ -417,9 +417,10 @@ def write_splits(
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, int]:
-    """The CLI: ``python -m blur_lightning.fictitious --out DIR --people 200 --seed 0``."""
+    """The CLI: ``python -m blur_lightning.data.fictitious_people --out DIR --people 200 --seed 0``."""
     parser = argparse.ArgumentParser(
-        prog="python -m blur_lightning.fictitious", description="Write TOFU-format splits of fictitious people."
+        prog="python -m blur_lightning.data.fictitious_people",
+        description="Write TOFU-format splits of fictitious people.",
     )
     parser.add_argument("--out", required=True, help="directory for the .jsonl files and manifest.json")
     parser.add_argument("--people", type=int, default=200, help="number of people (default 200, as TOFU)")

@@ -34,7 +34,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from blur_lightning import attention, loss_registry, losses
+from blur_lightning.losses import functional as losses
+from blur_lightning.losses import registry as loss_registry
+from blur_lightning.models import attention
 
 NPO_REFERENCE = ("auto", "model", "cache")
 CHECKPOINT_KEY = "npo_reference_logprobs"

@@ -10,10 +10,10 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
-from . import _launch
-from .adamw import _blur_adamw_kernel
-from .combine import _combine_kernel
-from .dots import _SUM_BLOCK, _dots_kernel, _sum_partials_kernel
+from blur_lightning.kernels import _launch
+from blur_lightning.kernels.adamw import _blur_adamw_kernel
+from blur_lightning.kernels.combine import _combine_kernel
+from blur_lightning.kernels.dots import _SUM_BLOCK, _dots_kernel, _sum_partials_kernel
 
 _TABLE = {"ptrs": "*i64", "sizes": "*i64", "chunk_tensor": "*i64", "chunk_start": "*i64"}
 _COUNTS = {"n_tensors": "i32", "n_chunks": "i32", "chunk": "i32"}

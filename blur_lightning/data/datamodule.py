@@ -19,7 +19,7 @@ Batch contract (what :class:`ForgetRetainDataModule` hands the LightningModule):
   ``attention_mask``, ``labels``): index 0 is the forget set, index 1 the ``eval_path`` set when
   given; ``val_loader_names`` names them.
 
-Without a forget set (``forget_path=None``: fine-tuning, blur_lightning.finetune) the retain rows set
+Without a forget set (``forget_path=None``: fine-tuning, blur_lightning.training.finetune) the retain rows set
 the epoch and the train loader yields ``{"retain": side}`` only, numbered with ``example_index``; the
 validation loaders are then the eval set alone, if any.
 
@@ -29,8 +29,8 @@ order of batches is a pure function of ``(seed, epoch)``; the train loader is re
 (Lightning saves and restores its ``state_dict``), so a run resumed from any checkpoint sees the
 same batches as an uninterrupted run.
 
-Rows are read by :mod:`blur_lightning.rows`, tokenized by :mod:`blur_lightning.encoding` and paired
-by :mod:`blur_lightning.sampling`; this module composes them into the LightningDataModule.
+Rows are read by :mod:`blur_lightning.data.rows`, tokenized by :mod:`blur_lightning.data.encoding` and paired
+by :mod:`blur_lightning.data.sampling`; this module composes them into the LightningDataModule.
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from blur_lightning.encoding import PadCollator, encode_qa_rows, encode_text_rows
-from blur_lightning.models import ensure_pad_token, load_tokenizer
-from blur_lightning.rows import check_strings, is_local, load_rows, require_columns, resolve_embedded
-from blur_lightning.sampling import EncodedSet, PairedDataset, PairSampler, ResumableDataLoader, SingleSideDataset
+from blur_lightning.data.encoding import PadCollator, encode_qa_rows, encode_text_rows
+from blur_lightning.data.rows import check_strings, is_local, load_rows, require_columns, resolve_embedded
+from blur_lightning.data.sampling import EncodedSet, PairedDataset, PairSampler, ResumableDataLoader, SingleSideDataset
+from blur_lightning.models.loading import ensure_pad_token, load_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

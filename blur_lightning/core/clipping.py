@@ -3,7 +3,7 @@
 Used where clipping d in memory is impossible or wrong: BLURFusedAdamW never writes d, and
 under a GradScaler d is written scaled (clipping it would act on scale * d, a clip 1024x too
 tight at scale 1024). In-memory clipping of a written d is Lightning's (one process) or
-`blur_lightning.distributed.clip_gradients_` (shards).
+`blur_lightning.distributed.fsdp.clip_gradients_` (shards).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from blur_lightning.backends import local_tensor
-from blur_lightning.projection import BLURStats, combine_
+from blur_lightning.core.backends import local_tensor
+from blur_lightning.core.projection import BLURStats, combine_
 
 
 def clipped_coefs(

@@ -8,7 +8,7 @@ Three sources of models:
   load (~20 s on two CPU cores); we then rebuild a plain model from its config, because
   ``save_pretrained`` refuses a model "quantized with gguf", and cache that conversion under
   ``$BLUR_LIGHTNING_CACHE`` (default ``~/.cache/blur_lightning/``) so that later loads take ~1 s;
-* tiny random models for tests live in :mod:`blur_lightning.testing`.
+* tiny random models for tests live in :mod:`blur_lightning.testing.tiny`.
 
 Nothing here imports Lightning: the helpers are usable from plain scripts and notebooks.
 """

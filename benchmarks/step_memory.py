@@ -96,7 +96,7 @@ def precision(name: str) -> Precision:
 # models on the meta device
 # --------------------------------------------------------------------------------------------
 # Real shapes of Meta's Llama-3 (config.json of meta-llama/Meta-Llama-3-8B and -70B), and the
-# project's tiny test model (blur_lightning.testing.tiny_llama's defaults).
+# project's tiny test model (blur_lightning.testing.tiny.tiny_llama's defaults).
 MODELS = {
     "llama-3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                        intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192,
@@ -184,7 +184,7 @@ def fsdp_units(model: nn.Module) -> list[list[tuple[int, ...]]]:
         [root, layer 0, layer 1, ...]: the root holds what no decoder layer holds (embeddings,
         final norm, head); tied weights are counted once.
     """
-    from blur_lightning.distributed import decoder_layers
+    from blur_lightning.models.layers import decoder_layers
 
     layers = decoder_layers(model)
     seen: set[int] = set()
@@ -207,7 +207,7 @@ def lora_units(model: nn.Module, rank: int, targets: Sequence[str] = LORA_TARGET
     targeted nn.Linear. Same unit order as `fsdp_units` (root first: empty unless a root linear
     such as lm_head is targeted).
     """
-    from blur_lightning.distributed import decoder_layers
+    from blur_lightning.models.layers import decoder_layers
 
     if rank < 1:
         raise ValueError(f"lora rank={rank}: expected >= 1")

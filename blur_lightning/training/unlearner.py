@@ -31,13 +31,18 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from blur_lightning import adapters, attention, checkpointing, loss_registry, losses, nonfinite, reference_cache
-from blur_lightning.clipping import clipped_coefs, combine_scaled_
-from blur_lightning.data import VAL_LOADER_NAMES
-from blur_lightning.loss_inputs import LossesMixin
-from blur_lightning.nonfinite import NONFINITE_SKIP, is_fused_blur_optimizer
-from blur_lightning.projection import MODES, BLURStats, blur_direction_, compute_stats
-from blur_lightning.strategy_hooks import StrategyHooks
+from blur_lightning.core import nonfinite
+from blur_lightning.core.clipping import clipped_coefs, combine_scaled_
+from blur_lightning.core.nonfinite import NONFINITE_SKIP, is_fused_blur_optimizer
+from blur_lightning.core.projection import MODES, BLURStats, blur_direction_, compute_stats
+from blur_lightning.data.datamodule import VAL_LOADER_NAMES
+from blur_lightning.distributed.hooks import StrategyHooks
+from blur_lightning.losses import functional as losses
+from blur_lightning.losses import npo_reference as reference_cache
+from blur_lightning.losses import registry as loss_registry
+from blur_lightning.losses.context import LossesMixin
+from blur_lightning.models import activation_checkpointing as checkpointing
+from blur_lightning.models import adapters, attention
 
 # The CLI's injectable optimizer and scheduler: callables taking the parameters / the optimizer.
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -88,7 +93,7 @@ class BLURUnlearner(LossesMixin, pl.LightningModule):
             LoRA: only adapter parameters whose names match, e.g. "layers\\.(2[0-9])\\.").
         lora_rank: LoRA rank r (None or 0: no adapters, all weights trained). With adapters only
             they are trained (the projection's sums run over them), and a loss that needs the frozen
-            reference gets this model with its adapters disabled, not a copy (blur_lightning.adapters).
+            reference gets this model with its adapters disabled, not a copy (blur_lightning.models.adapters).
         lora_alpha: LoRA's scale: the update is (alpha / r) B A.
         lora_dropout: dropout on the adapters' input.
         lora_target_modules: module names to adapt (None: peft's default for the architecture, q_proj
@@ -187,7 +192,7 @@ class BLURUnlearner(LossesMixin, pl.LightningModule):
 
     def configure_model(self) -> None:
         """Build the policy (and the frozen reference when a loss needs it); called by the Trainer once."""
-        from blur_lightning import distributed
+        from blur_lightning.distributed import fsdp as distributed
 
         strategy = self._trainer.strategy if self._trainer is not None else None
         if distributed.is_fsdp2(strategy):
@@ -195,7 +200,7 @@ class BLURUnlearner(LossesMixin, pl.LightningModule):
             distributed.configure_fsdp2(self, strategy)
             return
         if self.model is None:
-            from blur_lightning.models import load_causal_lm, load_tokenizer
+            from blur_lightning.models.loading import load_causal_lm, load_tokenizer
 
             self.model = load_causal_lm(
                 self.model_source, dtype=self.hparams.model_dtype, attn_implementation=self.hparams.attn_implementation
@@ -284,7 +289,7 @@ class BLURUnlearner(LossesMixin, pl.LightningModule):
         .grad) and the same memory (docs/FSDP.md has the measured cost).
         """
         if self._bucket_views is None:
-            from blur_lightning import distributed
+            from blur_lightning.distributed import fsdp as distributed
 
             self._bucket_views = distributed.grads_alias_buckets(getattr(self._trainer, "strategy", None))
         if not self._bucket_views:
@@ -509,14 +514,14 @@ class BLURUnlearner(LossesMixin, pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep an open accumulation window: a checkpoint can fall between two micro-batches
         (time- or validation-based ModelCheckpoint, SLURM requeue, trainer.save_checkpoint)."""
-        from blur_lightning import distributed
+        from blur_lightning.distributed import fsdp as distributed
 
         distributed.accumulation_state(self, checkpoint, self._trainer.strategy if self._trainer else None)
         if self._npo_cache is not None:  # the reference of a resumed run: not the restored weights'
             checkpoint[reference_cache.CHECKPOINT_KEY] = self._npo_cache.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        from blur_lightning import distributed
+        from blur_lightning.distributed import fsdp as distributed
 
         entry = checkpoint.get(distributed.ACCUMULATION_KEY)
         ckpt_path = self._trainer.ckpt_path if self._trainer is not None else None
@@ -527,7 +532,7 @@ class BLURUnlearner(LossesMixin, pl.LightningModule):
     def on_train_start(self) -> None:
         pending = getattr(self, "_pending_accumulation", None)
         if pending is not None:
-            from blur_lightning import distributed
+            from blur_lightning.distributed import fsdp as distributed
 
             distributed.restore_accumulation(self, *pending)
             self._pending_accumulation = None

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 # re-exported: callers name them from here
-from blur_lightning.backends import BACKEND_ENV, BACKENDS, local_tensor, resolve_backend  # noqa: F401
+from blur_lightning.core.backends import BACKEND_ENV, BACKENDS, local_tensor, resolve_backend  # noqa: F401
 
 MODES = ("forget_lower", "forget_upper", "penalty", "rmu")
 

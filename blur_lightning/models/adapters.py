@@ -178,7 +178,7 @@ def export(model: nn.Module, tokenizer: Any, export_dir: str | os.PathLike, stat
         export_dir: target directory (replaced).
         state: the model's full CPU state dict when its parameters are sharded (gathered first).
     """
-    from blur_lightning.models import export_hf
+    from blur_lightning.models.loading import export_hf
 
     if not has_adapters(model):
         return export_hf(model, tokenizer, export_dir)

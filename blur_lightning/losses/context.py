@@ -20,7 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from blur_lightning import adapters, attention, loss_registry, losses, reference_cache
+from blur_lightning.losses import functional as losses
+from blur_lightning.losses import npo_reference as reference_cache
+from blur_lightning.losses import registry as loss_registry
+from blur_lightning.models import adapters, attention
 
 
 class LossContext:

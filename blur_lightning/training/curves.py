@@ -7,7 +7,7 @@ import os
 import lightning.pytorch as pl
 import torch
 
-from blur_lightning.runs import log_dir
+from blur_lightning.training.runs import log_dir
 
 
 class TrainingCurves(pl.Callback):

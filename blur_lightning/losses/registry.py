@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import torch
 
-from blur_lightning import losses
+from blur_lightning.losses import functional as losses
 
 NEEDS = ("reference_logprobs", "reference_logits", "reference_hidden_states", "hidden_states", "refusal")
 # What only the frozen model gives; the forget side's reference_logprobs can come from the cache.

@@ -2,14 +2,14 @@
 
 TOFU's forget quality compares an unlearned model with a model that never saw the forget set. Here
 both come from the embedded SmolLM2-135M-Instruct and one recipe (`Recipe`), fine-tuned with
-``blur-lightning finetune`` (blur_lightning.finetune: the project's module, data module, checkpoints
+``blur-lightning finetune`` (blur_lightning.training.finetune: the project's module, data module, checkpoints
 and CLI):
 
 * the **target** on every fact (``full``): the model to unlearn;
 * the **oracle** on ``oracle_retain`` only: the people in neither forget10 nor validation10.
 
 A build writes, under ``<cache>/fictitious/<recipe key>/`` (``$BLUR_LIGHTNING_CACHE`` or
-``~/.cache/blur_lightning``): ``data/`` (the splits, blur_lightning.fictitious), ``target/`` and
+``~/.cache/blur_lightning``): ``data/`` (the splits, blur_lightning.data.fictitious_people), ``target/`` and
 ``oracle/`` (Hugging Face directories), ``oracle_truth_ratios/{forget01,forget05,forget10,
 validation10}.json`` (the oracle's per-example truth ratios, saved once: forget quality of any model
 is a KS test against them), the two fine-tune configs as run, and ``build.json`` (the recipe, the
@@ -24,7 +24,7 @@ seen by it either way, and it lacks 10 % of the other people's facts (40 of 200 
 In a config, ``fictitious:NAME`` names a file of the default recipe's build (the CLI builds it on
 first use; blur_lightning.cli): ``fictitious:target``, ``fictitious:oracle``,
 ``fictitious:data/forget10_perturbed.jsonl``, ``fictitious:oracle_truth_ratios/forget10.json``.
-Other recipes: ``python -m blur_lightning.oracle --people 100 --seed 1`` builds one and prints its
+Other recipes: ``python -m blur_lightning.fictitious.build --people 100 --seed 1`` builds one and prints its
 folder.
 """
 
@@ -47,8 +47,8 @@ from typing import Any
 
 import yaml
 
-from blur_lightning import fictitious
-from blur_lightning.runs import write_json
+from blur_lightning.data import fictitious_people as fictitious
+from blur_lightning.training.runs import write_json
 
 __all__ = ["ORACLE_SPLITS", "PREFIX", "Recipe", "build", "build_dir", "main", "resolve", "resolve_names"]
 
@@ -97,7 +97,7 @@ class Recipe:
 
 def build_dir(recipe: Recipe | None = None, root: str | os.PathLike | None = None) -> Path:
     """The folder of `recipe`'s build (built or not)."""
-    from blur_lightning.models import cache_dir
+    from blur_lightning.models.loading import cache_dir
 
     recipe = recipe or Recipe()
     return (Path(root).expanduser() if root is not None else cache_dir() / "fictitious") / recipe.key()
@@ -132,7 +132,7 @@ def finetune_config(recipe: Recipe, train_file: Path, export_dir: Path, run_dir:
                         "save_top_k": 1,
                     },
                 },  # fmt: skip
-                {"class_path": "blur_lightning.stage_times.StageTimes"},
+                {"class_path": "blur_lightning.training.stage_times.StageTimes"},
             ],
         },
         "model": {
@@ -188,9 +188,9 @@ def _steps_taken(folder: Path, role: str) -> int | None:
 
 # ============================================================================ the oracle's truth ratios
 def _save_oracle_truth_ratios(folder: Path, batch_size: int = 32) -> None:
+    from blur_lightning.data.rows import load_rows
     from blur_lightning.evals.tofu import prompt_template, truth_ratios
-    from blur_lightning.models import load_causal_lm, load_tokenizer
-    from blur_lightning.rows import load_rows
+    from blur_lightning.models.loading import load_causal_lm, load_tokenizer
 
     model = load_causal_lm(str(folder / "oracle"))
     tokenizer = load_tokenizer(str(folder / "oracle"))
@@ -217,7 +217,7 @@ def _calibration(folder: Path, batch_size: int = 32) -> dict[str, Any]:
     the oracle does not) and the forget quality of each against the oracle's file."""
     from blur_lightning.evals.base import EvalSettings
     from blur_lightning.evals.registry import evaluate_benchmark
-    from blur_lightning.models import load_causal_lm, load_tokenizer
+    from blur_lightning.models.loading import load_causal_lm, load_tokenizer
 
     rows = evaluation_rows(folder, "forget10")
     options = {"oracle_truth_ratios": str(folder / "oracle_truth_ratios" / "forget10.json")}
@@ -236,7 +236,7 @@ def _calibration(folder: Path, batch_size: int = 32) -> dict[str, Any]:
 def evaluation_rows(folder: Path, forget_split: str = "forget10", max_world: int | None = None) -> dict[str, list]:
     """The fictitious benchmark's four sets of a build: `forget_split` (forget10, validation10...), the
     retain set, real authors and world facts (the last two cut to `max_world` rows when given)."""
-    from blur_lightning.rows import load_rows
+    from blur_lightning.data.rows import load_rows
 
     data = folder / "data"
     rows = {
@@ -347,9 +347,11 @@ def resolve_names(config: Any, resolver: Callable[[str], str] | None = None) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    """``python -m blur_lightning.oracle [--people N] [--seed S] ...``: build a recipe, print its folder."""
+    """``python -m blur_lightning.fictitious.build [--people N] [--seed S] ...``: build a recipe, print its folder."""
     defaults = Recipe()
-    parser = argparse.ArgumentParser(prog="python -m blur_lightning.oracle", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m blur_lightning.fictitious.build", description=__doc__.split("\n")[0]
+    )
     for field in ("people", "seed", "epochs", "batch_size"):
         parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(defaults, field))
     parser.add_argument("--lr", type=float, default=defaults.lr)

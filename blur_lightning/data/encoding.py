@@ -1,7 +1,7 @@
 """Tokenization and padding: QA rows, text chunks and prompt + continuation pairs -> ids, labels, batches.
 
 Shared by training (the data module's batches) and evaluation (every scorer pads through
-:func:`pad_side`, the one padding routine). Labels use :data:`blur_lightning.losses.IGNORE_INDEX`
+:func:`pad_side`, the one padding routine). Labels use :data:`blur_lightning.losses.functional.IGNORE_INDEX`
 on tokens that carry no loss or score (prompt, padding).
 """
 
@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from blur_lightning.attention import PADDED_PREFIX
-from blur_lightning.losses import IGNORE_INDEX
-from blur_lightning.prompts import format_qa, has_chat_template
+from blur_lightning.data.prompts import format_qa, has_chat_template
+from blur_lightning.losses.functional import IGNORE_INDEX
+from blur_lightning.models.attention import PADDED_PREFIX
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -175,7 +175,7 @@ def pad_side(
     right. Returns ``{prefix+"input_ids", prefix+"attention_mask", prefix+"labels"}`` (int64); padding
     has ``pad_token_id``, attention 0 and label ``-100`` (rows without labels get ``-100`` everywhere).
     Also ``"padded:"+prefix+"attention_mask"``, a Python bool: known here for free, it spares the
-    model's forward a read of the mask from the GPU (see ``blur_lightning.attention``).
+    model's forward a read of the mask from the GPU (see ``blur_lightning.models.attention``).
     """
     width = max(len(r["input_ids"]) for r in rows)
     if pad_to_multiple_of:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from blur_lightning.backends import local_tensor
+from blur_lightning.core.backends import local_tensor
 
 NONFINITE_SKIP = ("auto", "device", "host")
 

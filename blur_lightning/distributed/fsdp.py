@@ -1,7 +1,7 @@
 """BLUR across processes: FSDP2 under Lightning, HSDP, DDP and FSDP1, with exact global sums.
 
 The projection needs three sums over every element of the model, s_rf = <g_r, g_f>,
-s_ff = ||g_f||^2 and s_rr = ||g_r||^2 (`blur_lightning.projection`). Each rank sums what it
+s_ff = ||g_f||^2 and s_rr = ||g_r||^2 (`blur_lightning.core.projection`). Each rank sums what it
 holds and the (3,) partials are all-reduced, so which ranks to reduce over depends only on how
 the gradients are laid out after backward:
 
@@ -46,9 +46,10 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from torch import nn
 
-from blur_lightning import adapters
-from blur_lightning.projection import all_reduce_sums, local_tensor
-from blur_lightning.strategy_hooks import StrategyHooks
+from blur_lightning.core.projection import all_reduce_sums, local_tensor
+from blur_lightning.distributed.hooks import StrategyHooks
+from blur_lightning.models import adapters
+from blur_lightning.models.layers import decoder_layers
 
 SHARDINGS = ("full", "hybrid")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -161,7 +162,7 @@ def _fsdp2_settings(strategy) -> tuple[Any, Any, bool]:
     if mesh["tensor_parallel"].size() > 1:
         raise ValueError(
             "BLURUnlearner shards with FSDP2 only (no tensor parallelism): use "
-            "blur_lightning.distributed.FSDP2Strategy, or ModelParallelStrategy(data_parallel_size=<world "
+            "blur_lightning.distributed.fsdp.FSDP2Strategy, or ModelParallelStrategy(data_parallel_size=<world "
             f"size>, tensor_parallel_size=1) (got a mesh of shape {tuple(mesh.shape)})"
         )
     return mesh["data_parallel"], MixedPrecisionPolicy(), True
@@ -180,16 +181,6 @@ def is_fsdp1(strategy) -> bool:
 # --------------------------------------------------------------------------------------------
 # building and sharding the model
 # --------------------------------------------------------------------------------------------
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks: HF's `_no_split_modules` classes, else the largest ModuleList's items."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if layers:
-        return layers
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
-
-
 def shard_model_(model: nn.Module, mesh, *, mp_policy=None, reshard_after_forward: bool = True) -> nn.Module:
     """fully_shard each decoder layer, then the root (embeddings, final norm and head: one group)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -246,7 +237,7 @@ def _meta_model_from_source(module) -> tuple[nn.Module | None, nn.Module]:
     """(rank 0's full CPU model or None, an empty model of the same config on the meta device)."""
     from transformers import AutoModelForCausalLM
 
-    from blur_lightning.models import load_causal_lm, load_tokenizer
+    from blur_lightning.models.loading import load_causal_lm, load_tokenizer
 
     rank = dist.get_rank()
     full = None
@@ -282,7 +273,7 @@ def _materialize_from_rank0(model: nn.Module, full_model: nn.Module | None, devi
 
 
 def install_hooks(module) -> None:
-    """Fill the module's StrategyHooks (blur_lightning.strategy_hooks) for a sharded model."""
+    """Fill the module's StrategyHooks (blur_lightning.distributed.hooks) for a sharded model."""
     module.strategy_hooks = StrategyHooks(projection_group=projection_group_fn, clip=clip_fn, export=export_hf)
 
 

@@ -1,0 +1,1 @@
+"""Data: reading rows, prompts, tokenizing, forget/retain pairing, the data module, fictitious people."""

@@ -1,0 +1,1 @@
+"""Forget and retain losses: functional forms, their registry, the loss context, NPO's cached reference."""

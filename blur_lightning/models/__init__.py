@@ -1,0 +1,1 @@
+"""Models: loading (hub, local, embedded GGUF), LoRA, attention masks, activation checkpointing."""

@@ -1,0 +1,1 @@
+"""Training with Lightning: the BLUR module, fine-tuning, curves, schedules, checkpoint files, runs."""
