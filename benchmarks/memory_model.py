@@ -80,7 +80,6 @@ TRAFFIC_ROWS = (
     ("replica_all_reduce", "HSDP all-reduce across nodes (2 per micro-batch)"),
     ("reference_all_gather", "reference all-gather (NPO: 1 per micro-batch)"),
     ("projection", "BLUR projection: one 24-byte all-reduce"),
-    ("clip", "clip: one 8-byte all-reduce (unfused optimizer)"),
     ("ratio", "projection / FSDP2 parameter and gradient bytes"),
 )
 

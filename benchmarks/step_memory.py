@@ -45,7 +45,6 @@ from torch import nn
 
 GIB = 2**30
 SUMS_BYTES = 3 * 8  # projection.partial_sums: a (3,) float64 tensor, all-reduced once per step
-CLIP_BYTES = 8  # distributed.clip_gradients_: a (1,) float64 squared norm (unfused optimizers only)
 STEP_BYTES = 4  # AdamW's per-tensor `step`: a 0-dim float32 tensor
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -524,7 +523,7 @@ def traffic_bytes(
     gradients in the reduce dtype, and under HSDP two all-reduces of the shard across the
     replicas (inter-node). Each reference forward gathers the reference once more (a LoRA
     reference is the same base: the same bytes). Per optimizer step the projection all-reduces
-    24 bytes over the shard group; a clip adds 8 more with an unfused optimizer.
+    24 bytes over the shard group; norm clipping adds none (its factor comes from the same sums).
 
     Args:
         units: the model's parameter shapes per FSDP unit (`fsdp_units`).
@@ -537,7 +536,7 @@ def traffic_bytes(
 
     Returns:
         {"all_gather", "reduce_scatter", "replica_all_reduce", "reference_all_gather",
-        "projection", "clip"}: bytes each GPU sends in one optimizer step.
+        "projection"}: bytes each GPU sends in one optimizer step.
     """
     trainable = units if trainable is None else trainable
     n = layout.shard
@@ -553,7 +552,6 @@ def traffic_bytes(
         "replica_all_reduce": k * 2 * ring_all_reduce_bytes(shard_trained * prec.reduce, layout.replicas),
         "reference_all_gather": k * reference_forwards * (n - 1) * _numel(units, n) * prec.compute,
         "projection": ring_all_reduce_bytes(SUMS_BYTES, n),
-        "clip": ring_all_reduce_bytes(CLIP_BYTES, n),
     }
 
 

@@ -228,32 +228,6 @@ def test_replicated_layouts_reduce_nothing():
 
 
 # --------------------------------------------------------------------------------------------
-# clipping
-# --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("max_norm", [0.1, 1e6])
-def test_clip_norm_matches_torch_without_group(max_norm):
-    g = torch.Generator().manual_seed(3)
-    ours = [torch.randn(s, generator=g) for s in SHAPES]
-    theirs = [t.clone() for t in ours]
-    norm = distributed.clip_gradients_(ours, max_norm, "norm")
-    params = [torch.nn.Parameter(torch.zeros_like(t)) for t in theirs]
-    for p, t in zip(params, theirs):
-        p.grad = t
-    torch_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    torch.testing.assert_close(norm.float(), torch_norm, rtol=1e-6, atol=0)
-    for a, p in zip(ours, params):
-        torch.testing.assert_close(a, p.grad, rtol=1e-6, atol=1e-7)
-
-
-def test_clip_value_and_bad_algorithm():
-    t = [torch.tensor([-3.0, 0.5, 2.0])]
-    assert distributed.clip_gradients_(t, 1.0, "value") is None
-    assert t[0].tolist() == [-1.0, 0.5, 1.0]
-    with pytest.raises(ValueError, match="expected 'norm' or 'value'"):
-        distributed.clip_gradients_(t, 1.0, "max")
-
-
-# --------------------------------------------------------------------------------------------
 # the strategy
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
@@ -330,13 +304,11 @@ def test_strategy_hooks_are_declared_filled_and_called(tmp_path):
     assert module._projection_group() is None
     distributed.install_hooks(module)
     assert module.strategy_hooks == StrategyHooks(
-        projection_group=distributed.projection_group_fn, clip=distributed.clip_fn, export=distributed.export_hf
+        projection_group=distributed.projection_group_fn, export=distributed.export_hf
     )
     calls = []
     module.strategy_hooks = StrategyHooks(
         projection_group=lambda m, strategy: calls.append(("group", m, strategy)) or "the group",
-        clip=lambda m, value, algorithm: calls.append(("clip", value, algorithm)),
     )
     assert module._projection_group() == "the group"
-    module.clip_gradients(None, 0.5, "norm")
-    assert calls == [("group", module, None), ("clip", 0.5, "norm")]
+    assert calls == [("group", module, None)]

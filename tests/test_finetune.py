@@ -10,9 +10,9 @@ import torch
 from conftest import build_tiny_llama, make_side
 from test_module import fit, sgd
 
-from blur_lightning import losses
-from blur_lightning.data import ForgetRetainDataModule
-from blur_lightning.finetune import FineTuner
+from blur_lightning.data.datamodule import ForgetRetainDataModule
+from blur_lightning.losses import functional as losses
+from blur_lightning.training.finetune import FineTuner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QA = os.path.join(ROOT, "tests", "fixtures", "qa")
@@ -51,7 +51,7 @@ def test_a_non_finite_step_is_skipped_and_touches_nothing():
     with torch.no_grad():
         module.model.get_input_embeddings().weight[batch["retain"]["input_ids"][0, 0]] = float("nan")
     before[0] = module.model.get_input_embeddings().weight.detach().clone()
-    with pytest.warns(RuntimeWarning, match="step skipped"):
+    with pytest.warns(RuntimeWarning, match="skipped"):
         fit(module, [batch])
     assert int(module.skipped_steps) == 1
     for a, b in zip(module.model.parameters(), before):
@@ -65,7 +65,7 @@ def test_a_forget_set_is_refused_not_ignored():
 
 
 def test_without_a_forget_set_the_retain_rows_set_the_epoch():
-    from blur_lightning.testing import tiny_tokenizer
+    from blur_lightning.testing.tiny import tiny_tokenizer
 
     data = ForgetRetainDataModule(forget_path=None, retain_path=os.path.join(QA, "retain.jsonl"), batch_size=4,
                                   max_length=48)  # fmt: skip
@@ -83,7 +83,7 @@ def test_without_a_forget_set_the_retain_rows_set_the_epoch():
 
 def test_the_finetune_command_trains_checkpoints_exports_and_resumes(tmp_path):
     from blur_lightning.cli import finetune_main
-    from blur_lightning.testing import tiny_llama, tiny_tokenizer
+    from blur_lightning.testing.tiny import tiny_llama, tiny_tokenizer
 
     model_dir = tmp_path / "base"
     tokenizer = tiny_tokenizer()
@@ -114,3 +114,21 @@ def test_the_finetune_command_trains_checkpoints_exports_and_resumes(tmp_path):
     assert resumed.trainer.global_step == 4 == straight.trainer.global_step
     for a, b in zip(resumed.model.model.parameters(), straight.model.model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # the same batches and optimizer state
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_clipping_under_16_mixed_acts_on_the_true_gradient(algorithm):
+    """SGD at lr 1 moves the weights by exactly the clipped gradient: its norm (or largest entry) is the
+    clip value, 0.1, whatever the loss scale (1024 here). Before the shared clip, FineTuner clipped the
+    scaled gradient before the scaler unscaled it: a step of 0.1 / 1024 = 9.8e-5."""
+    from test_precision import fit_fp16, fp16_plugin, weights
+
+    module = FineTuner(build_tiny_llama(), optimizer=sgd(1.0), export_dir=None,
+                       gradient_clip_val=0.1, gradient_clip_algorithm=algorithm)  # fmt: skip
+    before = weights(module)
+    batch = {"retain": make_side(4, 10, seed=3)}
+    fit_fp16(module, [batch], fp16_plugin(1024.0))
+    assert module.trainer.global_step == 1 and int(module.skipped_steps) == 0
+    delta = torch.cat([(weights(module)[k] - before[k]).reshape(-1) for k in before]).double()
+    measured = delta.norm().item() if algorithm == "norm" else delta.abs().max().item()
+    assert measured == pytest.approx(0.1, rel=1e-3), f"{algorithm}: a step of {measured:.4g}, expected the clip 0.1"

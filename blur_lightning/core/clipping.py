@@ -1,9 +1,20 @@
-"""Clipping d without a pass over it: the factor from the projection's sums, folded into the coefficients.
+"""Clipping on the true gradients: folded into the projection's coefficients, or in memory.
 
-Used where clipping d in memory is impossible or wrong: BLURFusedAdamW never writes d, and
-under a GradScaler d is written scaled (clipping it would act on scale * d, a clip 1024x too
-tight at scale 1024). In-memory clipping of a written d is Lightning's (one process) or
-`blur_lightning.distributed.fsdp.clip_gradients_` (shards).
+One convention, torch's clip_grad_norm_: every element is multiplied by min(1, max_norm / (norm + 1e-6)).
+Two ways to apply it, each on every layout (one process, DDP, FSDP1, FSDP2/HSDP):
+
+* From the projection's sums (`clipped_coefs`, `combine_clipped_`): d = a g_r + b g_f has
+  ||d||^2 = a^2 s_rr + 2ab s_rf + b^2 s_ff, known from the three global sums the projection already
+  reduced. Norm clipping is then one more scalar in the coefficients: no pass over d, no extra
+  all-reduce, and the same numbers for the fused AdamW kernel, which never writes d.
+* In memory (`clip_`): for a gradient that is not a BLUR combination (fine-tuning, relearning) and for
+  value clipping (every element is needed). The squared norm is summed over the same process groups
+  as the projection's sums, so a sharded model is clipped by its global norm, not per rank.
+
+Under 16-mixed precision the gradients carry the GradScaler's scale S and stay scaled (the scaler
+unscales them in its step): both ways take `scale` and clip the true gradient, i.e. compare
+||g|| / S with max_norm and clamp to +-max_value * S. Clipping the scaled gradient instead would be
+S times too tight (a step of 0.1 / 1024 for a clip of 0.1 at S = 1024).
 """
 
 from __future__ import annotations
@@ -13,7 +24,14 @@ from collections.abc import Sequence
 import torch
 
 from blur_lightning.core.backends import local_tensor
-from blur_lightning.core.projection import BLURStats, combine_
+from blur_lightning.core.projection import BLURStats, all_reduce_sums, combine_
+
+ALGORITHMS = ("norm", "value")
+
+
+def check_algorithm(algorithm: str) -> None:
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"gradient_clip_algorithm={algorithm!r}: expected one of {ALGORITHMS}")
 
 
 def clipped_coefs(
@@ -21,8 +39,8 @@ def clipped_coefs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(retain_coef, forget_coef) scaled so ||d|| <= max_norm ("norm"; unchanged otherwise).
 
-    ||d|| comes from the three global sums (BLURStats.direction_norm): no pass over d and no extra
-    all-reduce under FSDP. The factor is clip_grad_norm_'s, min(1, max_norm / (||d|| + 1e-6)).
+    ||d|| is BLURStats.direction_norm, the true one (compute_stats divides the sums by the scale's
+    square), so the factor is right whatever scale the gradients carry: the coefficients are ratios.
     """
     retain_coef, forget_coef = stats.retain_coef, stats.forget_coef
     if max_norm is None or algorithm != "norm":
@@ -31,28 +49,76 @@ def clipped_coefs(
     return retain_coef * factor, forget_coef * factor
 
 
-def combine_scaled_(
+def combine_clipped_(
     forget_grads: Sequence[torch.Tensor],
     retain_grads: Sequence[torch.Tensor],
     stats: BLURStats,
-    scale: torch.Tensor,
     *,
     max_value: float | None,
-    algorithm: str,
+    algorithm: str = "norm",
     mode: str,
+    scale: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> None:
-    """d into retain_grads when both gradients carry a GradScaler's `scale`, clipped as the true d.
+    """Pass 2 of the projection with clipping: d into retain_grads, clipped as the true d.
 
-    stats must hold the true sums (compute_stats(grad_scale=scale)). d stays scaled: the scaler
-    unscales it. "norm": the factor from the sums scales both coefficients; "value": d is clamped
-    to +-max_value * scale (a 0-dim device bound: no host read).
+    stats: compute_stats of these gradients (with grad_scale=scale). "norm": the factor from the sums
+    scales both coefficients (no pass over d); "value": d is clamped to +-max_value (times the scale)
+    after it is written, a 0-dim device bound: no host read. d keeps the scale the gradients carry.
     """
     forget_grads, retain_grads = [local_tensor(g) for g in forget_grads], [local_tensor(g) for g in retain_grads]
     retain_coef, forget_coef = clipped_coefs(stats, max_value, algorithm)
+    clipped = max_value is not None and algorithm == "norm"
     combine_(retain_grads, forget_grads, retain_coef, forget_coef,
-             mode=mode if max_value is None else "", backend=backend)  # "": the clipped retain_coef applies
+             mode="" if clipped else mode, backend=backend)  # fmt: skip  ("": a clipped retain_coef is not 1)
     if max_value is not None and algorithm == "value":
-        bound = scale * max_value
-        for g in retain_grads:
+        _clamp_(retain_grads, max_value, scale)
+
+
+def clip_(
+    grads: Sequence[torch.Tensor],
+    max_value: float,
+    algorithm: str = "norm",
+    *,
+    scale: torch.Tensor | None = None,
+    group=None,
+) -> torch.Tensor | None:
+    """Clip gradients in place as the true gradients, over every shard of `group`.
+
+    "norm": the global norm is the square root of the local squared norms summed over `group` (None:
+    these tensors are the whole model, as in one process and under DDP), divided by `scale`; every
+    local shard is multiplied by min(1, max_value / (norm + 1e-6)), a 0-dim device factor (no host
+    read). "value": an elementwise clamp to +-max_value * scale, local by nature.
+
+    Returns:
+        The true global norm before clipping (0-dim float64 device tensor) for "norm", else None.
+    """
+    check_algorithm(algorithm)
+    local = [local_tensor(g) for g in grads]
+    if algorithm == "value":
+        _clamp_(local, max_value, scale)
+        return None
+    if not local:
+        return None
+    device = local[0].device
+    sq = torch.zeros(1, dtype=torch.float64, device=device)
+    for g in local:
+        wide = g.reshape(-1).to(torch.promote_types(g.dtype, torch.float32))
+        sq += torch.dot(wide, wide).to(torch.float64)
+    all_reduce_sums(sq, group)
+    norm = sq.sqrt()[0]
+    if scale is not None:
+        norm = norm / scale.to(norm.dtype)
+    factor = (max_value / (norm + 1e-6)).clamp(max=1.0)
+    for g in local:
+        g.mul_(factor.to(g.dtype))
+    return norm
+
+
+def _clamp_(grads: Sequence[torch.Tensor], max_value: float, scale: torch.Tensor | None) -> None:
+    for g in grads:
+        if scale is None:
+            g.clamp_(-max_value, max_value)
+        else:  # the bound in the gradient's dtype: exact for GradScaler's powers of two
+            bound = scale.to(g.dtype) * max_value
             g.clamp_(min=-bound, max=bound)

@@ -24,7 +24,6 @@ What lives here:
                            root, shard the frozen reference the same way, install the hooks below.
     projection_group       the group(s) for the sums, from the gradients' layout (DTensor placements,
                            FSDP1 sharding strategy); installed in `module.strategy_hooks`.
-    clip_gradients_        norm / value clipping of sharded gradients over the same groups, no host sync.
     export_hf              gather full weights (a collective) and save_pretrained from rank 0.
     accumulation_state /   the forget stash and the retain .grad when a checkpoint falls inside an
     restore_accumulation   accumulation window (sharded checkpoints keep them as DTensors).
@@ -46,7 +45,6 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from torch import nn
 
-from blur_lightning.core.projection import all_reduce_sums, local_tensor
 from blur_lightning.distributed.hooks import StrategyHooks
 from blur_lightning.models import adapters
 from blur_lightning.models.layers import decoder_layers
@@ -274,7 +272,7 @@ def _materialize_from_rank0(model: nn.Module, full_model: nn.Module | None, devi
 
 def install_hooks(module) -> None:
     """Fill the module's StrategyHooks (blur_lightning.distributed.hooks) for a sharded model."""
-    module.strategy_hooks = StrategyHooks(projection_group=projection_group_fn, clip=clip_fn, export=export_hf)
+    module.strategy_hooks = StrategyHooks(projection_group=projection_group_fn, export=export_hf)
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,51 +416,6 @@ def _is_dtensor(t) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
-
-
-# --------------------------------------------------------------------------------------------
-# clipping over shards
-# --------------------------------------------------------------------------------------------
-def clip_gradients_(
-    grads: Sequence[torch.Tensor], max_value: float, algorithm: str = "norm", *, group=None
-) -> torch.Tensor | None:
-    """Clip sharded (or local) gradients in place, over the same groups as the BLUR sums.
-
-    "norm": the global norm is sqrt of the squared local norms summed over `group`; every local
-    shard is scaled by min(1, max_value / (norm + 1e-6)), a 0-dim device factor (no host read).
-    "value": an elementwise clamp, local by nature.
-
-    Returns:
-        The global norm before clipping (0-dim float64 device tensor) for "norm", else None.
-    """
-    local = [local_tensor(g) for g in grads]
-    if algorithm == "value":
-        for g in local:
-            g.clamp_(-max_value, max_value)
-        return None
-    if algorithm != "norm":
-        raise ValueError(f"gradient_clip_algorithm={algorithm!r}: expected 'norm' or 'value'")
-    if not local:
-        return None
-    device = local[0].device
-    sq = torch.zeros(1, dtype=torch.float64, device=device)
-    for g in local:
-        wide = g.reshape(-1).to(torch.promote_types(g.dtype, torch.float32))
-        sq += torch.dot(wide, wide).to(torch.float64)
-    all_reduce_sums(sq, group)
-    norm = sq.sqrt()[0]
-    coef = (max_value / (norm + 1e-6)).clamp(max=1.0)
-    for g in local:
-        g.mul_(coef.to(g.dtype))
-    return norm
-
-
-def clip_fn(module, clip_val: float | None, algorithm: str | None) -> None:
-    """BLURUnlearner.clip_gradients under sharding: clip d over all shards (Lightning's clip is per rank)."""
-    if clip_val is None or clip_val <= 0:
-        return
-    grads = [p.grad for p in module.trainable_parameters() if p.grad is not None]
-    clip_gradients_(grads, float(clip_val), algorithm or "norm", group=module._projection_group())
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,17 +15,14 @@ from typing import Any
 
 @dataclass
 class StrategyHooks:
-    """The three places where a sharded model needs more than one process's logic.
+    """The two places where a sharded model needs more than one process's logic.
 
     Attributes:
         projection_group: (module, strategy) -> the process group(s) the projection's three sums
             are all-reduced over, or None for no reduction. None: no reduction (one process, DDP).
-        clip: (module, gradient_clip_val, gradient_clip_algorithm) -> None, clipping d in `.grad`
-            over every shard. None: Lightning's clip_gradients (per rank).
         export: (module, export_dir) -> None, gathering full weights (a collective on every rank)
             and saving them from rank 0. None: save_pretrained of the local model on rank 0.
     """
 
     projection_group: Callable[[Any, Any], Any] | None = None
-    clip: Callable[[Any, float | None, str | None], None] | None = None
     export: Callable[[Any, str], None] | None = None

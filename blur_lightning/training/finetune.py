@@ -9,20 +9,20 @@ validation, export and checkpoints are the parent's; only the step differs.
     blur-lightning finetune --config configs/fictitious/target.yaml
 
 The data module is ForgetRetainDataModule with ``forget_path: null``: the retain rows are the training
-set and set the epoch (data.py). One optimizer step = ``accumulate_grad_batches`` micro-batches; a step
-whose loss or gradient is not finite is skipped (one host read of a boolean per step, as the
-unlearner's host path; fine-tuning runs are minutes long and not the product's hot loop).
+set and set the epoch (data/datamodule.py). One optimizer step = ``accumulate_grad_batches`` micro-batches,
+ended by the unlearner's ``_apply_update``: a step whose loss or gradient is not finite is skipped as
+BLUR's is (GradScaler, the device flag of a fused optimizer, or one host read), and clipping acts on the
+true gradient over every shard (``core.clipping.clip_``), under 16-mixed too.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 from torch import nn
 
 from blur_lightning.core import nonfinite
 from blur_lightning.core.backends import local_tensor
+from blur_lightning.core.clipping import clip_
 from blur_lightning.losses import registry as loss_registry
 from blur_lightning.losses.context import LossContext
 from blur_lightning.training.unlearner import BLURUnlearner, OptimizerFactory, SchedulerFactory
@@ -35,7 +35,7 @@ class FineTuner(BLURUnlearner):
 
     Args:
         model, model_dtype, attn_implementation, accumulate_grad_batches, gradient_clip_val,
-        gradient_clip_algorithm, trainable_params, lora_rank, lora_alpha, lora_dropout,
+        gradient_clip_algorithm, nonfinite_skip, trainable_params, lora_rank, lora_alpha, lora_dropout,
         lora_target_modules, activation_checkpointing, export_dir, optimizer, scheduler: as
         :class:`~blur_lightning.training.unlearner.BLURUnlearner`.
     """
@@ -48,6 +48,7 @@ class FineTuner(BLURUnlearner):
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
+        nonfinite_skip: str = "auto",
         trainable_params: str | None = None,
         lora_rank: int | None = None,
         lora_alpha: float = 16.0,
@@ -63,7 +64,7 @@ class FineTuner(BLURUnlearner):
             model=model, model_dtype=model_dtype, attn_implementation=attn_implementation,
             forget_loss="ga", retain_loss="nll", accumulate_grad_batches=accumulate_grad_batches,
             gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm,
-            trainable_params=trainable_params, lora_rank=lora_rank, lora_alpha=lora_alpha,
+            nonfinite_skip=nonfinite_skip, trainable_params=trainable_params, lora_rank=lora_rank, lora_alpha=lora_alpha,
             lora_dropout=lora_dropout, lora_target_modules=lora_target_modules,
             activation_checkpointing=activation_checkpointing, export_dir=export_dir,
             optimizer=optimizer, scheduler=scheduler,
@@ -101,21 +102,18 @@ class FineTuner(BLURUnlearner):
 
     def _fine_tune_step(self) -> None:
         optimizer = self.optimizers()
+        hp = self.hparams
         loss = self._loss_sums["loss"]
+        scale = nonfinite.current_scale(nonfinite.grad_scaler(self._trainer))  # 16-mixed: grads carry it
         grads = [local_tensor(p.grad) for p in self.trainable_parameters() if p.grad is not None]
         # The norm of this rank's shards (foreach: no gradient-sized temporary) is finite iff every entry
         # is; one rank's non-finite value skips the step on all.
         norm = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
         finite = nonfinite.agree_across_ranks(torch.isfinite(loss) & torch.isfinite(norm))
-        if bool(finite):  # the step's one host read
-            self._clip_direction(optimizer)
-            optimizer.step()
-            self._step_scheduler()
-        else:
-            self.skipped_steps += 1
-            warnings.warn(f"non-finite fine-tuning loss or gradient (loss {float(loss)}): step skipped", RuntimeWarning,
-                          stacklevel=2)  # fmt: skip
-        optimizer.zero_grad(set_to_none=True)
+        if hp.gradient_clip_val is not None:  # the true gradient's norm, over every shard
+            clip_(grads, hp.gradient_clip_val, hp.gradient_clip_algorithm, scale=scale,
+                  group=self._projection_group())  # fmt: skip
+        self._apply_update(optimizer, finite, grads, scale=scale)  # the unlearner's: skip, step, scheduler
         self._micro_step = 0
         self._loss_sums = {}
         if self._should_log_step():

@@ -5,7 +5,7 @@ One optimizer step (k = accumulate_grad_batches micro-batches):
     for each micro-batch:
         .grad <- forget stash (pointer swap)      forget forward + backward   stash <- .grad
         .grad <- retain accumulator (swap back)   retain forward + backward
-    at the boundary: blur_direction_(stash, .grad)  [clip]  optimizer.step  scheduler.step  zero
+    at the boundary: sums and coefficients (clip folded in)  d into .grad  optimizer.step  scheduler.step  zero
 
 Two gradient-sized buffers in all (the stash and .grad), never a copy (but under DDP's
 gradient_as_bucket_view, where both passes write one bucket: _own_grads); one activation graph
@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from blur_lightning.core import nonfinite
-from blur_lightning.core.clipping import clipped_coefs, combine_scaled_
+from blur_lightning.core.clipping import check_algorithm, clipped_coefs, combine_clipped_
 from blur_lightning.core.nonfinite import NONFINITE_SKIP, is_fused_blur_optimizer
-from blur_lightning.core.projection import MODES, BLURStats, blur_direction_, compute_stats
+from blur_lightning.core.projection import MODES, BLURStats, compute_stats
 from blur_lightning.data.datamodule import VAL_LOADER_NAMES
 from blur_lightning.distributed.hooks import StrategyHooks
 from blur_lightning.losses import functional as losses
@@ -152,8 +152,7 @@ class BLURUnlearner(LossesMixin, pl.LightningModule):
             raise ValueError(f"mode={mode!r}: expected one of {MODES}")
         if accumulate_grad_batches < 1:
             raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
-        if gradient_clip_algorithm not in ("norm", "value"):
-            raise ValueError(f"gradient_clip_algorithm={gradient_clip_algorithm!r}: expected 'norm' or 'value'")
+        check_algorithm(gradient_clip_algorithm)
         for name, value in (("gamma", gamma), ("alpha", alpha)):
             if not value >= 0:  # also refuses NaN
                 raise ValueError(f"{name}={value!r}: expected a number >= 0 (a negative weight reverses its objective)")
@@ -313,81 +312,102 @@ class BLURUnlearner(LossesMixin, pl.LightningModule):
         optimizer = self.optimizers()
         inner = getattr(optimizer, "optimizer", optimizer)  # under the LightningOptimizer wrapper
         fused = is_fused_blur_optimizer(inner)
+        hp = self.hparams
         scaler = nonfinite.grad_scaler(self._trainer)  # 16-mixed: the gradients carry its scale
         scale = nonfinite.current_scale(scaler)
         kept, forget_grads, retain_grads = _paired_grads(params, self._forget_stash)
-        # With BLURFusedAdamW only pass 1 runs here: the optimizer forms d on the fly. Under a
-        # GradScaler the combine waits for the clip factor, folded into the coefficients.
-        project = compute_stats if fused or scale is not None else blur_direction_
-        stats = project(
+        # Pass 1 and the coefficients; norm clipping is one more factor in them (core/clipping.py), so
+        # every layout and the fused kernel clip the same d with no pass over it and no extra all-reduce.
+        stats = compute_stats(
             forget_grads,
             retain_grads,
-            gamma=self.hparams.gamma,
-            mode=self.hparams.mode,
-            alpha=self.hparams.alpha,
-            eps=self.hparams.eps,
+            gamma=hp.gamma,
+            mode=hp.mode,
+            alpha=hp.alpha,
+            eps=hp.eps,
             group=self._projection_group(),
-            backend=self.hparams.projection_backend,
+            backend=hp.projection_backend,
             grad_scale=scale,
         )
+        step_kwargs = {}
+        if fused:  # BLURFusedAdamW forms d inside its update; the scaler unscales g_r (p.grad), not g_f
+            retain_coef, forget_coef = clipped_coefs(stats, hp.gradient_clip_val, hp.gradient_clip_algorithm)
+            if scale is not None:
+                forget_coef = forget_coef / scale.to(forget_coef.dtype)
+            step_kwargs = {"forget_grads": dict(zip(kept, forget_grads)), "retain_coef": retain_coef,
+                           "forget_coef": forget_coef}  # fmt: skip
+        else:  # pass 2: d into .grad, clipped as the true d (it keeps the scale the scaler removes)
+            combine_clipped_(forget_grads, retain_grads, stats, max_value=hp.gradient_clip_val,
+                             algorithm=hp.gradient_clip_algorithm, mode=hp.mode, scale=scale,
+                             backend=hp.projection_backend)  # fmt: skip
         loss_forget, loss_retain = self._loss_sums["forget_loss"], self._loss_sums["retain_loss"]
         checks = torch.stack([loss_forget.float(), loss_retain.float(), stats.sq_forget, stats.sq_retain])
         # One rank's infinite loss must skip the step on every rank (the losses are rank-local).
-        finite_on_device = nonfinite.agree_across_ranks(torch.isfinite(checks).all())
-        self.skipped_steps += (~finite_on_device).long()  # counted on the device, no read
+        finite = nonfinite.agree_across_ranks(torch.isfinite(checks).all())
         # Logging costs ~0.6 ms of host time per value (13 values: ~8 ms a step); done here, before
         # the optimizer launch, it overlaps the GPU still finishing the backward and the projection.
         self._log_step(loss_forget, loss_retain, stats, optimizer)
-        step_kwargs = {}
-        if fused:
-            retain_coef, forget_coef = clipped_coefs(stats, self.hparams.gradient_clip_val)
-            if scale is not None:  # the scaler unscales g_r (p.grad) in place, not the stash g_f
-                forget_coef = forget_coef / scale.to(forget_coef.dtype)
-            step_kwargs = {
-                "forget_grads": dict(zip(kept, forget_grads)),
-                "retain_coef": retain_coef,
-                "forget_coef": forget_coef,
-            }
-        on_device = self._skips_on_device(inner)
-        if scale is not None:
-            # GradScaler decides: a NaN planted on a non-finite step makes it skip the update and
-            # back its scale off; its own check is the step's one host read (none when fused).
-            if not fused:
-                hp = self.hparams
-                combine_scaled_(forget_grads, retain_grads, stats, scale, max_value=hp.gradient_clip_val,
-                                algorithm=hp.gradient_clip_algorithm, mode=hp.mode, backend=hp.projection_backend)
-            nonfinite.plant_nan_(retain_grads, finite_on_device)
-            self._warn_if_skipped(self._skip_watch.read())
-            optimizer.step(**step_kwargs)
-            self._step_scheduler()
-            self._skip_watch.post(self.skipped_steps)
-        elif on_device:
-            self._warn_if_skipped(self._skip_watch.read())  # the previous steps' count: no stall
-            found_inf = (~finite_on_device).float()
-            if not fused:
-                self._clip_direction(optimizer)
-                inner.found_inf = found_inf  # read by torch's fused Adam/AdamW/SGD on the device
-            else:
-                step_kwargs["found_inf"] = found_inf
-            try:
-                optimizer.step(**step_kwargs)
-            finally:
-                if not fused:
-                    del inner.found_inf
-            self._step_scheduler()
-            self._skip_watch.post(self.skipped_steps)
-        elif bool(finite_on_device):  # the one host read of the step: skipping must not touch the state
-            if not fused:
-                self._clip_direction(optimizer)
-            optimizer.step(**step_kwargs)
-            self._step_scheduler()
-        else:
-            self._warn_if_skipped(int(self.skipped_steps))
-        optimizer.zero_grad(set_to_none=True)
+        self._apply_update(optimizer, finite, retain_grads, scale=scale, fused=fused, step_kwargs=step_kwargs)
         self._forget_stash = None
         self._micro_step = 0
         self._loss_sums = {}
         return {"stats": stats, "step_forget_loss": loss_forget, "step_retain_loss": loss_retain}
+
+    def _apply_update(
+        self,
+        optimizer,
+        finite: torch.Tensor,
+        grads: list[torch.Tensor],
+        *,
+        scale: torch.Tensor | None,
+        fused: bool = False,
+        step_kwargs: dict | None = None,
+    ) -> None:
+        """The end of every optimizer step (BLUR and fine-tuning): the update, or a skip, then the scheduler.
+
+        A non-finite step (`finite` False, already agreed across ranks) leaves the parameters and the
+        optimizer state untouched, and counts as a step on every path: the scheduler and
+        trainer.global_step advance once either way, as they must on the device and GradScaler paths,
+        which cannot know without a host read. Where the decision is made:
+          * a GradScaler (16-mixed): a NaN planted in `grads` makes it skip and back its scale off;
+          * on the device (fused optimizers): a found_inf flag the optimizer reads;
+          * else one host read of `finite`; a skipped step then calls the optimizer with no gradient
+            (torch's optimizers leave a parameter without .grad alone), so that it still counts.
+        """
+        inner = getattr(optimizer, "optimizer", optimizer)
+        on_device = self._skips_on_device(inner)  # also refuses nonfinite_skip="device" where it cannot be
+        step_kwargs = dict(step_kwargs or {})
+        self.skipped_steps += (~finite).long()  # counted on the device, no read
+        if scale is not None:
+            nonfinite.plant_nan_(grads, finite)
+            self._warn_if_skipped(self._skip_watch.read())  # the previous steps' count: no stall
+            optimizer.step(**step_kwargs)
+            self._skip_watch.post(self.skipped_steps)
+        elif on_device:
+            self._warn_if_skipped(self._skip_watch.read())
+            found_inf = (~finite).float()
+            if fused:
+                optimizer.step(**step_kwargs, found_inf=found_inf)
+            else:
+                inner.found_inf = found_inf  # torch's fused Adam/AdamW/SGD read it (GradScaler's protocol)
+                try:
+                    optimizer.step(**step_kwargs)
+                finally:
+                    del inner.found_inf
+            self._skip_watch.post(self.skipped_steps)
+        elif bool(finite):  # the one host read of the step
+            optimizer.step(**step_kwargs)
+        else:
+            self._warn_if_skipped(int(self.skipped_steps))
+            if fused:  # its own skip flag: the step counts, nothing moves
+                optimizer.step(**step_kwargs, found_inf=torch.ones((), device=finite.device))
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
 
     def _skips_on_device(self, optimizer: torch.optim.Optimizer) -> bool:
         choice = self.hparams.nonfinite_skip
@@ -409,26 +429,12 @@ class BLURUnlearner(LossesMixin, pl.LightningModule):
     def _warn_if_skipped(self, skipped: int | None) -> None:
         if skipped and not self._warned_nonfinite:
             warnings.warn(
-                f"non-finite forget/retain loss or gradient: {skipped} step(s) skipped (parameters "
+                f"non-finite loss or gradient: {skipped} step(s) skipped (parameters "
                 "and optimizer state untouched); see train/skipped_steps",
                 RuntimeWarning,
                 stacklevel=3,
             )
             self._warned_nonfinite = True
-
-    def _step_scheduler(self) -> None:
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
-
-    def _clip_direction(self, optimizer) -> None:
-        """Clip d in .grad (Lightning's clipping, or the shard-aware one installed by distributed.py)."""
-        if self.hparams.gradient_clip_val is not None:
-            self.clip_gradients(
-                optimizer,
-                gradient_clip_val=self.hparams.gradient_clip_val,
-                gradient_clip_algorithm=self.hparams.gradient_clip_algorithm,
-            )
 
     def on_train_end(self) -> None:
         self._warn_if_skipped(self._skip_watch.read(wait=True))
@@ -497,18 +503,6 @@ class BLURUnlearner(LossesMixin, pl.LightningModule):
             return
         if self.trainer.is_global_zero:  # with adapters: the merged model, and the adapter in adapter/
             adapters.export(self.model, self.tokenizer, export_dir)
-
-    def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Lightning's clipping, or the shard-aware one a distributed set-up installs (strategy_hooks.clip).
-
-        Lightning clips each rank's shards by their own norm (FSDP2) or refuses (FSDP1); the
-        installed one reduces the squared norm over the projection's groups.
-        """
-        clip_fn = self.strategy_hooks.clip
-        if clip_fn is None:
-            super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-            return
-        clip_fn(self, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------ checkpoints inside a window
     def on_save_checkpoint(self, checkpoint: dict) -> None:
