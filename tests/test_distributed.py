@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch.distributed.tensor import Partial, Replicate, Shard
 
+from blur_lightning.core.accumulation import AccumulationWindow
 from blur_lightning.core.projection import blur_direction_, combine_, direction_coefs, partial_sums
 from blur_lightning.distributed import fsdp as distributed
 from blur_lightning.training.unlearner import _paired_grads
@@ -283,9 +284,8 @@ def test_checkpoint_inside_accumulation_window_resumes_exactly(tmp_path):
 
 
 def test_no_window_no_entry():
-    module = SimpleNamespace(_micro_step=0)
     checkpoint: dict = {}
-    distributed.accumulation_state(module, checkpoint, None)
+    distributed.accumulation_state(AccumulationWindow(), [], checkpoint, None)
     assert checkpoint == {}
 
 
@@ -304,7 +304,7 @@ def test_strategy_hooks_are_declared_filled_and_called(tmp_path):
     assert module._projection_group() is None
     distributed.install_hooks(module)
     assert module.strategy_hooks == StrategyHooks(
-        projection_group=distributed.projection_group_fn, export=distributed.export_hf
+        projection_group=distributed.projection_group, export=distributed.export_hf
     )
     calls = []
     module.strategy_hooks = StrategyHooks(

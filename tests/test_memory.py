@@ -65,8 +65,8 @@ def test_state_bytes_match_a_real_blur_step():
             if batch_idx == 0:  # inside the window: the stash and the retain .grad are both alive
                 params = pl_module.trainable_parameters()
                 seen["grads"] = storage_bytes(p.grad for p in params)
-                seen["stash"] = storage_bytes(pl_module._forget_stash)
-                seen["n_stash"] = sum(g is not None for g in pl_module._forget_stash)
+                seen["stash"] = storage_bytes(pl_module._window.forget_stash)
+                seen["n_stash"] = sum(g is not None for g in pl_module._window.forget_stash)
             else:
                 seen["optimizer"] = optimizer_state_bytes(trainer.optimizers[0])
 

@@ -105,7 +105,7 @@ def test_table_is_the_reference_models_value_of_each_row():
     dm = make_dm()
     fit(module, dm, max_steps=1)
     reference = tiny_llama(vocab_size=len(tiny_tokenizer()), seed=0).eval()
-    collate = dm._collator()
+    collate = dm.collator()
     with torch.no_grad():
         want = torch.stack([
             losses.sequence_logprob(reference(input_ids=b["input_ids"]).logits, b["labels"])[0][0]
@@ -145,7 +145,7 @@ def test_resume_takes_the_checkpoints_table_not_the_restored_weights(tmp_path, m
     # The wrong way, for contrast: ignore the checkpoint's table and compute one at resume.
     def recompute(model, trainer, existing, saved):
         dm = trainer.datamodule
-        values = reference_cache.compute_logprobs(model, dm.forget_rows, dm._collator(), batch_size=dm.batch_size,
+        values = reference_cache.compute_logprobs(model, dm.forget_rows, dm.collator(), batch_size=dm.batch_size,
                                                   device=trainer.strategy.root_device)
         return reference_cache.ReferenceLogProbs(values, "recomputed")
 

@@ -265,7 +265,9 @@ class ForgetRetainDataModule(L.LightningDataModule):
             return torch.distributed.get_world_size(), torch.distributed.get_rank()
         return 1, 0
 
-    def _collator(self) -> PadCollator:
+    def collator(self) -> PadCollator:
+        """How this module pads a list of encoded rows into a batch (the NPO reference cache batches the
+        forget rows with it, so its log-probs are computed on exactly the training batches' padding)."""
         assert self.tokenizer is not None
         return PadCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of)
 
@@ -290,7 +292,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
-            collate_fn=self._collator(),
+            collate_fn=self.collator(),
             num_workers=self.num_workers,
             drop_last=self.drop_last,
         )
@@ -313,7 +315,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
                 EncodedSet([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]),
                 batch_size=self.eval_batch_size,
                 shuffle=False,
-                collate_fn=self._collator(),
+                collate_fn=self.collator(),
                 num_workers=self.num_workers,
             )
             for rows in sets

@@ -45,6 +45,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from torch import nn
 
+from blur_lightning.core.accumulation import AccumulationWindow
 from blur_lightning.distributed.hooks import StrategyHooks
 from blur_lightning.models import adapters
 from blur_lightning.models.layers import decoder_layers
@@ -272,7 +273,7 @@ def _materialize_from_rank0(model: nn.Module, full_model: nn.Module | None, devi
 
 def install_hooks(module) -> None:
     """Fill the module's StrategyHooks (blur_lightning.distributed.hooks) for a sharded model."""
-    module.strategy_hooks = StrategyHooks(projection_group=projection_group_fn, export=export_hf)
+    module.strategy_hooks = StrategyHooks(projection_group=projection_group, export=export_hf)
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,15 +404,6 @@ def grads_alias_buckets(strategy) -> bool:
     return isinstance(model, DistributedDataParallel) and bool(getattr(model, "gradient_as_bucket_view", False))
 
 
-def projection_group_fn(module, strategy):
-    """projection_group, computed on the first step and kept (the layout never changes in a fit)."""
-    cache = module.__dict__.get("_blur_group_cache")
-    if cache is None or cache[0] is not strategy:
-        cache = (strategy, projection_group(module, strategy))
-        module.__dict__["_blur_group_cache"] = cache
-    return cache[1]
-
-
 def _is_dtensor(t) -> bool:
     from torch.distributed.tensor import DTensor
 
@@ -443,16 +435,22 @@ def export_hf(module, export_dir: str) -> None:
 # --------------------------------------------------------------------------------------------
 # a checkpoint inside an accumulation window
 # --------------------------------------------------------------------------------------------
-def accumulation_state(module, checkpoint: dict[str, Any], strategy=None) -> None:
-    """Add the open window (stash, retain .grad, micro-step, loss sums) to `checkpoint`, if one is open.
+def accumulation_state(
+    window: AccumulationWindow, named: Sequence[tuple[str, nn.Parameter]], checkpoint: dict[str, Any], strategy=None
+) -> None:
+    """Add the open window (its state_dict, with the retain .grad) to `checkpoint`, if one is open.
 
     Lightning can save between two micro-batches of one optimizer step (a time-based or
     validation-time ModelCheckpoint, a SLURM requeue signal, an exception, a user's
     trainer.save_checkpoint). Both gradients hold partial sums then, so both are saved:
         sharded: as DTensors inside checkpoint["state_dict"] (each rank writes its shards);
         else:    as full tensors in checkpoint[ACCUMULATION_KEY] (DTensors gathered first).
+
+    Args:
+        window: the module's open optimizer step.
+        named: the trainable (name, parameter) pairs, in the stash's order.
     """
-    if module._micro_step == 0:
+    if not window.is_open:
         return
     if is_fsdp1(strategy):
         warnings.warn(
@@ -463,20 +461,10 @@ def accumulation_state(module, checkpoint: dict[str, Any], strategy=None) -> Non
         )
         return
     sharded = is_fsdp2(strategy) and strategy._save_distributed_checkpoint
-    named = [(n, p) for n, p in module.model.named_parameters() if p.requires_grad]
-    stash = module._forget_stash or [None] * len(named)
-    entry: dict[str, Any] = {
-        "micro_step": module._micro_step,
-        "loss_sums": {k: v.detach().cpu() for k, v in module._loss_sums.items()},
-        "names": [n for n, _ in named],
-        "sharded": sharded,
-        "forget": {},
-        "retain": {},
-    }
-    for (name, p), forget in zip(named, stash):
-        for side, grad in (("forget", forget), ("retain", p.grad)):
-            if grad is None:
-                continue
+    state = window.state_dict([n for n, _ in named], [p.grad for _, p in named])
+    entry: dict[str, Any] = {**state, "sharded": sharded, "forget": {}, "retain": {}}
+    for side in ("forget", "retain"):
+        for name, grad in state[side].items():
             if sharded:
                 checkpoint["state_dict"][f"{_STATE_PREFIX}.{side}.{name}"] = grad
                 entry[side][name] = True
@@ -486,14 +474,18 @@ def accumulation_state(module, checkpoint: dict[str, Any], strategy=None) -> Non
     checkpoint[ACCUMULATION_KEY] = entry
 
 
-def restore_accumulation(module, entry: dict[str, Any], checkpoint_path: str | None) -> None:
-    """Put a saved open window back: .grad (retain), the forget stash, micro-step and loss sums.
+def restore_accumulation(
+    window: AccumulationWindow,
+    named: Sequence[tuple[str, nn.Parameter]],
+    entry: dict[str, Any],
+    checkpoint_path: str | None,
+) -> None:
+    """Reopen a saved window: the stash, micro-step and loss sums into `window`, the retain gradients into .grad.
 
     Call once the model is set up on its final device (sharded, or DDP-wrapped).
     """
-    named = [(n, p) for n, p in module.model.named_parameters() if p.requires_grad]
-    if [n for n, _ in named] != entry["names"]:
-        raise ValueError("the checkpoint's open accumulation window is for different trainable parameters")
+    names = [n for n, _ in named]
+    AccumulationWindow.check_names(entry, names)
     grads: dict[tuple[str, str], torch.Tensor] = {}
     if entry["sharded"]:
         import torch.distributed.checkpoint as dcp
@@ -519,9 +511,8 @@ def restore_accumulation(module, entry: dict[str, Any], checkpoint_path: str | N
                     grads[(side, name)] = distribute_tensor(full.to(p.dtype), p.device_mesh, p.placements)
                 else:
                     grads[(side, name)] = full.to(device=p.device, dtype=p.dtype)
-    module._forget_stash = [grads.get(("forget", name)) for name, _ in named]
-    for name, p in named:
-        p.grad = grads.get(("retain", name))
+    placed = {side: {name: g for (s, name), g in grads.items() if s == side} for side in ("forget", "retain")}
     device = named[0][1].device if named else torch.device("cpu")
-    module._loss_sums = {k: v.to(device) for k, v in entry["loss_sums"].items()}
-    module._micro_step = entry["micro_step"]
+    retain = window.load_state_dict({**entry, **placed}, names, device)
+    for (_, p), grad in zip(named, retain):
+        p.grad = grad

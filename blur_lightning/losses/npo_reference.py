@@ -46,7 +46,7 @@ INDEX_KEY = "example_index"  # the forget side's (B,) int64 row numbers, set by 
 def forget_rows_of(datamodule: Any) -> list[dict] | None:
     """The data module's encoded forget rows, indexed as its batches' `example_index` (None if it has none)."""
     rows = getattr(datamodule, "forget_rows", None)
-    return rows if rows and callable(getattr(datamodule, "_collator", None)) else None
+    return rows if rows and callable(getattr(datamodule, "collator", None)) else None
 
 
 def check_setting(setting: str, forget_loss: str) -> None:
@@ -217,7 +217,7 @@ def prepare(
     batch_size = int(getattr(datamodule, "batch_size", None) or 8)
     start = time.perf_counter()
     values = compute_logprobs(
-        model, rows, datamodule._collator(), batch_size=batch_size, device=device,
+        model, rows, datamodule.collator(), batch_size=batch_size, device=device,
         replicas=replicas, rank=rank, forward_context=trainer.precision_plugin.train_step_context,
     )
     finite = torch.isfinite(values)

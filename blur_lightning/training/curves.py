@@ -7,6 +7,7 @@ import os
 import lightning.pytorch as pl
 import torch
 
+from blur_lightning.training.outputs import StepOutput
 from blur_lightning.training.runs import log_dir
 
 
@@ -23,8 +24,8 @@ class TrainingCurves(pl.Callback):
         self.filename = filename
         self.history: list[dict[str, float | torch.Tensor]] = []
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not outputs or "stats" not in outputs:
+    def on_train_batch_end(self, trainer, pl_module, outputs: StepOutput | None, batch, batch_idx) -> None:
+        if not outputs or "stats" not in outputs:  # a micro-batch inside an optimizer step
             return
         stats = outputs["stats"].as_dict()
         row = {"step": trainer.global_step}

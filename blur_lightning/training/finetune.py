@@ -25,6 +25,7 @@ from blur_lightning.core.backends import local_tensor
 from blur_lightning.core.clipping import clip_
 from blur_lightning.losses import registry as loss_registry
 from blur_lightning.losses.context import LossContext
+from blur_lightning.training.outputs import FineTuneOutput
 from blur_lightning.training.unlearner import BLURUnlearner, OptimizerFactory, SchedulerFactory
 
 __all__ = ["FineTuner"]
@@ -64,8 +65,8 @@ class FineTuner(BLURUnlearner):
             model=model, model_dtype=model_dtype, attn_implementation=attn_implementation,
             forget_loss="ga", retain_loss="nll", accumulate_grad_batches=accumulate_grad_batches,
             gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm,
-            nonfinite_skip=nonfinite_skip, trainable_params=trainable_params, lora_rank=lora_rank, lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout, lora_target_modules=lora_target_modules,
+            nonfinite_skip=nonfinite_skip, trainable_params=trainable_params, lora_rank=lora_rank,
+            lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_target_modules=lora_target_modules,
             activation_checkpointing=activation_checkpointing, export_dir=export_dir,
             optimizer=optimizer, scheduler=scheduler,
         )  # fmt: skip
@@ -85,7 +86,7 @@ class FineTuner(BLURUnlearner):
         loss = loss_registry.get("retain", "nll")
         return loss(LossContext(self, loss, side))
 
-    def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> dict[str, torch.Tensor]:
+    def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> FineTuneOutput:
         if "forget" in batch:
             raise ValueError(
                 "FineTuner trains on one set: set data.forget_path: null and the training rows as data.retain_path "
@@ -94,16 +95,16 @@ class FineTuner(BLURUnlearner):
         k = self.hparams.accumulate_grad_batches
         loss = self.retain_loss(batch["retain"])
         self.manual_backward(loss / k)
-        self._accumulate_loss("loss", loss.detach() / k)
-        self._micro_step += 1
-        if self._micro_step == k or self._is_last_batch():
+        self._window.add_loss("loss", loss.detach() / k)
+        self._window.micro_step += 1
+        if self._window.micro_step == k or self._is_last_batch():
             self._fine_tune_step()
         return {"loss": loss.detach()}
 
     def _fine_tune_step(self) -> None:
         optimizer = self.optimizers()
         hp = self.hparams
-        loss = self._loss_sums["loss"]
+        loss = self._window.loss_sums["loss"]
         scale = nonfinite.current_scale(nonfinite.grad_scaler(self._trainer))  # 16-mixed: grads carry it
         grads = [local_tensor(p.grad) for p in self.trainable_parameters() if p.grad is not None]
         # The norm of this rank's shards (foreach: no gradient-sized temporary) is finite iff every entry
@@ -114,8 +115,7 @@ class FineTuner(BLURUnlearner):
             clip_(grads, hp.gradient_clip_val, hp.gradient_clip_algorithm, scale=scale,
                   group=self._projection_group())  # fmt: skip
         self._apply_update(optimizer, finite, grads, scale=scale)  # the unlearner's: skip, step, scheduler
-        self._micro_step = 0
-        self._loss_sums = {}
+        self._window.close()
         if self._should_log_step():
             lr = torch.full((), float(optimizer.param_groups[0]["lr"]), device=self.device)
             self.log_dict({"train/loss": loss, "train/lr": lr, "train/skipped_steps": self.skipped_steps.float()},

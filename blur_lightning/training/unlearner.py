@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from blur_lightning.core import nonfinite
+from blur_lightning.core.accumulation import AccumulationWindow
 from blur_lightning.core.clipping import check_algorithm, clipped_coefs, combine_clipped_
 from blur_lightning.core.nonfinite import NONFINITE_SKIP, is_fused_blur_optimizer
 from blur_lightning.core.projection import MODES, BLURStats, compute_stats
@@ -43,6 +44,7 @@ from blur_lightning.losses import registry as loss_registry
 from blur_lightning.losses.context import LossesMixin
 from blur_lightning.models import activation_checkpointing as checkpointing
 from blur_lightning.models import adapters, attention
+from blur_lightning.training.outputs import StepOutput
 
 # The CLI's injectable optimizer and scheduler: callables taking the parameters / the optimizer.
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -172,10 +174,11 @@ class BLURUnlearner(LossesMixin, pl.LightningModule):
         self._reference: list[nn.Module] = []
         self._npo_cache: reference_cache.ReferenceLogProbs | None = None  # npo_reference "cache"
         self._npo_cache_saved: dict | None = None  # from a checkpoint, until on_train_start
-        self._forget_stash: list[torch.Tensor | None] | None = None
-        self._micro_step = 0
+        self._group_cache: tuple | None = None  # (strategy, hook, the projection's group(s))
+        self._window = AccumulationWindow()  # the optimizer step in progress: stash, micro-step, loss sums
+        # a checkpoint's open window (entry, path), put back in on_train_start, once the model is in place
+        self._pending_window: tuple[dict, str | None] | None = None
         self._bucket_views: bool | None = None  # DDP's gradient_as_bucket_view (decided on the first step)
-        self._loss_sums: dict[str, torch.Tensor] = {}
         self._warned_nonfinite = False
         self._skip_watch = nonfinite.SkipWatch()
         self.strategy_hooks = StrategyHooks()  # filled by distributed.install_hooks when sharded
@@ -239,6 +242,9 @@ class BLURUnlearner(LossesMixin, pl.LightningModule):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def _named_trainable(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
     def on_fit_start(self) -> None:
         self._bucket_views = None
         ref = self.reference_model
@@ -250,18 +256,18 @@ class BLURUnlearner(LossesMixin, pl.LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     # ------------------------------------------------------------------ the step
-    def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> dict[str, torch.Tensor]:
+    def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> StepOutput:
         params = self.trainable_parameters()
         k = self.hparams.accumulate_grad_batches
 
         # Forget pass: bring the forget accumulator into .grad, hold the retain one aside.
         retain_accumulator = [p.grad for p in params]
-        stash = self._forget_stash or [None] * len(params)
+        stash = self._window.stash_for(len(params))
         for p, g in zip(params, stash):
             p.grad = g
         loss_forget = self.forget_loss(batch["forget"])
         self.manual_backward(loss_forget / k)  # frees the forget graph before the retain forward
-        self._forget_stash = self._own_grads([p.grad for p in params])
+        self._window.forget_stash = self._own_grads([p.grad for p in params])
 
         # Retain pass: the retain accumulator back into .grad.
         for p, g in zip(params, retain_accumulator):
@@ -272,11 +278,11 @@ class BLURUnlearner(LossesMixin, pl.LightningModule):
             for p, g in zip(params, self._own_grads([p.grad for p in params])):
                 p.grad = g
 
-        self._accumulate_loss("forget_loss", loss_forget.detach() / k)
-        self._accumulate_loss("retain_loss", loss_retain.detach() / k)
-        self._micro_step += 1
-        out = {"forget_loss": loss_forget.detach(), "retain_loss": loss_retain.detach()}
-        if self._micro_step == k or self._is_last_batch():
+        self._window.add_loss("forget_loss", loss_forget.detach() / k)
+        self._window.add_loss("retain_loss", loss_retain.detach() / k)
+        self._window.micro_step += 1
+        out: StepOutput = {"forget_loss": loss_forget.detach(), "retain_loss": loss_retain.detach()}
+        if self._window.micro_step == k or self._is_last_batch():
             out.update(self._optimizer_step(params))
         return out
 
@@ -299,23 +305,27 @@ class BLURUnlearner(LossesMixin, pl.LightningModule):
         trainer = self._trainer
         return bool(trainer is not None and trainer.is_last_batch)
 
-    def _accumulate_loss(self, name: str, value: torch.Tensor) -> None:
-        self._loss_sums[name] = self._loss_sums[name] + value if name in self._loss_sums else value
-
     def _projection_group(self):
-        """The process group(s) the three sums are reduced over; None for a single process."""
+        """The process group(s) the three sums are reduced over; None for a single process.
+
+        Asked of the strategy hook once per strategy and kept: the layout never changes in a fit.
+        """
         strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
         fn = self.strategy_hooks.projection_group
-        return fn(self, strategy) if fn is not None else None
+        if fn is None:
+            return None
+        if self._group_cache is None or self._group_cache[0] is not strategy or self._group_cache[1] is not fn:
+            self._group_cache = (strategy, fn, fn(self, strategy))
+        return self._group_cache[2]
 
-    def _optimizer_step(self, params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
+    def _optimizer_step(self, params: list[nn.Parameter]) -> StepOutput:
         optimizer = self.optimizers()
         inner = getattr(optimizer, "optimizer", optimizer)  # under the LightningOptimizer wrapper
         fused = is_fused_blur_optimizer(inner)
         hp = self.hparams
         scaler = nonfinite.grad_scaler(self._trainer)  # 16-mixed: the gradients carry its scale
         scale = nonfinite.current_scale(scaler)
-        kept, forget_grads, retain_grads = _paired_grads(params, self._forget_stash)
+        kept, forget_grads, retain_grads = _paired_grads(params, self._window.forget_stash)
         # Pass 1 and the coefficients; norm clipping is one more factor in them (core/clipping.py), so
         # every layout and the fused kernel clip the same d with no pass over it and no extra all-reduce.
         stats = compute_stats(
@@ -340,7 +350,7 @@ class BLURUnlearner(LossesMixin, pl.LightningModule):
             combine_clipped_(forget_grads, retain_grads, stats, max_value=hp.gradient_clip_val,
                              algorithm=hp.gradient_clip_algorithm, mode=hp.mode, scale=scale,
                              backend=hp.projection_backend)  # fmt: skip
-        loss_forget, loss_retain = self._loss_sums["forget_loss"], self._loss_sums["retain_loss"]
+        loss_forget, loss_retain = self._window.loss_sums["forget_loss"], self._window.loss_sums["retain_loss"]
         checks = torch.stack([loss_forget.float(), loss_retain.float(), stats.sq_forget, stats.sq_retain])
         # One rank's infinite loss must skip the step on every rank (the losses are rank-local).
         finite = nonfinite.agree_across_ranks(torch.isfinite(checks).all())
@@ -348,9 +358,7 @@ class BLURUnlearner(LossesMixin, pl.LightningModule):
         # the optimizer launch, it overlaps the GPU still finishing the backward and the projection.
         self._log_step(loss_forget, loss_retain, stats, optimizer)
         self._apply_update(optimizer, finite, retain_grads, scale=scale, fused=fused, step_kwargs=step_kwargs)
-        self._forget_stash = None
-        self._micro_step = 0
-        self._loss_sums = {}
+        self._window.close()
         return {"stats": stats, "step_forget_loss": loss_forget, "step_retain_loss": loss_retain}
 
     def _apply_update(
@@ -510,7 +518,8 @@ class BLURUnlearner(LossesMixin, pl.LightningModule):
         (time- or validation-based ModelCheckpoint, SLURM requeue, trainer.save_checkpoint)."""
         from blur_lightning.distributed import fsdp as distributed
 
-        distributed.accumulation_state(self, checkpoint, self._trainer.strategy if self._trainer else None)
+        strategy = self._trainer.strategy if self._trainer else None
+        distributed.accumulation_state(self._window, self._named_trainable(), checkpoint, strategy)
         if self._npo_cache is not None:  # the reference of a resumed run: not the restored weights'
             checkpoint[reference_cache.CHECKPOINT_KEY] = self._npo_cache.state_dict()
 
@@ -520,16 +529,16 @@ class BLURUnlearner(LossesMixin, pl.LightningModule):
         entry = checkpoint.get(distributed.ACCUMULATION_KEY)
         ckpt_path = self._trainer.ckpt_path if self._trainer is not None else None
         # Restored in on_train_start: only then are the parameters sharded / wrapped / on device.
-        self._pending_accumulation = (entry, ckpt_path) if entry is not None else None
+        self._pending_window = (entry, ckpt_path) if entry is not None else None
         self._npo_cache_saved = checkpoint.get(reference_cache.CHECKPOINT_KEY)
 
     def on_train_start(self) -> None:
-        pending = getattr(self, "_pending_accumulation", None)
+        pending = self._pending_window
         if pending is not None:
             from blur_lightning.distributed import fsdp as distributed
 
-            distributed.restore_accumulation(self, *pending)
-            self._pending_accumulation = None
+            distributed.restore_accumulation(self._window, self._named_trainable(), *pending)
+            self._pending_window = None
         if self.npo_reference == "cache":  # after every restore: FSDP restores after on_fit_start
             self._npo_cache = reference_cache.prepare(self.model, self.trainer, self._npo_cache, self._npo_cache_saved)
             self._npo_cache_saved = None
