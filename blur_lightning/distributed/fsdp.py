@@ -212,11 +212,11 @@ def configure_fsdp2(module, strategy) -> None:
     full_model = None  # rank 0's whole model when built by name; None elsewhere
     if lazy:
         full_model, module.model = _meta_model_from_source(module)
-        full_model = module._add_adapters(full_model)  # rank 0's adapters: what every rank gets
-    module.model = module._add_adapters(module.model)
-    module._apply_trainable_filter()
+        full_model = module.add_adapters(full_model)  # rank 0's adapters: what every rank gets
+    module.model = module.add_adapters(module.model)
+    module.apply_trainable_filter()
     reference = copy.deepcopy(module.model) if module.needs_reference_copy else None
-    module._enable_checkpointing()  # when switched on; before fully_shard, as torch composes the two
+    module.enable_activation_checkpointing()  # when switched on; before fully_shard, as torch composes the two
     shard_model_(module.model, mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
     models = [module.model]
     if reference is not None:
@@ -224,7 +224,7 @@ def configure_fsdp2(module, strategy) -> None:
         # The reference only runs forward under no_grad: always free its gathered weights after.
         shard_model_(reference, mesh, mp_policy=mp_policy, reshard_after_forward=True)
         reference.eval()
-        module._reference[:] = [reference]
+        module.set_reference(reference)
         models.append(reference)
     if lazy:
         for model in models:
@@ -305,7 +305,7 @@ def wrap_fsdp1(module) -> None:
     if layer_classes:
         overrides["auto_wrap_policy"] = ModuleWrapPolicy(layer_classes)
     if module.reference_model is not None:
-        module._reference[:] = [wrap(module.reference_model, **overrides)]
+        module.set_reference(wrap(module.reference_model, **overrides))
     module.model = wrap(module.model, **overrides)
 
 

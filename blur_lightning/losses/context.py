@@ -90,9 +90,9 @@ class LossContext:
 class LossesMixin:
     """The forget and retain losses of a BLURUnlearner and the frozen reference they may need.
 
-    Expects `hparams` (forget_loss, retain_loss, npo_reference, lora_rank, rmu_*), `model`,
-    `_reference` (a list: the copy lives outside the module tree, out of state_dict and parameters())
-    and `_npo_cache`.
+    Mixed into a CausalLMModule (training/base.py), whose `hparams` (forget_loss, retain_loss,
+    npo_reference, lora_rank, rmu_*), `model`, `reference_model` and `_reference` it reads, and whose
+    `needs_reference_copy` it decides; BLURUnlearner adds `_npo_cache`.
     """
 
     @property
@@ -107,11 +107,6 @@ class LossesMixin:
         """Whether a chosen loss needs the frozen model (NPO's log-probs from the cache need none)."""
         hp = self.hparams
         return loss_registry.needs_reference_model(hp.forget_loss, hp.retain_loss, self.npo_reference)
-
-    @property
-    def reference_model(self) -> nn.Module | None:
-        """The frozen copy, when there is one (with LoRA adapters there is none: see _reference_forward)."""
-        return self._reference[0] if self._reference else None
 
     @property
     def needs_reference_copy(self) -> bool:

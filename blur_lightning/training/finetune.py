@@ -2,15 +2,16 @@
 
 Unlearning needs a model that knows something first: the fictitious benchmark (blur_lightning.fictitious.build)
 plants facts in the embedded model with this module, and fine-tunes the retain oracle the same way on
-the retain facts alone. It is BLURUnlearner with one pass per micro-batch instead of two: the model,
-dtype, LoRA adapters, activation checkpointing, FSDP2/DDP set-up, optimizer and scheduler factories,
-validation, export and checkpoints are the parent's; only the step differs.
+the retain facts alone. It is the same step as BLURUnlearner's with no forget side: both are
+CausalLMModules (training/base.py), which hold the model, dtype, LoRA adapters, activation
+checkpointing, FSDP2/DDP set-up, the accumulation window, the end of each optimizer step, optimizer
+and scheduler factories, validation, export and checkpoints; only the micro-batch differs.
 
     blur-lightning finetune --config configs/fictitious/target.yaml
 
 The data module is ForgetRetainDataModule with ``forget_path: null``: the retain rows are the training
 set and set the epoch (data/datamodule.py). One optimizer step = ``accumulate_grad_batches`` micro-batches,
-ended by the unlearner's ``_apply_update``: a step whose loss or gradient is not finite is skipped as
+ended by the shared ``_apply_update``: a step whose loss or gradient is not finite is skipped as
 BLUR's is (GradScaler, the device flag of a fused optimizer, or one host read), and clipping acts on the
 true gradient over every shard (``core.clipping.clip_``), under 16-mixed too.
 """
@@ -25,13 +26,13 @@ from blur_lightning.core.backends import local_tensor
 from blur_lightning.core.clipping import clip_
 from blur_lightning.losses import registry as loss_registry
 from blur_lightning.losses.context import LossContext
+from blur_lightning.training.base import CausalLMModule, OptimizerFactory, SchedulerFactory
 from blur_lightning.training.outputs import FineTuneOutput
-from blur_lightning.training.unlearner import BLURUnlearner, OptimizerFactory, SchedulerFactory
 
 __all__ = ["FineTuner"]
 
 
-class FineTuner(BLURUnlearner):
+class FineTuner(CausalLMModule):
     """Fine-tune on the retain set with NLL on the answer tokens (``qa`` rows) or every token (``text``).
 
     Args:
@@ -60,26 +61,15 @@ class FineTuner(BLURUnlearner):
         optimizer: OptimizerFactory = torch.optim.AdamW,
         scheduler: SchedulerFactory | None = None,
     ) -> None:
-        # "ga" + "nll": no loss needs the frozen reference, so none is built (and no NPO cache).
         super().__init__(
             model=model, model_dtype=model_dtype, attn_implementation=attn_implementation,
-            forget_loss="ga", retain_loss="nll", accumulate_grad_batches=accumulate_grad_batches,
+            accumulate_grad_batches=accumulate_grad_batches,
             gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm,
             nonfinite_skip=nonfinite_skip, trainable_params=trainable_params, lora_rank=lora_rank,
             lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_target_modules=lora_target_modules,
             activation_checkpointing=activation_checkpointing, export_dir=export_dir,
             optimizer=optimizer, scheduler=scheduler,
         )  # fmt: skip
-
-    # hparams hold FineTuner's own arguments (Lightning saves the outermost __init__'s), so a checkpoint
-    # resumes through the same CLI; the parent's loss settings are fixed here instead of read from them.
-    @property
-    def npo_reference(self) -> str:
-        return "none"
-
-    @property
-    def needs_reference(self) -> bool:
-        return False
 
     def retain_loss(self, side: dict[str, torch.Tensor]) -> torch.Tensor:
         """NLL on the labelled tokens (the answers of ``qa`` rows)."""
@@ -114,7 +104,7 @@ class FineTuner(BLURUnlearner):
         if hp.gradient_clip_val is not None:  # the true gradient's norm, over every shard
             clip_(grads, hp.gradient_clip_val, hp.gradient_clip_algorithm, scale=scale,
                   group=self._projection_group())  # fmt: skip
-        self._apply_update(optimizer, finite, grads, scale=scale)  # the unlearner's: skip, step, scheduler
+        self._apply_update(optimizer, finite, grads, scale=scale)  # BLUR's too: skip, step, scheduler
         self._window.close()
         if self._should_log_step():
             lr = torch.full((), float(optimizer.param_groups[0]["lr"]), device=self.device)
