@@ -84,13 +84,9 @@ def _results_untouched():
 
 @pytest.fixture(scope="module")
 def random_model(tmp_path_factory) -> Path:
-    from blur_lightning.testing.tiny import tiny_llama, tiny_tokenizer
+    from blur_lightning.testing.tiny import save_tiny_model
 
-    path = tmp_path_factory.mktemp("tiny_random")
-    tokenizer = tiny_tokenizer()
-    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return Path(save_tiny_model(tmp_path_factory.mktemp("tiny_random")))
 
 
 @pytest.fixture(scope="module")

@@ -83,12 +83,10 @@ def test_without_a_forget_set_the_retain_rows_set_the_epoch():
 
 def test_the_finetune_command_trains_checkpoints_exports_and_resumes(tmp_path):
     from blur_lightning.cli import finetune_main
-    from blur_lightning.testing.tiny import tiny_llama, tiny_tokenizer
+    from blur_lightning.testing.tiny import save_tiny_model
 
     model_dir = tmp_path / "base"
-    tokenizer = tiny_tokenizer()
-    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    save_tiny_model(model_dir)
 
     import yaml
 

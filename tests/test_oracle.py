@@ -26,13 +26,9 @@ TINY = {"people": 20, "epochs": 1, "batch_size": 40, "lr": 3e-2, "max_length": 6
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    from blur_lightning.testing.tiny import tiny_llama, tiny_tokenizer
+    from blur_lightning.testing.tiny import save_tiny_model
 
-    path = tmp_path_factory.mktemp("tiny_base")
-    tokenizer = tiny_tokenizer()
-    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_base"))
 
 
 @pytest.fixture(scope="module")

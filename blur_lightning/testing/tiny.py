@@ -9,6 +9,7 @@ prompt with one fixed text, for tests that need a model to know something).
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 __all__ = [
     "STEP_TEST_VOCAB",
     "TINY_VOCAB_SIZE",
+    "save_tiny_model",
     "tiny_llama",
     "tiny_llama_answering",
     "tiny_llama_for_steps",
@@ -155,6 +157,15 @@ def tiny_llama_for_steps(
         attn_implementation=attn,
     )
     return LlamaForCausalLM(config).float()
+
+
+def save_tiny_model(path: str | os.PathLike) -> str:
+    """A random :func:`tiny_llama` and :func:`tiny_tokenizer` saved with save_pretrained into `path`: a model
+    path for the CLI, subprocesses and scripts (`--model PATH`). Returns `path` as a string."""
+    tokenizer = tiny_tokenizer()
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
 
 
 def tiny_llama_answering(text: str, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
