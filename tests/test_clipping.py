@@ -80,3 +80,19 @@ def test_clip_in_memory_equals_torch_on_the_true_gradient(dtype, rtol, atol, sca
 def test_a_bad_algorithm_is_named():
     with pytest.raises(ValueError, match="gradient_clip_algorithm='max'"):
         clip_([torch.ones(3)], 1.0, "max")
+
+
+def test_check_and_clip_flags_a_non_finite_step_and_clips_the_true_gradient():
+    from blur_lightning.core.step import check_and_clip_
+
+    true = grads(4)
+    scale = torch.tensor(1024.0)
+    scaled = [t * 1024.0 for t in true]
+    finite = check_and_clip_(torch.tensor(2.0), scaled, max_value=0.1, scale=scale)
+    assert finite.dtype == torch.bool and bool(finite)
+    for got, want in zip(scaled, torch_clipped(true, 0.1, "norm")):
+        torch.testing.assert_close(got / 1024.0, want, rtol=1e-9, atol=1e-12)
+    assert not bool(check_and_clip_(torch.tensor(float("nan")), grads(4)))  # a NaN loss
+    poisoned = grads(4)
+    poisoned[2][0, 0] = float("inf")
+    assert not bool(check_and_clip_(torch.tensor(1.0), poisoned))  # an infinite gradient entry

@@ -21,12 +21,14 @@ import copy
 import os
 import random
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
 
+from blur_lightning.core.step import apply_update, check_and_clip_
 from blur_lightning.data.encoding import encode_qa_rows, pad_side
 from blur_lightning.data.rows import load_rows, require_columns
 from blur_lightning.evals.qa import evaluate_qa, summarize
@@ -106,6 +108,8 @@ def relearning_probe(
     train_rows: Rows | None = None,
     show_progress: bool = True,
     known_before: Mapping[tuple[str, str, str], tuple[bool, float]] | None = None,
+    precision: str | None = None,
+    gradient_clip_val: float | None = None,
 ) -> dict[str, dict[str, float]]:
     """Fine-tune a copy of `model` on half of the forget rows; measure the other half.
 
@@ -134,6 +138,10 @@ def relearning_probe(
         known_before: per-question results of `model` already measured with the same settings
             (``(question, answer, scored text) -> (correct, answer prob)``, e.g. the fit-end QA
             evaluation's): a set whose every question is in it is not measured again "before".
+        precision: the training run's Lightning precision ("32-true", "bf16-mixed", "16-mixed", ...):
+            the probe's forwards run under the same autocast, and "16-mixed" gets a GradScaler of the
+            probe's own. None: float32.
+        gradient_clip_val: clip the probe's gradient to this norm (None: no clipping), as training does.
 
     Returns:
         ``{set name: {"accuracy_before", "accuracy_after", "answer_prob_before",
@@ -170,11 +178,15 @@ def relearning_probe(
     missing = {name: rows for name, rows in sets.items() if name not in reused}
     before = {**reused, **(measure(model, "before", missing) if missing else {})}
     attacker = trainable_copy(model)
-    _fine_tune(
+    skipped = _fine_tune(
         attacker, tokenizer, relearn if train_rows is None else train_rows, steps=steps, lr=lr,
         batch_size=batch_size, column=train_column,
         max_length=max_length, seed=seed, use_chat_template=use_chat_template, show_progress=show_progress,
+        precision=precision, gradient_clip_val=gradient_clip_val,
     )
+    if skipped:
+        warnings.warn(f"relearning probe: {skipped} of {steps} steps skipped (non-finite loss or gradient)",
+                      RuntimeWarning, stacklevel=2)  # fmt: skip
     after = measure(attacker, "after", sets)
     del attacker
     return {
@@ -187,6 +199,11 @@ def relearning_probe(
         }
         for name in sets
     }
+
+
+# Lightning's precision names -> the autocast dtype of the probe's forwards ("-true" ones: the copy is
+# already in that dtype; "32-true" / None: float32, no autocast)
+_AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 def _fine_tune(
@@ -202,8 +219,15 @@ def _fine_tune(
     seed: int,
     use_chat_template: bool,
     show_progress: bool = True,
-) -> None:
-    """Plain NLL fine-tuning on the answers of `rows`, in place."""
+    precision: str | None = None,
+    gradient_clip_val: float | None = None,
+) -> int:
+    """Plain NLL fine-tuning on the answers of `rows`, in place; returns the number of skipped steps.
+
+    Each step ends as the training steps do (`core.step`): a non-finite step is skipped (and still
+    counts), the true gradient is clipped, and under "16-mixed" a GradScaler of the probe's own
+    scales the loss, unscales for the clip and backs off on overflow.
+    """
     encoded, _ = encode_qa_rows(
         tokenizer, [str(r["question"]) for r in rows], [str(r[column]) for r in rows],
         max_length=max_length, use_chat_template=use_chat_template,
@@ -213,9 +237,14 @@ def _fine_tune(
         raise ValueError(f"no relearn row has an answer token within max_length={max_length}")
     pad_id = pad_token_id(tokenizer)
     device = model_device(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    dtype = _AUTOCAST.get(precision or "32-true")
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    step = (lambda: (scaler.step(optimizer), scaler.update())) if scaler is not None else None
     rng = random.Random(seed)
     order: list[int] = []
+    skipped = torch.zeros((), dtype=torch.long, device=device)
     was_training = model.training
     model.train()
     try:
@@ -224,15 +253,21 @@ def _fine_tune(
                 order += rng.sample(range(len(encoded)), len(encoded))
             batch = pad_side([encoded[i] for i in order[:batch_size]], pad_id)
             del order[:batch_size]
-            logits = model(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-            ).logits
-            loss = nll_loss(logits, batch["labels"].to(device))
-            loss.backward()
-            optimizer.step()
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits = model(
+                    input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+                ).logits
+                loss = nll_loss(logits, batch["labels"].to(device))
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            grads = [p.grad for p in params if p.grad is not None]
+            scale = scaler._scale if scaler is not None else None  # a device tensor: no host read
+            finite = check_and_clip_(loss.detach(), grads, max_value=gradient_clip_val, scale=scale)
+            skipped += (~finite).long()
+            apply_update(optimizer, finite, grads, scale=scale, step=step)
             optimizer.zero_grad(set_to_none=True)
     finally:
         model.train(was_training)
+    return int(skipped)
 
 
 class RelearningProbe(pl.Callback):
@@ -300,6 +335,8 @@ class RelearningProbe(pl.Callback):
                 prob_column=self.train_column, max_length=self.max_length, max_new_tokens=self.max_new_tokens,
                 eval_batch_size=self.eval_batch_size, seed=self.seed,
                 show_progress=trainer.progress_bar_callback is not None, known_before=self._known(trainer),
+                # the training run's precision and clip: the probe's steps end as the training steps do
+                precision=str(trainer.precision), gradient_clip_val=pl_module.hparams.get("gradient_clip_val"),
             )  # fmt: skip
         out_dir = log_dir(trainer)  # on every rank: trainer.log_dir is a broadcast under DDP / FSDP
         if not trainer.is_global_zero:

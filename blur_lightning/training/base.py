@@ -29,6 +29,7 @@ from blur_lightning.core import nonfinite
 from blur_lightning.core.accumulation import AccumulationWindow
 from blur_lightning.core.clipping import check_algorithm
 from blur_lightning.core.nonfinite import NONFINITE_SKIP, is_fused_blur_optimizer
+from blur_lightning.core.step import apply_update
 from blur_lightning.data.datamodule import VAL_LOADER_NAMES
 from blur_lightning.distributed.hooks import StrategyHooks
 from blur_lightning.losses import functional as losses
@@ -215,47 +216,25 @@ class CausalLMModule(pl.LightningModule):
         fused: bool = False,
         step_kwargs: dict | None = None,
     ) -> None:
-        """The end of every optimizer step (BLUR and fine-tuning): the update, or a skip, then the scheduler.
+        """The end of every optimizer step (BLUR and fine-tuning): `core.step.apply_update`, then the scheduler.
 
         A non-finite step (`finite` False, already agreed across ranks) leaves the parameters and the
-        optimizer state untouched, and counts as a step on every path: the scheduler and
-        trainer.global_step advance once either way, as they must on the device and GradScaler paths,
-        which cannot know without a host read. Where the decision is made:
-          * a GradScaler (16-mixed): a NaN planted in `grads` makes it skip and back its scale off;
-          * on the device (fused optimizers): a found_inf flag the optimizer reads;
-          * else one host read of `finite`; a skipped step then calls the optimizer with no gradient
-            (torch's optimizers leave a parameter without .grad alone), so that it still counts.
+        optimizer state untouched and counts as a step on every path (trainer.global_step and the
+        scheduler advance once). The skips are counted on the device (`skipped_steps`) and warned of
+        without a stall: on the device paths a step late (SkipWatch), on the host path at once.
         """
         inner = getattr(optimizer, "optimizer", optimizer)
         on_device = self._skips_on_device(inner)  # also refuses nonfinite_skip="device" where it cannot be
-        step_kwargs = dict(step_kwargs or {})
         self.skipped_steps += (~finite).long()  # counted on the device, no read
-        if scale is not None:
-            nonfinite.plant_nan_(grads, finite)
+        decided_on_device = scale is not None or on_device
+        if decided_on_device:
             self._warn_if_skipped(self._skip_watch.read())  # the previous steps' count: no stall
-            optimizer.step(**step_kwargs)
+        took = apply_update(optimizer, finite, grads, scale=scale, on_device=on_device, fused=fused,
+                            step_kwargs=step_kwargs)  # fmt: skip
+        if decided_on_device:
             self._skip_watch.post(self.skipped_steps)
-        elif on_device:
-            self._warn_if_skipped(self._skip_watch.read())
-            found_inf = (~finite).float()
-            if fused:
-                optimizer.step(**step_kwargs, found_inf=found_inf)
-            else:
-                inner.found_inf = found_inf  # torch's fused Adam/AdamW/SGD read it (GradScaler's protocol)
-                try:
-                    optimizer.step(**step_kwargs)
-                finally:
-                    del inner.found_inf
-            self._skip_watch.post(self.skipped_steps)
-        elif bool(finite):  # the one host read of the step
-            optimizer.step(**step_kwargs)
-        else:
+        elif took is False:
             self._warn_if_skipped(int(self.skipped_steps))
-            if fused:  # its own skip flag: the step counts, nothing moves
-                optimizer.step(**step_kwargs, found_inf=torch.ones((), device=finite.device))
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                optimizer.step()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()

@@ -23,7 +23,7 @@ from torch import nn
 
 from blur_lightning.core import nonfinite
 from blur_lightning.core.backends import local_tensor
-from blur_lightning.core.clipping import clip_
+from blur_lightning.core.step import check_and_clip_
 from blur_lightning.losses import registry as loss_registry
 from blur_lightning.losses.context import LossContext
 from blur_lightning.training.base import CausalLMModule, OptimizerFactory, SchedulerFactory
@@ -97,13 +97,8 @@ class FineTuner(CausalLMModule):
         loss = self._window.loss_sums["loss"]
         scale = nonfinite.current_scale(nonfinite.grad_scaler(self._trainer))  # 16-mixed: grads carry it
         grads = [local_tensor(p.grad) for p in self.trainable_parameters() if p.grad is not None]
-        # The norm of this rank's shards (foreach: no gradient-sized temporary) is finite iff every entry
-        # is; one rank's non-finite value skips the step on all.
-        norm = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
-        finite = nonfinite.agree_across_ranks(torch.isfinite(loss) & torch.isfinite(norm))
-        if hp.gradient_clip_val is not None:  # the true gradient's norm, over every shard
-            clip_(grads, hp.gradient_clip_val, hp.gradient_clip_algorithm, scale=scale,
-                  group=self._projection_group())  # fmt: skip
+        finite = check_and_clip_(loss, grads, max_value=hp.gradient_clip_val, algorithm=hp.gradient_clip_algorithm,
+                                 scale=scale, group=self._projection_group())  # fmt: skip
         self._apply_update(optimizer, finite, grads, scale=scale)  # BLUR's too: skip, step, scheduler
         self._window.close()
         if self._should_log_step():

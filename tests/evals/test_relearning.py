@@ -165,3 +165,47 @@ def test_known_before_results_are_reused_not_measured_again(monkeypatch):
     evaluated.clear()
     relearning_probe(model, tokenizer, rows, known_before=dict(list(memo.items())[:3]), **kwargs)
     assert "probe relearn before" in evaluated and "probe held_back before" in evaluated  # incomplete: measured
+
+
+def _probe_rows():
+    return load_rows(FORGET)[0::2]
+
+
+@pytest.mark.parametrize("precision", [None, "bf16-mixed", "16-mixed"])
+def test_probe_steps_run_in_the_training_precision(precision):
+    """The probe's forwards run under the training run's autocast (bf16 or fp16 linear outputs), and
+    "16-mixed" trains through a GradScaler of the probe's own: the weights move, no step is skipped."""
+    from blur_lightning.evals.relearning import _fine_tune
+
+    torch.manual_seed(0)
+    model, tokenizer = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = set()
+    handle = model.lm_head.register_forward_hook(lambda m, args, out: seen.add(out.dtype))
+    skipped = _fine_tune(model, tokenizer, _probe_rows(), steps=2, lr=1e-2, batch_size=4, column="answer",
+                         max_length=48, seed=0, use_chat_template=True, show_progress=False,
+                         precision=precision)  # fmt: skip
+    handle.remove()
+    expected = {None: torch.float32, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}[precision]
+    assert seen == {expected}
+    assert skipped == 0
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items()), "the probe must train"
+
+
+def test_a_non_finite_probe_step_is_skipped_and_touches_nothing():
+    """As in training: a NaN loss skips the step (parameters and AdamW state untouched) and is counted;
+    before, the probe's loop stepped AdamW on NaN gradients and poisoned every weight."""
+    from blur_lightning.evals.relearning import _fine_tune
+
+    model, tokenizer = tiny()
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")  # every logit row of token 0's column: the loss is NaN
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    skipped = _fine_tune(model, tokenizer, _probe_rows(), steps=3, lr=1e-2, batch_size=4, column="answer",
+                         max_length=48, seed=0, use_chat_template=True, show_progress=False)  # fmt: skip
+    assert skipped == 3
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], equal_nan=True, rtol=0, atol=0, msg=k)
+    with pytest.warns(RuntimeWarning, match="3 of 3 steps skipped"):
+        relearning_probe(model, tokenizer, load_rows(FORGET), steps=3, lr=1e-2, batch_size=4,
+                         train_column="answer", prob_column=None, max_length=48, max_new_tokens=2)  # fmt: skip
