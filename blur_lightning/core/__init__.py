@@ -1,1 +1,1 @@
-"""The BLUR update: projection, clipping, compute backends, skipping non-finite steps (no Lightning)."""
+"""The BLUR update and the end of every step: projection, clipping, non-finite skip (no Lightning)."""
