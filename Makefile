@@ -4,13 +4,14 @@
 #
 # Which versions (see README, "Versions"):
 #   make test / demo / install    the versions of the last green run: constraints.txt (pip -c), reproducible
-#   make test-latest              the newest versions pyproject.toml allows, in a new .venv-latest
+#   make test-latest              the newest versions pyproject.toml allows, torch included, in a new .venv-latest
 #   make constraints              test-latest, then record its versions in constraints.txt (on purpose)
 VENV ?= .venv
 PYTHON ?= python3
 # A CPU machine of this project has torch 2.13.0 (CPU build) on disk: installed first, so that
 # nothing pulls a multi-GB CUDA build. On a GPU machine: make TORCH_SPEC='torch' ...
-# torch is pinned here, not in constraints.txt: the CPU build's version is 2.13.0+cpu.
+# torch is pinned here, not in constraints.txt: the CPU build's version is 2.13.0+cpu. make test-latest
+# upgrades it too (eager): on 2026-12-04 to 2.14.1, the newest this machine's pip allows (a CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 # empty (CONSTRAINTS=) installs the newest allowed versions into $(VENV)
 CONSTRAINTS ?= constraints.txt
@@ -59,7 +60,7 @@ test-latest:
 constraints: test-latest
 	{ echo "# The versions of a green 'make test-latest' run, $$(date -u +%F), Python $$($(LATEST_VENV)/bin/python -c 'import platform; print(platform.python_version())'),"; \
 	  echo "# written by 'make constraints'; torch is pinned by TORCH_SPEC in the Makefile."; \
-	  grep -v -i -E '^(torch|nvidia-[a-z0-9-]+)==' $(LATEST_VENV)/versions.txt; } > constraints.txt
+	  grep -v -i -E '^(torch|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+)==' $(LATEST_VENV)/versions.txt; } > constraints.txt
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check blur_lightning kernels tests benchmarks
