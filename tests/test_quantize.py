@@ -124,3 +124,29 @@ def test_missing_torchao_says_how_to_install(model, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # import fails as if not installed
     with pytest.raises(ImportError, match=r"needs torchao: pip install 'blur-lightning\[quant\]'"):
         quantize_weights(model, 8)
+
+
+@needs_torchao
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_lora_model_is_merged_then_rounded(model, bits):
+    """The attack rounds the deployed weights W + (alpha / r) B A: merged by hand and quantized, the same
+    logits, and not those of W rounded without the delta. Before, every nn.Linear was rounded, the
+    adapters' lora_A / lora_B included: apart at 8 bits (the delta stayed a float sum), a ValueError at 4
+    bits (a group of 64 does not divide lora_B's input width, the rank)."""
+    pytest.importorskip("peft")
+    from blur_lightning.models import adapters
+
+    lora = adapters.add_lora(model, rank=4, alpha=8.0, target_modules="all-linear")
+    with torch.no_grad():  # B = 0 at init: give the adapters a delta that rounding can lose
+        g = torch.Generator().manual_seed(1)
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    quantized = quantize_weights(lora, bits)
+    assert not adapters.has_adapters(quantized)
+    assert not any("lora_" in name for name, _ in quantized.named_modules())
+    by_hand = quantize_weights(adapters.cpu_copy(lora).merge_and_unload(), bits)
+    base_only = quantize_weights(testing.tiny_llama(hidden=64, layers=2, seed=0).eval(), bits)  # W, no delta
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(_ids()).logits, by_hand(_ids()).logits, rtol=0, atol=0)
+        assert not torch.allclose(quantized(_ids()).logits, base_only(_ids()).logits, rtol=1e-3, atol=1e-4)

@@ -64,18 +64,23 @@ def quantization_probe(
 ) -> dict[int, dict[str, Any]]:  # fmt: skip
     """:func:`forget_facts` of `model` quantized to each of `bits` (weight-only, blur_lightning.models.quantize).
 
+    A LoRA model is merged before rounding; each result says so (``"merged_adapters"``).
+
     Args:
         reference_ratios: bits -> the quantized oracle's per-example truth ratios (this function's
             "truth_ratios" on the oracle); each bit width's forget quality is taken against its own.
     """
+    from blur_lightning.models import adapters
     from blur_lightning.models.quantize import quantize_weights
 
+    merged = adapters.has_adapters(model)
     results = {}
     for b in bits:
         quantized = quantize_weights(model, b)
         reference = (reference_ratios or {}).get(b)
         results[b] = forget_facts(quantized, tokenizer, rows, batch_size=batch_size, reference_ratios=reference,
                                   show_progress=show_progress)  # fmt: skip
+        results[b]["merged_adapters"] = merged
         del quantized
     return results
 

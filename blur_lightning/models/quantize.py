@@ -27,8 +27,11 @@ capital of France is Paris.", 8 bits an immediate end of turn, 4 bits "Paris": a
 to its decision margins, so the probe should read probabilities and truth ratios, not one generation.
 
 What is quantized: every ``nn.Linear`` except the output head (``lm_head``), as GPTQ and AWQ leave it;
-embeddings stay float. Rounding is symmetric round-to-nearest (RTN), per output channel at 8 bits and
-per group of input channels below (torchao's convention: scale = max|w| / ((q_max - q_min) / 2)).
+embeddings stay float. A LoRA model is merged first (W + (alpha / r) B A) and the merged weights are
+rounded, as the attack rounds the model a user deploys: rounding the base weights and the adapters
+apart would keep the unlearning delta, which lives in the adapters, in full precision. Rounding is
+symmetric round-to-nearest (RTN), per output channel at 8 bits and per group of input channels below
+(torchao's convention: scale = max|w| / ((q_max - q_min) / 2)).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from blur_lightning.models import adapters
 
 __all__ = ["DEFAULT_GROUP_SIZE", "SUPPORTED_BITS", "quantize_weights", "quantized_linear_names"]
 
@@ -66,8 +71,8 @@ def quantize_weights(
     """A copy of `model` whose Linear weights are rounded to `bits`-bit integers (weight-only, torchao).
 
     Args:
-        model: a float model (a transformers causal LM or any module with ``nn.Linear`` layers); not
-            modified.
+        model: a float model (a transformers causal LM or any module with ``nn.Linear`` layers; a peft
+            LoRA model is merged first, see the module doc); not modified.
         bits: 2 to 8. 8 uses torchao's int8 weight-only kernel, fewer bits its int-x weight-only one.
         group_size: input channels sharing one scale; None: per output channel at 8 bits and
             `DEFAULT_GROUP_SIZE` below. Must divide the input width of every quantized layer.
@@ -83,6 +88,11 @@ def quantize_weights(
     """
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits: expected one of {SUPPORTED_BITS}, got {bits!r}")
+    merged = None
+    if adapters.has_adapters(model):  # round W + (alpha / r) B A, not W and the adapters apart
+        device = next(model.parameters()).device
+        merged = adapters.cpu_copy(model).merge_and_unload().to(device)
+        model = merged
     if group_size is None and bits < 8:
         group_size = DEFAULT_GROUP_SIZE
     if group_size is not None and group_size < 1:
@@ -111,6 +121,7 @@ def quantize_weights(
             weight_dtype=getattr(torch, f"int{bits}"),
             granularity=PerGroup(group_size) if group_size is not None else PerAxis(0),
         )  # symmetric by default: RTN with no zero point
-    quantized = copy.deepcopy(model).eval()  # tied weights stay tied in the copy; the input is never touched
+    # tied weights stay tied in the copy; the input is never touched (a merged copy is already one)
+    quantized = (merged if merged is not None else copy.deepcopy(model)).eval()
     quantize_(quantized, config, filter_fn=lambda module, name: name in names)
     return quantized
