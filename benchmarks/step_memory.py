@@ -10,7 +10,7 @@ shard group, so rank 0 holds ceil(dim0 / ranks) rows of every tensor):
 
     parameters     every weight, sharded, in the master dtype (frozen LoRA base included)
     gradients      the retain gradient .grad, sharded like the parameters (d is written into it)
-    stash          the forget gradient kept while the retain gradient is computed (module.py)
+    stash          the forget gradient kept while the retain gradient is computed (training/unlearner.py)
     optimizer      AdamW's exp_avg and exp_avg_sq (the parameter's dtype) and a float32 `step`
                    per tensor (torch keeps a 0-dim step tensor per parameter)
     gathered       FSDP2's transient buffers: the root group (embeddings, final norm, head) held

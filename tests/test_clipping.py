@@ -96,3 +96,24 @@ def test_check_and_clip_flags_a_non_finite_step_and_clips_the_true_gradient():
     poisoned = grads(4)
     poisoned[2][0, 0] = float("inf")
     assert not bool(check_and_clip_(torch.tensor(1.0), poisoned))  # an infinite gradient entry
+
+
+def test_a_zero_limit_is_no_clip_on_every_path():
+    """Lightning's convention (0: clipping off), for the folded clip, the in-memory one and the step's."""
+    from blur_lightning.core.clipping import clipped_coefs
+    from blur_lightning.core.step import check_and_clip_
+
+    forget, retain = grads(5), grads(6)
+    stats = compute_stats(forget, retain, gamma=1.0)
+    assert clipped_coefs(stats, 0.0) == (stats.retain_coef, stats.forget_coef)
+    d = [stats.retain_coef * r + stats.forget_coef * f for r, f in zip(retain, forget)]
+    for algorithm in ("norm", "value"):
+        combined = [r.clone() for r in retain]
+        combine_clipped_(forget, combined, stats, max_value=0.0, algorithm=algorithm, mode="forget_lower",
+                         backend="torch")  # fmt: skip
+        for got, want in zip(combined, d):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+        kept = grads(7)
+        check_and_clip_(torch.tensor(1.0), kept, max_value=0.0, algorithm=algorithm)
+        for got, want in zip(kept, grads(7)):
+            assert torch.equal(got, want)

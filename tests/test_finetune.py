@@ -130,3 +130,17 @@ def test_clipping_under_16_mixed_acts_on_the_true_gradient(algorithm):
     delta = torch.cat([(weights(module)[k] - before[k]).reshape(-1) for k in before]).double()
     measured = delta.norm().item() if algorithm == "norm" else delta.abs().max().item()
     assert measured == pytest.approx(0.1, rel=1e-3), f"{algorithm}: a step of {measured:.4g}, expected the clip 0.1"
+
+
+def test_a_clip_value_of_zero_means_no_clip_and_a_negative_one_is_refused():
+    """Lightning's convention: gradient_clip_val 0 turns clipping off (before the shared clip it did, through
+    Lightning's own; a 0 limit taken literally would zero every update, a negative one reverse it)."""
+    batch = {"retain": make_side(4, 10, seed=3)}
+    zero = FineTuner(build_tiny_llama(), optimizer=sgd(0.1), export_dir=None, gradient_clip_val=0.0)
+    none = FineTuner(build_tiny_llama(), optimizer=sgd(0.1), export_dir=None)
+    fit(zero, [batch])
+    fit(none, [batch])
+    for a, b in zip(zero.model.parameters(), none.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="gradient_clip_val=-1.0: expected a number >= 0"):
+        FineTuner(build_tiny_llama(), export_dir=None, gradient_clip_val=-1.0)

@@ -290,7 +290,7 @@ def test_nan_step_is_skipped_bit_identical(name):
         return loss * float("nan") if calls["n"] == 2 else loss
 
     module.retain_loss = retain_loss
-    snapshots = {}
+    snapshots, logged = {}, []
 
     class Snapshot(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -298,9 +298,11 @@ def test_nan_step_is_skipped_bit_identical(name):
                 {k: v.clone() for k, v in pl_module.model.state_dict().items()},
                 copy.deepcopy(trainer.optimizers[0].state_dict()),
             )
+            logged.append(float(trainer.callback_metrics["train/skipped_steps"]))
 
     with pytest.warns(RuntimeWarning, match="1 step\\(s\\) skipped"):
-        fit(module, [make_batch(seed=s) for s in range(3)], callbacks=[Snapshot()])
+        fit(module, [make_batch(seed=s) for s in range(3)], callbacks=[Snapshot()], log_every_n_steps=1)
+    assert logged == [0.0, 1.0, 1.0]  # the skip is in its own step's log (it came a step late before)
     (params0, opt0), (params1, opt1), (params2, _) = snapshots[0], snapshots[1], snapshots[2]
     for k in params0:
         assert torch.equal(params0[k], params1[k]), k

@@ -34,6 +34,12 @@ def check_algorithm(algorithm: str) -> None:
         raise ValueError(f"gradient_clip_algorithm={algorithm!r}: expected one of {ALGORITHMS}")
 
 
+def check_clip_value(value: float | None) -> None:
+    """None or 0: no clipping (Lightning's convention); a negative limit would reverse the update."""
+    if value is not None and not value >= 0:  # also refuses NaN
+        raise ValueError(f"gradient_clip_val={value!r}: expected a number >= 0 (0 or null: no clipping)")
+
+
 def clipped_coefs(
     stats: BLURStats, max_norm: float | None, algorithm: str = "norm"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +49,7 @@ def clipped_coefs(
     square), so the factor is right whatever scale the gradients carry: the coefficients are ratios.
     """
     retain_coef, forget_coef = stats.retain_coef, stats.forget_coef
-    if max_norm is None or algorithm != "norm":
+    if not max_norm or algorithm != "norm":  # None or 0: no clip (Lightning's convention for 0)
         return retain_coef, forget_coef
     factor = (max_norm / (stats.direction_norm + 1e-6)).clamp(max=1.0).to(retain_coef.dtype)
     return retain_coef * factor, forget_coef * factor
@@ -68,10 +74,10 @@ def combine_clipped_(
     """
     forget_grads, retain_grads = [local_tensor(g) for g in forget_grads], [local_tensor(g) for g in retain_grads]
     retain_coef, forget_coef = clipped_coefs(stats, max_value, algorithm)
-    clipped = max_value is not None and algorithm == "norm"
+    clipped = bool(max_value) and algorithm == "norm"  # None or 0: no clip
     combine_(retain_grads, forget_grads, retain_coef, forget_coef,
              mode="" if clipped else mode, backend=backend)  # fmt: skip  ("": a clipped retain_coef is not 1)
-    if max_value is not None and algorithm == "value":
+    if max_value and algorithm == "value":
         _clamp_(retain_grads, max_value, scale)
 
 

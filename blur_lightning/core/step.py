@@ -46,7 +46,7 @@ def check_and_clip_(
     """
     norm = torch.nn.utils.get_total_norm(list(grads)) if grads else loss.new_zeros(())
     finite = agree_across_ranks(torch.isfinite(loss) & torch.isfinite(norm))
-    if max_value is not None:
+    if max_value:  # None or 0: no clip
         clip_(grads, max_value, algorithm, scale=scale, group=group)
     return finite
 

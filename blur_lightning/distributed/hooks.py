@@ -1,7 +1,7 @@
-"""What a distributed set-up tells BLURUnlearner: the interface between the module and the strategy code.
+"""What a distributed set-up tells the training module: the interface between the module and the strategy code.
 
-BLURUnlearner declares `strategy_hooks: StrategyHooks` (all None: one process, or DDP, which needs
-nothing); `blur_lightning.distributed.fsdp.install_hooks` fills it for FSDP2, HSDP and FSDP1 when the
+CausalLMModule (training/base.py) declares `strategy_hooks: StrategyHooks` (all None: one process, or
+DDP, which needs nothing); `blur_lightning.distributed.fsdp.install_hooks` fills it for FSDP2, HSDP and FSDP1 when the
 model is sharded (docs/FSDP.md, "The module's strategy hooks"). The module calls a hook where one
 is set and its single-process behaviour otherwise; nothing is looked up by name.
 """

@@ -110,6 +110,7 @@ def relearning_probe(
     known_before: Mapping[tuple[str, str, str], tuple[bool, float]] | None = None,
     precision: str | None = None,
     gradient_clip_val: float | None = None,
+    gradient_clip_algorithm: str = "norm",
 ) -> dict[str, dict[str, float]]:
     """Fine-tune a copy of `model` on half of the forget rows; measure the other half.
 
@@ -141,7 +142,8 @@ def relearning_probe(
         precision: the training run's Lightning precision ("32-true", "bf16-mixed", "16-mixed", ...):
             the probe's forwards run under the same autocast, and "16-mixed" gets a GradScaler of the
             probe's own. None: float32.
-        gradient_clip_val: clip the probe's gradient to this norm (None: no clipping), as training does.
+        gradient_clip_val: clip the probe's gradient (None or 0: no clipping), as training does.
+        gradient_clip_algorithm: "norm" or "value", as training's.
 
     Returns:
         ``{set name: {"accuracy_before", "accuracy_after", "answer_prob_before",
@@ -182,7 +184,7 @@ def relearning_probe(
         attacker, tokenizer, relearn if train_rows is None else train_rows, steps=steps, lr=lr,
         batch_size=batch_size, column=train_column,
         max_length=max_length, seed=seed, use_chat_template=use_chat_template, show_progress=show_progress,
-        precision=precision, gradient_clip_val=gradient_clip_val,
+        precision=precision, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm,
     )
     if skipped:
         warnings.warn(f"relearning probe: {skipped} of {steps} steps skipped (non-finite loss or gradient)",
@@ -221,6 +223,7 @@ def _fine_tune(
     show_progress: bool = True,
     precision: str | None = None,
     gradient_clip_val: float | None = None,
+    gradient_clip_algorithm: str = "norm",
 ) -> int:
     """Plain NLL fine-tuning on the answers of `rows`, in place; returns the number of skipped steps.
 
@@ -261,7 +264,8 @@ def _fine_tune(
             (scaler.scale(loss) if scaler is not None else loss).backward()
             grads = [p.grad for p in params if p.grad is not None]
             scale = scaler._scale if scaler is not None else None  # a device tensor: no host read
-            finite = check_and_clip_(loss.detach(), grads, max_value=gradient_clip_val, scale=scale)
+            finite = check_and_clip_(loss.detach(), grads, max_value=gradient_clip_val,
+                                     algorithm=gradient_clip_algorithm, scale=scale)  # fmt: skip
             skipped += (~finite).long()
             apply_update(optimizer, finite, grads, scale=scale, step=step)
             optimizer.zero_grad(set_to_none=True)
@@ -337,13 +341,17 @@ class RelearningProbe(pl.Callback):
                 show_progress=trainer.progress_bar_callback is not None, known_before=self._known(trainer),
                 # the training run's precision and clip: the probe's steps end as the training steps do
                 precision=str(trainer.precision), gradient_clip_val=pl_module.hparams.get("gradient_clip_val"),
+                gradient_clip_algorithm=pl_module.hparams.get("gradient_clip_algorithm", "norm"),
             )  # fmt: skip
         out_dir = log_dir(trainer)  # on every rank: trainer.log_dir is a broadcast under DDP / FSDP
         if not trainer.is_global_zero:
             return  # every rank holds the same results
         table = self.table()
         print(f"\nRelearning probe ({time.perf_counter() - t0:.0f} s)\n{table}", flush=True)
-        settings = {"steps": self.steps, "lr": self.lr, "batch_size": self.batch_size, "seed": self.seed}
+        hp = pl_module.hparams
+        settings = {"steps": self.steps, "lr": self.lr, "batch_size": self.batch_size, "seed": self.seed,
+                    "precision": str(trainer.precision), "gradient_clip_val": hp.get("gradient_clip_val"),
+                    "gradient_clip_algorithm": hp.get("gradient_clip_algorithm", "norm")}  # fmt: skip
         write_json(os.path.join(out_dir, "relearning.json"), {"settings": settings, "results": self.results})
         with open(os.path.join(out_dir, "relearning.md"), "w") as f:
             f.write(table + "\n")

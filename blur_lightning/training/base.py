@@ -27,7 +27,7 @@ from torch import nn
 
 from blur_lightning.core import nonfinite
 from blur_lightning.core.accumulation import AccumulationWindow
-from blur_lightning.core.clipping import check_algorithm
+from blur_lightning.core.clipping import check_algorithm, check_clip_value
 from blur_lightning.core.nonfinite import NONFINITE_SKIP, is_fused_blur_optimizer
 from blur_lightning.core.step import apply_update
 from blur_lightning.data.datamodule import VAL_LOADER_NAMES
@@ -77,6 +77,7 @@ class CausalLMModule(pl.LightningModule):
         if accumulate_grad_batches < 1:
             raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
         check_algorithm(gradient_clip_algorithm)
+        check_clip_value(gradient_clip_val)
         if nonfinite_skip not in NONFINITE_SKIP:
             raise ValueError(f"nonfinite_skip={nonfinite_skip!r}: expected one of {NONFINITE_SKIP}")
         adapters.check_settings(lora_rank, lora_alpha, lora_dropout, lora_target_modules)
@@ -220,12 +221,11 @@ class CausalLMModule(pl.LightningModule):
 
         A non-finite step (`finite` False, already agreed across ranks) leaves the parameters and the
         optimizer state untouched and counts as a step on every path (trainer.global_step and the
-        scheduler advance once). The skips are counted on the device (`skipped_steps`) and warned of
+        scheduler advance once). The caller has counted the skip (`_count_skip`, before its logging) and it is warned of
         without a stall: on the device paths a step late (SkipWatch), on the host path at once.
         """
         inner = getattr(optimizer, "optimizer", optimizer)
         on_device = self._skips_on_device(inner)  # also refuses nonfinite_skip="device" where it cannot be
-        self.skipped_steps += (~finite).long()  # counted on the device, no read
         decided_on_device = scale is not None or on_device
         if decided_on_device:
             self._warn_if_skipped(self._skip_watch.read())  # the previous steps' count: no stall
@@ -239,6 +239,10 @@ class CausalLMModule(pl.LightningModule):
         if scheduler is not None:
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+
+    def _count_skip(self, finite: torch.Tensor) -> None:
+        """skipped_steps += 1 on a non-finite step, on the device (no read); before the step's logs."""
+        self.skipped_steps += (~finite).long()
 
     def _skips_on_device(self, optimizer: torch.optim.Optimizer) -> bool:
         choice = self.hparams.nonfinite_skip

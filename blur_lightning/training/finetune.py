@@ -7,7 +7,7 @@ CausalLMModules (training/base.py), which hold the model, dtype, LoRA adapters, 
 checkpointing, FSDP2/DDP set-up, the accumulation window, the end of each optimizer step, optimizer
 and scheduler factories, validation, export and checkpoints; only the micro-batch differs.
 
-    blur-lightning finetune --config configs/fictitious/target.yaml
+    blur-lightning finetune --config CONFIG   (the fictitious build writes its two: fictitious/build.py)
 
 The data module is ForgetRetainDataModule with ``forget_path: null``: the retain rows are the training
 set and set the epoch (data/datamodule.py). One optimizer step = ``accumulate_grad_batches`` micro-batches,
@@ -99,6 +99,7 @@ class FineTuner(CausalLMModule):
         grads = [local_tensor(p.grad) for p in self.trainable_parameters() if p.grad is not None]
         finite = check_and_clip_(loss, grads, max_value=hp.gradient_clip_val, algorithm=hp.gradient_clip_algorithm,
                                  scale=scale, group=self._projection_group())  # fmt: skip
+        self._count_skip(finite)
         self._apply_update(optimizer, finite, grads, scale=scale)  # BLUR's too: skip, step, scheduler
         self._window.close()
         if self._should_log_step():

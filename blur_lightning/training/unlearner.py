@@ -70,15 +70,15 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
         rmu_seed: seed of RMU's random control vector.
         accumulate_grad_batches: micro-batches per optimizer step (both gradients accumulate
             over all of them; Lightning's own accumulation does not apply to manual optimization).
-        gradient_clip_val: clip d to this norm (None: no clipping).
+        gradient_clip_val: clip d to this norm (None or 0: no clipping; negative: an error).
         gradient_clip_algorithm: "norm" or "value".
         projection_backend: "auto", "torch" or "triton".
         nonfinite_skip: where a non-finite step is detected and skipped. "auto": on the device
             when the optimizer can (BLURFusedAdamW; Adam, AdamW or SGD with fused=True; not
             under a GradScaler, which skips by itself), else by one host read per step.
-            "device": require the device skip (error otherwise). "host": always read. On the
-            device path the LR scheduler and trainer.global_step still advance on a skipped
-            step (as with GradScaler), and the warning about it comes up to a step late (read
+            "device": require the device skip (error otherwise). "host": always read. On every
+            path the LR scheduler and trainer.global_step advance once on a skipped step (as
+            with GradScaler); on the device paths the warning comes up to a step late (read
             without stalling).
         trainable_params: a regex; only parameters whose names match are trained (None: all; with
             LoRA: only adapter parameters whose names match, e.g. "layers\\.(2[0-9])\\.").
@@ -242,6 +242,7 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
         checks = torch.stack([loss_forget.float(), loss_retain.float(), stats.sq_forget, stats.sq_retain])
         # One rank's infinite loss must skip the step on every rank (the losses are rank-local).
         finite = nonfinite.agree_across_ranks(torch.isfinite(checks).all())
+        self._count_skip(finite)  # before the logs: this step's skip is in this step's train/skipped_steps
         # Logging costs ~0.6 ms of host time per value (13 values: ~8 ms a step); done here, before
         # the optimizer launch, it overlaps the GPU still finishing the backward and the projection.
         self._log_step(loss_forget, loss_retain, stats, optimizer)
