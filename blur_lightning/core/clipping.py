@@ -122,9 +122,11 @@ def clip_(
 
 
 def _clamp_(grads: Sequence[torch.Tensor], max_value: float, scale: torch.Tensor | None) -> None:
+    bounds: dict[torch.dtype, torch.Tensor] = {}  # one 0-dim bound per dtype, not one per parameter
     for g in grads:
         if scale is None:
             g.clamp_(-max_value, max_value)
-        else:  # the bound in the gradient's dtype: exact for GradScaler's powers of two
-            bound = scale.to(g.dtype) * max_value
-            g.clamp_(min=-bound, max=bound)
+            continue
+        if g.dtype not in bounds:  # the bound in the gradient's dtype: exact for GradScaler's powers of two
+            bounds[g.dtype] = scale.to(g.dtype) * max_value
+        g.clamp_(min=-bounds[g.dtype], max=bounds[g.dtype])

@@ -44,11 +44,15 @@ def check_and_clip_(
         scale: the GradScaler scale the gradients carry, or None.
         group: the process group(s) a sharded model's squared norm is summed over (None: one process, DDP).
     """
-    norm = torch.nn.utils.get_total_norm(list(grads)) if grads else loss.new_zeros(())
-    finite = agree_across_ranks(torch.isfinite(loss) & torch.isfinite(norm))
-    if max_value:  # None or 0: no clip
+    norm = None
+    if max_value and algorithm == "norm":  # the clip's own global norm serves the check: one pass, not two
+        norm = clip_(grads, max_value, algorithm, scale=scale, group=group)
+    elif grads:
+        norm = torch.nn.utils.get_total_norm(list(grads))
+    finite = torch.isfinite(loss) if norm is None else torch.isfinite(loss) & torch.isfinite(norm)
+    if max_value and algorithm == "value":  # a clamp would hide an inf: after the check
         clip_(grads, max_value, algorithm, scale=scale, group=group)
-    return finite
+    return agree_across_ranks(finite)
 
 
 def apply_update(

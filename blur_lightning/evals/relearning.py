@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import lightning.pytorch as pl
 import torch
 
+from blur_lightning.core.nonfinite import current_scale
 from blur_lightning.core.step import apply_update, check_and_clip_
 from blur_lightning.data.encoding import encode_qa_rows, pad_side
 from blur_lightning.data.rows import load_rows, require_columns
@@ -263,7 +264,7 @@ def _fine_tune(
                 loss = nll_loss(logits, batch["labels"].to(device))
             (scaler.scale(loss) if scaler is not None else loss).backward()
             grads = [p.grad for p in params if p.grad is not None]
-            scale = scaler._scale if scaler is not None else None  # a device tensor: no host read
+            scale = current_scale(scaler)  # a device tensor: no host read
             finite = check_and_clip_(loss.detach(), grads, max_value=gradient_clip_val,
                                      algorithm=gradient_clip_algorithm, scale=scale)  # fmt: skip
             skipped += (~finite).long()
