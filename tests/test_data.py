@@ -174,9 +174,9 @@ def test_bad_arguments():
 # ----- the batch contract ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("use_chat_template", [True, False])
-def test_qa_labels_cover_exactly_the_answer_tokens(tmp_path, use_chat_template):
-    dm = make_dm(tmp_path, use_chat_template=use_chat_template, shuffle=False)
+@pytest.mark.parametrize("prompt_format", ["auto", "qa"])
+def test_qa_labels_cover_exactly_the_answer_tokens(tmp_path, prompt_format):
+    dm = make_dm(tmp_path, prompt_format=prompt_format, shuffle=False)
     tok = dm.tokenizer
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"forget", "retain"}
@@ -192,13 +192,13 @@ def test_qa_labels_cover_exactly_the_answer_tokens(tmp_path, use_chat_template):
             ids, mask, labels = side["input_ids"][i], side["attention_mask"][i], side["labels"][i]
             n = int(mask.sum())
             assert mask[:n].all() and not mask[n:].any(), "right padding"
-            prompt, answer = format_qa(tok, row["question"], row["answer"], use_chat_template=use_chat_template)
+            prompt, answer = format_qa(tok, row["question"], row["answer"], prompt_format=prompt_format)
             answered = labels != IGNORE_INDEX
             assert tok.decode(ids[answered]) == answer
             assert tok.decode(ids[:n][~answered[:n]]) == prompt
             assert torch.equal(labels[answered], ids[answered])
             assert not answered[n:].any()
-    if use_chat_template:
+    if prompt_format == "auto":
         assert answer == f"{row['answer']}<|im_end|>"
     else:
         assert answer == f" {row['answer']}<|im_end|>" and prompt.startswith("Question: ")

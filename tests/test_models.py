@@ -96,7 +96,24 @@ def test_attn_auto_falls_back_to_sdpa(monkeypatch):
         "find_spec",
         lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a),
     )
-    assert resolve_attn_implementation("auto") == "flash_attention_2"
+    # flash-attn only where the attention computes in half precision (it refuses float32 inputs)
+    assert resolve_attn_implementation("auto") == "sdpa", "no compute dtype given: float32 weights"
+    assert resolve_attn_implementation("auto", torch.float32) == "sdpa"
+    assert resolve_attn_implementation("auto", torch.bfloat16) == "flash_attention_2"
+    assert resolve_attn_implementation("auto", torch.float16) == "flash_attention_2"
+
+
+def test_compute_dtype_follows_the_training_precision():
+    from types import SimpleNamespace
+
+    from blur_lightning.training.unlearner import BLURUnlearner
+
+    module = BLURUnlearner(model=tiny_llama())
+    assert module.compute_dtype() is None  # no trainer: the weights' dtype
+    for precision, dtype in (("bf16-mixed", torch.bfloat16), ("16-mixed", torch.float16), ("bf16-true", torch.bfloat16),
+                             ("32-true", None), ("64-true", None)):  # fmt: skip
+        module._trainer = SimpleNamespace(precision=precision)
+        assert module.compute_dtype() == dtype, precision
 
 
 def test_export_then_load_round_trip(tmp_path):

@@ -43,6 +43,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from blur_lightning.data.encoding import PadCollator, encode_qa_rows, encode_text_rows
+from blur_lightning.data.prompts import get_prompt_format
 from blur_lightning.data.rows import check_strings, is_local, load_rows, require_columns, resolve_embedded
 from blur_lightning.data.sampling import EncodedSet, PairedDataset, PairSampler, ResumableDataLoader, SingleSideDataset
 from blur_lightning.models.loading import ensure_pad_token, load_tokenizer
@@ -84,7 +85,11 @@ class ForgetRetainDataModule(L.LightningDataModule):
         eval_path: optional held-out set (same format as the retain set) for validation.
         retain_format: format of the retain and eval sets when different from ``format``.
         text_column: text column of ``text`` sets.
-        use_chat_template: apply the tokenizer's chat template to ``qa`` rows when it has one.
+        prompt_format: how ``qa`` rows become text, a name of
+            :data:`blur_lightning.data.prompts.PROMPT_FORMATS`: ``"auto"`` (the tokenizer's chat
+            template when it has one, else ``"qa"``), ``"qa"``, or the format a reference model was
+            trained with (``"open-unlearning/llama3-instruct"``, ``"tofu/phi"``...).
+        use_chat_template: deprecated; ``False`` is ``prompt_format="qa"``.
         forget_subset: dataset configuration of a hub forget set (e.g. ``"forget10"``).
         retain_subset: dataset configuration of a hub retain set (e.g. ``"retain90"``).
         eval_subset: dataset configuration of a hub eval set.
@@ -115,7 +120,8 @@ class ForgetRetainDataModule(L.LightningDataModule):
         eval_path: str | None = None,
         retain_format: str | None = None,
         text_column: str = "text",
-        use_chat_template: bool = True,
+        prompt_format: str = "auto",
+        use_chat_template: bool | None = None,
         forget_subset: str | None = None,
         retain_subset: str | None = None,
         eval_subset: str | None = None,
@@ -133,6 +139,14 @@ class ForgetRetainDataModule(L.LightningDataModule):
                 raise ValueError(f"{name} must be one of {FORMATS}, got {value!r}")
         if idk_column is not None and format != "qa":
             raise ValueError("idk_column needs format='qa' (a refusal answers a question)")
+        if use_chat_template is not None:
+            if prompt_format != "auto":
+                raise ValueError(
+                    f"use_chat_template={use_chat_template} and prompt_format={prompt_format!r} both given: "
+                    "set prompt_format only (use_chat_template is deprecated)"
+                )
+            prompt_format = "auto" if use_chat_template else "qa"
+        get_prompt_format(prompt_format)  # an unknown name fails here, naming the known ones
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {max_length}")
         if batch_size < 1:
@@ -153,7 +167,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.eval_path = eval_path
         self.text_column = text_column
-        self.use_chat_template = use_chat_template
+        self.prompt_format = prompt_format
         self.forget_subset = forget_subset
         self.retain_subset = retain_subset
         self.eval_subset = eval_subset
@@ -226,7 +240,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
         require_columns(rows_in, required, path, "format 'qa'")
         columns = {c: check_strings(rows_in, c, path) for c in required}
         questions, answers = columns[self.question_column], columns[self.answer_column]
-        kwargs = {"max_length": self.max_length, "use_chat_template": self.use_chat_template}
+        kwargs = {"max_length": self.max_length, "prompt_format": self.prompt_format}
         encoded, shortened = encode_qa_rows(self.tokenizer, questions, answers, **kwargs)
         alts: list[Row | None] = [None] * len(encoded)
         if idk_column:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from blur_lightning.data.prompts import format_qa, has_chat_template
+from blur_lightning.data.prompts import PromptFormat, get_prompt_format
 from blur_lightning.losses.functional import IGNORE_INDEX
 from blur_lightning.models.attention import PADDED_PREFIX
 
@@ -29,23 +29,20 @@ __all__ = [
     "encode_text_rows",
     "encode_texts",
     "pad_side",
+    "split_prompt_answer",
 ]
 
 Row = dict[str, list[int]]
 
-def _prompt_specials(tokenizer: PreTrainedTokenizerBase, use_chat_template: bool) -> bool:
-    # A chat template writes its own special tokens; the plain prompt gets the tokenizer's (e.g. bos).
-    return not (use_chat_template and has_chat_template(tokenizer))
-
-
 def encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, questions: Sequence[str], *, use_chat_template: bool = True
+    tokenizer: PreTrainedTokenizerBase, questions: Sequence[str], *, prompt_format: str | PromptFormat = "auto"
 ) -> list[list[int]]:
     """Token ids of the prompts of questions (no answer), as :func:`format_qa` renders them."""
-    prompts = [format_qa(tokenizer, q, use_chat_template=use_chat_template)[0] for q in questions]
+    fmt = get_prompt_format(prompt_format).resolve(tokenizer)
+    prompts = [fmt.render(tokenizer, q)[0] for q in questions]
     if not prompts:
         return []
-    return tokenizer(prompts, add_special_tokens=_prompt_specials(tokenizer, use_chat_template))["input_ids"]
+    return tokenizer(prompts, add_special_tokens=fmt.adds_special_tokens(tokenizer))["input_ids"]
 
 
 def encode_qa(
@@ -54,12 +51,10 @@ def encode_qa(
     answer: str,
     *,
     max_length: int | None = None,
-    use_chat_template: bool = True,
+    prompt_format: str | PromptFormat = "auto",
 ) -> Row | None:
     """Token ids and labels of one QA row (see :func:`encode_qa_rows`); ``None`` if no answer token fits."""
-    rows, _ = encode_qa_rows(
-        tokenizer, [question], [answer], max_length=max_length, use_chat_template=use_chat_template
-    )
+    rows, _ = encode_qa_rows(tokenizer, [question], [answer], max_length=max_length, prompt_format=prompt_format)
     return rows[0]
 
 
@@ -69,28 +64,30 @@ def encode_qa_rows(
     answers: Sequence[str],
     *,
     max_length: int | None = None,
-    use_chat_template: bool = True,
+    prompt_format: str | PromptFormat = "auto",
 ) -> tuple[list[Row | None], int]:
-    """Tokenize QA rows: prompt and answer tokenized separately, so the label boundary is exact.
+    """Tokenize QA rows as the prompt format renders them (:mod:`blur_lightning.data.prompts`).
 
-    Rows longer than ``max_length`` lose the end of their answer; a row whose prompt alone fills
-    ``max_length`` has no answer token left and comes back as ``None``.
+    Our formats tokenize prompt and answer apart, so the label boundary is exact; the field's formats
+    tokenize as the field's code does (see :func:`split_prompt_answer`). Rows longer than
+    ``max_length`` lose the end of their answer; a row whose prompt alone fills ``max_length`` has no
+    answer token left and comes back as ``None``.
 
     Returns:
         ``(rows, shortened)``: per row ``{"input_ids", "labels"}`` (lists of ints, labels ``-100`` on
         the prompt) or ``None``; and how many kept rows lost part of their answer.
     """
-    pairs = [
-        format_qa(tokenizer, q, a, use_chat_template=use_chat_template) for q, a in zip(questions, answers, strict=True)
-    ]
+    fmt = get_prompt_format(prompt_format).resolve(tokenizer)
+    pairs = [fmt.render(tokenizer, q, a) for q, a in zip(questions, answers, strict=True)]
     if not pairs:
         return [], 0
-    specials = _prompt_specials(tokenizer, use_chat_template)
-    prompt_ids = tokenizer([p for p, _ in pairs], add_special_tokens=specials)["input_ids"]
-    answer_ids = tokenizer([a for _, a in pairs], add_special_tokens=False)["input_ids"]
+    split = split_prompt_answer(
+        tokenizer, [p for p, _ in pairs], [a for _, a in pairs],
+        specials=fmt.adds_special_tokens(tokenizer), whole_text=fmt.whole_text,
+    )  # fmt: skip
     rows: list[Row | None] = []
     shortened = 0
-    for prompt, answer in zip(prompt_ids, answer_ids):
+    for prompt, answer in split:
         if max_length is not None:
             room = max_length - len(prompt)
             if room <= 0 or not answer:
@@ -101,6 +98,42 @@ def encode_qa_rows(
                 shortened += 1
         rows.append({"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer})
     return rows, shortened
+
+
+def split_prompt_answer(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    answer_texts: Sequence[str],
+    *,
+    specials: bool,
+    whole_text: bool,
+    append_eos: bool = False,
+) -> list[tuple[list[int], list[int]]]:
+    """Token ids of each prompt and of the answer text after it.
+
+    Our formats: the prompt (with the tokenizer's special tokens when ``specials``) and the answer
+    (without) tokenized apart, ``append_eos`` adding eos to every answer. The field's formats
+    (``whole_text``, :attr:`PromptFormat.whole_text`): the
+    whole text tokenized at once and cut at the prompt's own token count, then eos appended unless the
+    text already ends with it (open-unlearning's ``preprocess_chat_instance``; TOFU counts the
+    question's tokens the same way). Where a token spans the border the answer side starts one
+    token late, as theirs does.
+    """
+    eos = tokenizer.eos_token_id
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=specials)["input_ids"]
+    if not whole_text:
+        answer_ids = tokenizer(list(answer_texts), add_special_tokens=False)["input_ids"]
+        if append_eos:
+            answer_ids = [ids + [eos] for ids in answer_ids]
+        return list(zip(prompt_ids, answer_ids, strict=True))
+    texts = [p + a for p, a in zip(prompts, answer_texts, strict=True)]
+    full_ids = tokenizer(texts, add_special_tokens=specials)["input_ids"]
+    out = []
+    for prompt, full in zip(prompt_ids, full_ids, strict=True):
+        if eos is not None and (not full or full[-1] != eos):
+            full = full + [eos]
+        out.append((full[: len(prompt)], full[len(prompt) :]))
+    return out
 
 
 def encode_text_rows(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> list[Row]:
@@ -129,21 +162,23 @@ def encode_continuations(
     *,
     append_eos: bool,
     max_length: int | None = None,
+    whole_text: bool = False,
 ) -> list[Row]:
     """Rows scoring each continuation given its prompt (TOFU's answers, WMDP's answer letters).
 
     Prompt (with the tokenizer's special tokens) and continuation (without) are tokenized apart and
     concatenated, so the scored tokens are exactly the continuation's (no merge across the boundary);
-    TOFU appends eos to the answer. Rows are cut to ``max_length`` tokens.
+    TOFU appends eos to the answer. ``whole_text``: tokenized as the field's prompt formats are
+    (:func:`split_prompt_answer`; eos only where the text does not end with it). Rows are cut to
+    ``max_length`` tokens.
     """
     if not prompts:
         return []
-    prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    cont_ids = tokenizer(list(continuations), add_special_tokens=False)["input_ids"]
+    split = split_prompt_answer(
+        tokenizer, prompts, continuations, specials=True, whole_text=whole_text, append_eos=append_eos
+    )
     rows = []
-    for prompt, cont in zip(prompt_ids, cont_ids, strict=True):
-        if append_eos:
-            cont = cont + [tokenizer.eos_token_id]
+    for prompt, cont in split:
         ids = (prompt + cont)[: max_length or None]
         rows.append({"input_ids": ids, "labels": ([IGNORE_INDEX] * len(prompt) + cont)[: len(ids)]})
     return rows

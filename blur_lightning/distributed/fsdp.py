@@ -243,7 +243,8 @@ def _meta_model_from_source(module) -> tuple[nn.Module | None, nn.Module]:
     if rank == 0:
         hparams = module.hparams
         full = load_causal_lm(
-            module.model_source, dtype=hparams.model_dtype, attn_implementation=hparams.attn_implementation
+            module.model_source, dtype=hparams.model_dtype, attn_implementation=hparams.attn_implementation,
+            compute_dtype=module.compute_dtype(),
         )
     box = [full.config if full is not None else None]
     dist.broadcast_object_list(box, src=0)

@@ -27,14 +27,15 @@ class EvalSettings:
     Attributes:
         batch_size: sequences per forward / ``generate`` call.
         max_new_tokens: generation length; None keeps each benchmark's own default.
-        chat_template: prompt questions through the tokenizer's chat template, as training does
-            (benchmarks whose reference uses plain prompts ignore it).
+        prompt_format: how questions become prompts, as in training (a name of
+            :data:`blur_lightning.data.prompts.PROMPT_FORMATS`; benchmarks whose reference uses
+            plain prompts, MUSE and WMDP, ignore it).
         show_progress: show progress bars (on a terminal only).
     """
 
     batch_size: int = 8
     max_new_tokens: int | None = None
-    chat_template: bool = True
+    prompt_format: str = "auto"
     show_progress: bool = True
 
 

@@ -29,11 +29,13 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
+from blur_lightning.data.prompts import get_prompt_format
 from blur_lightning.data.rows import Row
 from blur_lightning.evals.base import EvalSettings, Results, is_scalar
 from blur_lightning.evals.cache import EvalCache, cache_key, content_fingerprint, model_fingerprint
@@ -65,8 +67,11 @@ class EvaluationCallback(pl.Callback):
         max_new_tokens: generation length (QA's accuracy, TOFU's ROUGE, MUSE's verbmem and
             knowmem); None keeps each benchmark's default (QA 16, TOFU 32, MUSE 128 / 32).
         batch_size: sequences per forward / generate call.
-        chat_template: prompt QA and TOFU questions through the tokenizer's chat template, as the
-            data module trains them (MUSE and WMDP keep their benchmarks' plain prompts).
+        prompt_format: how QA, TOFU and fictitious questions become prompts (a name of
+            :data:`blur_lightning.data.prompts.PROMPT_FORMATS`); None: the data module's
+            ``prompt_format``, so the evaluated prompt is the trained one ("auto" without one).
+            MUSE and WMDP keep their benchmarks' plain prompts.
+        chat_template: deprecated; ``False`` is ``prompt_format="qa"``.
         options: the benchmark's own keywords, e.g. qa: {prob_column: response}; tofu:
             {retain_model_truth_ratios: PATH, rouge_stemmer: porter}; muse: {corpus: news,
             auc_retrain: 0.4772}; wmdp: {subjects: {bio: biology}}.
@@ -86,7 +91,8 @@ class EvaluationCallback(pl.Callback):
         max_rows: int | dict[str, int] | None = None,
         max_new_tokens: int | None = None,
         batch_size: int = 8,
-        chat_template: bool = True,
+        prompt_format: str | None = None,
+        chat_template: bool | None = None,
         options: dict[str, Any] | None = None,
         prefix: str | None = None,
         filename: str | None = None,
@@ -109,7 +115,18 @@ class EvaluationCallback(pl.Callback):
             unknown = sorted(set(max_rows) - set(splits))
             raise ValueError(f"max_rows names {unknown}: not among the splits {sorted(splits)}")
         self.max_rows = max_rows
-        self.settings = EvalSettings(batch_size=batch_size, max_new_tokens=max_new_tokens, chat_template=chat_template)
+        if chat_template is not None:
+            if prompt_format is not None:
+                raise ValueError(
+                    f"chat_template={chat_template} and prompt_format={prompt_format!r} both given: set "
+                    "prompt_format only (chat_template is deprecated)"
+                )
+            prompt_format = "auto" if chat_template else "qa"
+        if prompt_format is not None:
+            get_prompt_format(prompt_format)  # an unknown name fails here, naming the known ones
+        self._prompt_format = prompt_format  # None: the data module's, at setup
+        self.settings = EvalSettings(batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                     prompt_format=prompt_format or "auto")  # fmt: skip
         self.prefix = prefix or benchmark
         self.filename = filename or f"{benchmark}_eval"
         self.evaluations: list[dict[str, Any]] = []
@@ -134,6 +151,9 @@ class EvaluationCallback(pl.Callback):
         return self._rows
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._prompt_format is None:  # evaluate with the prompts the data module trains on
+            trained = getattr(trainer.datamodule, "prompt_format", None) if trainer.datamodule else None
+            self.settings = replace(self.settings, prompt_format=trained or "auto")
         self.rows()  # a bad path or spec fails now, not after an epoch of training
 
     # ----- evaluation
@@ -149,11 +169,15 @@ class EvaluationCallback(pl.Callback):
         t0 = time.perf_counter()
         show = trainer.progress_bar_callback is not None
         with timed_stage(trainer, f"{self.benchmark} evaluation ({stage})"):
-            key = self._cache_key(model, tokenizer) if stage == "fit_start" and self._cacheable(trainer) else None
+            key = (self._cache_key(model, tokenizer, str(trainer.precision))
+                   if stage == "fit_start" and self._cacheable(trainer) else None)  # fmt: skip
             results = self.cache.get(key) if key is not None else None
             cached = results is not None
             if results is None:
-                results = self.evaluate(model, tokenizer, show_progress=show)
+                # the training precision's autocast (bf16-mixed: bf16 matmuls on fp32 weights), as the
+                # model computes in training; outside it a mixed run would be evaluated in fp32
+                with trainer.precision_plugin.forward_context():
+                    results = self.evaluate(model, tokenizer, show_progress=show)
                 if key is not None:
                     self.cache.put(key, results)
         metrics = {k: float(v) for k, v in results.items() if is_scalar(v)}
@@ -206,20 +230,24 @@ class EvaluationCallback(pl.Callback):
             for row, correct, prob in zip(rows, per_example["correct"], per_example["answer_prob"]):
                 memo[(str(row[question_column]), str(row[answer_column]), str(row[scored]))] = (correct, prob)
         settings = {"max_new_tokens": self.settings.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
-                    "chat_template": self.settings.chat_template, "step": found["step"]}  # fmt: skip
+                    "prompt_format": self.settings.prompt_format, "step": found["step"]}  # fmt: skip
         return settings, memo
 
     def _cacheable(self, trainer: pl.Trainer) -> bool:
         # one process: a sharded model's fingerprint would be a collective, and ranks hold shards
         return self.cache is not None and trainer.world_size == 1
 
-    def _cache_key(self, model: torch.nn.Module, tokenizer: Any) -> str:
+    def _cache_key(self, model: torch.nn.Module, tokenizer: Any, precision: str = "32-true") -> str:
         tokenizer_id = content_fingerprint({
             "name": getattr(tokenizer, "name_or_path", None), "vocab": len(tokenizer),
             "chat_template": getattr(tokenizer, "chat_template", None), "special": tokenizer.all_special_tokens,
         })  # fmt: skip
+        # the rendered prompt and answer of a marker question: a cached "before" is only valid for the
+        # text the model saw (a template that printed another date would give other numbers)
+        fmt = get_prompt_format(self.settings.prompt_format)
+        rendered = [fmt.prompt_template(tokenizer), fmt.answer_template(tokenizer)]
         settings = {"settings": self.settings.__dict__, "options": self.options, "tokenizer": tokenizer_id,
-                    "splits": self.splits}  # fmt: skip
+                    "splits": self.splits, "rendered": rendered, "precision": precision}  # fmt: skip
         return cache_key(model_fingerprint(model), self.benchmark, self.rows(), settings)
 
     # ----- hooks

@@ -75,7 +75,7 @@ class FictitiousBenchmark(TofuBenchmark):
             qa = evaluate_qa(
                 model, tokenizer, qa_rows(rows["forget"], paraphrased=True), prob_column="response",
                 max_new_tokens=settings.max_new_tokens or 32, batch_size=settings.batch_size,
-                use_chat_template=settings.chat_template, name="fictitious forget paraphrased",
+                prompt_format=settings.prompt_format, name="fictitious forget paraphrased",
                 show_progress=settings.show_progress,
             )  # fmt: skip
             results["forget/paraphrased_accuracy"] = qa["accuracy"]

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from blur_lightning.data.encoding import encode_prompts, encode_qa_rows
+from blur_lightning.data.prompts import PromptFormat
 from blur_lightning.data.rows import Row, require_columns
 from blur_lightning.evals.base import Benchmark, EvalSettings, Results
 from blur_lightning.evals.replay import DEFAULT_MIN_MARGIN, replay
@@ -84,7 +85,7 @@ def greedy_answers(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     batch_size: int = 16,
     *,
-    use_chat_template: bool = True,
+    prompt_format: str | PromptFormat = "auto",
     desc: str = "qa: generate",
     show_progress: bool = True,
 ) -> list[str]:
@@ -98,11 +99,11 @@ def greedy_answers(
         questions: the questions.
         max_new_tokens: most tokens generated per answer.
         batch_size: questions per ``generate`` call.
-        use_chat_template: as in training (see :func:`blur_lightning.data.prompts.format_qa`).
+        prompt_format: as in training (a name of :data:`blur_lightning.data.prompts.PROMPT_FORMATS`).
         desc: the progress bar's label.
         show_progress: show a progress bar (on a terminal).
     """
-    prompt_ids = encode_prompts(tokenizer, questions, use_chat_template=use_chat_template)
+    prompt_ids = encode_prompts(tokenizer, questions, prompt_format=prompt_format)
     texts = greedy_continuations(
         model, tokenizer, prompt_ids, max_new_tokens, batch_size, stop_ids=stop_token_ids(tokenizer, model),
         desc=desc, show_progress=show_progress,
@@ -117,7 +118,7 @@ def answer_probability(
     answers: Sequence[str],
     batch_size: int = 16,
     *,
-    use_chat_template: bool = True,
+    prompt_format: str | PromptFormat = "auto",
     desc: str = "qa: score",
     show_progress: bool = True,
 ) -> torch.Tensor:
@@ -132,7 +133,7 @@ def answer_probability(
         answer that tokenizes to nothing.
     """
     return _answer_scores(
-        model, tokenizer, questions, answers, batch_size, use_chat_template=use_chat_template, desc=desc,
+        model, tokenizer, questions, answers, batch_size, prompt_format=prompt_format, desc=desc,
         show_progress=show_progress,
     )[0]  # fmt: skip
 
@@ -144,14 +145,14 @@ def _answer_scores(
     answers: Sequence[str],
     batch_size: int,
     *,
-    use_chat_template: bool,
+    prompt_format: str | PromptFormat,
     desc: str,
     show_progress: bool,
     readout: bool = False,
 ) -> tuple[torch.Tensor, list[tuple[list[int], list[float], list[int]] | None] | None]:
     """:func:`answer_probability`, and with `readout` per row (argmax ids, top-2 margins, answer token
     ids) at the answer positions, from the same forward (None for a row with no answer token)."""
-    rows, _ = encode_qa_rows(tokenizer, questions, answers, use_chat_template=use_chat_template)
+    rows, _ = encode_qa_rows(tokenizer, questions, answers, prompt_format=prompt_format)
     probs = torch.full((len(rows),), float("nan"), dtype=torch.float32)
     tops: list | None = [None] * len(rows) if readout else None
     kept = [i for i, r in enumerate(rows) if r is not None]
@@ -178,7 +179,7 @@ def qa_examples(
     prob_column: str | None = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     batch_size: int = 16,
-    use_chat_template: bool = True,
+    prompt_format: str | PromptFormat = "auto",
     name: str = "qa",
     show_progress: bool = True,
     replay_greedy: bool = True,
@@ -199,7 +200,7 @@ def qa_examples(
     # bf16/fp16 logits round ~1e-2 apart between the two computation orders: always generate there
     replaying = replay_greedy and prob_column is not None and _dtype(model) == torch.float32
     probs, tops = _answer_scores(
-        model, tokenizer, questions, targets, batch_size, use_chat_template=use_chat_template,
+        model, tokenizer, questions, targets, batch_size, prompt_format=prompt_format,
         desc=f"{name}: score", show_progress=show_progress, readout=replaying,
     )  # fmt: skip
     generated: list[str | None] = [None] * len(rows)
@@ -212,7 +213,7 @@ def qa_examples(
     if todo:
         texts = greedy_answers(
             model, tokenizer, [questions[i] for i in todo], max_new_tokens, batch_size,
-            use_chat_template=use_chat_template, desc=f"{name}: generate", show_progress=show_progress,
+            prompt_format=prompt_format, desc=f"{name}: generate", show_progress=show_progress,
         )  # fmt: skip
         for i, text in zip(todo, texts):
             generated[i] = text
@@ -236,7 +237,7 @@ def evaluate_qa(
     prob_column: str | None = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     batch_size: int = 16,
-    use_chat_template: bool = True,
+    prompt_format: str | PromptFormat = "auto",
     name: str = "qa",
     show_progress: bool = True,
 ) -> dict[str, float]:
@@ -253,7 +254,7 @@ def evaluate_qa(
             probabilities around 0.5 instead of ~1e-3 for the bare answer.
         max_new_tokens: generation length for the accuracy check.
         batch_size: rows per forward / ``generate`` call.
-        use_chat_template: as in training.
+        prompt_format: as in training (a name of :data:`blur_lightning.data.prompts.PROMPT_FORMATS`).
         name: the set's name, for the progress bars.
         show_progress: show progress bars (on a terminal).
 
@@ -264,7 +265,7 @@ def evaluate_qa(
     per_example = qa_examples(
         model, tokenizer, rows, question_column=question_column, answer_column=answer_column,
         prob_column=prob_column, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        use_chat_template=use_chat_template, name=name, show_progress=show_progress,
+        prompt_format=prompt_format, name=name, show_progress=show_progress,
     )  # fmt: skip
     return summarize(per_example)
 
@@ -299,7 +300,7 @@ class QABenchmark(Benchmark):
             per_example = qa_examples(
                 model, tokenizer, split, prob_column=prob_column if has_column else None,
                 max_new_tokens=settings.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, batch_size=settings.batch_size,
-                use_chat_template=settings.chat_template, name=f"qa {name}", show_progress=settings.show_progress,
+                prompt_format=settings.prompt_format, name=f"qa {name}", show_progress=settings.show_progress,
                 **options,
             )  # fmt: skip
             summary = summarize(per_example)

@@ -17,6 +17,7 @@ itself worked (if it did not, a low `held_back` figure proves nothing).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import random
@@ -31,6 +32,7 @@ import torch
 from blur_lightning.core.nonfinite import current_scale
 from blur_lightning.core.step import apply_update, check_and_clip_
 from blur_lightning.data.encoding import encode_qa_rows, pad_side
+from blur_lightning.data.prompts import PromptFormat
 from blur_lightning.data.rows import load_rows, require_columns
 from blur_lightning.evals.qa import evaluate_qa, summarize
 from blur_lightning.evals.scoring import model_device
@@ -105,7 +107,7 @@ def relearning_probe(
     max_new_tokens: int = 16,
     eval_batch_size: int = 32,
     seed: int = 0,
-    use_chat_template: bool = True,
+    prompt_format: str | PromptFormat = "auto",
     train_rows: Rows | None = None,
     show_progress: bool = True,
     known_before: Mapping[tuple[str, str, str], tuple[bool, float]] | None = None,
@@ -133,7 +135,7 @@ def relearning_probe(
         max_new_tokens: greedy tokens per answer in the accuracy check.
         eval_batch_size: rows per forward / generate call in the evaluation.
         seed: the order of the relearn batches.
-        use_chat_template: as in training.
+        prompt_format: as in training (a name of :data:`blur_lightning.data.prompts.PROMPT_FORMATS`).
         train_rows: fine-tune on these rows instead of the relearn half: the control of the
             probe (facts unrelated to the forget set bring back only what any fine-tuning would).
         show_progress: show progress bars (on a terminal).
@@ -166,11 +168,13 @@ def relearning_probe(
     def measure(m: torch.nn.Module, when: str, which: Mapping[str, Rows]) -> dict[str, dict[str, float]]:
         kwargs = {
             "answer_column": answer_column, "prob_column": prob_column, "max_new_tokens": max_new_tokens,
-            "batch_size": eval_batch_size, "use_chat_template": use_chat_template, "show_progress": show_progress,
+            "batch_size": eval_batch_size, "prompt_format": prompt_format, "show_progress": show_progress,
         }
-        return {
-            name: evaluate_qa(m, tokenizer, rows, name=f"probe {name} {when}", **kwargs) for name, rows in which.items()
-        }
+        with autocast_for(precision, model_device(m)):  # measured in the precision it was trained in
+            return {
+                name: evaluate_qa(m, tokenizer, rows, name=f"probe {name} {when}", **kwargs)
+                for name, rows in which.items()
+            }
 
     scored = prob_column or answer_column
     memo = known_before or {}
@@ -184,7 +188,7 @@ def relearning_probe(
     skipped = _fine_tune(
         attacker, tokenizer, relearn if train_rows is None else train_rows, steps=steps, lr=lr,
         batch_size=batch_size, column=train_column,
-        max_length=max_length, seed=seed, use_chat_template=use_chat_template, show_progress=show_progress,
+        max_length=max_length, seed=seed, prompt_format=prompt_format, show_progress=show_progress,
         precision=precision, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm,
     )
     if skipped:
@@ -209,6 +213,17 @@ def relearning_probe(
 _AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
+def autocast_for(precision: str | None, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast of a Lightning precision ("bf16-mixed", "16-mixed"); a no-op for the others."""
+    dtype = _AUTOCAST.get(precision or "32-true")
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _trained_format(trainer: pl.Trainer) -> str:
+    """The data module's prompt format (the probe asks as training did); "auto" without one."""
+    return getattr(trainer.datamodule, "prompt_format", None) or "auto"
+
+
 def _fine_tune(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -220,7 +235,7 @@ def _fine_tune(
     column: str,
     max_length: int,
     seed: int,
-    use_chat_template: bool,
+    prompt_format: str | PromptFormat,
     show_progress: bool = True,
     precision: str | None = None,
     gradient_clip_val: float | None = None,
@@ -234,7 +249,7 @@ def _fine_tune(
     """
     encoded, _ = encode_qa_rows(
         tokenizer, [str(r["question"]) for r in rows], [str(r[column]) for r in rows],
-        max_length=max_length, use_chat_template=use_chat_template,
+        max_length=max_length, prompt_format=prompt_format,
     )
     encoded = [row for row in encoded if row is not None]
     if not encoded:
@@ -338,7 +353,7 @@ class RelearningProbe(pl.Callback):
                 model, pl_module.tokenizer, self._forget, probe_sets=self._probe_sets, steps=self.steps,
                 lr=self.lr, batch_size=self.batch_size, train_column=self.train_column,
                 prob_column=self.train_column, max_length=self.max_length, max_new_tokens=self.max_new_tokens,
-                eval_batch_size=self.eval_batch_size, seed=self.seed,
+                eval_batch_size=self.eval_batch_size, seed=self.seed, prompt_format=_trained_format(trainer),
                 show_progress=trainer.progress_bar_callback is not None, known_before=self._known(trainer),
                 # the training run's precision and clip: the probe's steps end as the training steps do
                 precision=str(trainer.precision), gradient_clip_val=pl_module.hparams.get("gradient_clip_val"),
@@ -364,8 +379,9 @@ class RelearningProbe(pl.Callback):
             if not hasattr(callback, "qa_memo"):
                 continue
             settings, memo = callback.qa_memo("fit_end")
-            if memo and settings == {"max_new_tokens": self.max_new_tokens, "chat_template": True,
-                                     "step": trainer.global_step}:  # fmt: skip
+            wanted = {"max_new_tokens": self.max_new_tokens, "prompt_format": _trained_format(trainer),
+                      "step": trainer.global_step}  # fmt: skip
+            if memo and settings == wanted:
                 return memo
         return {}
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from blur_lightning.data.encoding import encode_continuations
-from blur_lightning.data.prompts import TOFU_PROMPT, chat_prompt_template
+from blur_lightning.data.prompts import TOFU_PROMPT, PromptFormat, get_prompt_format
 from blur_lightning.data.rows import Row, is_str_list, require, require_columns
 from blur_lightning.evals.base import Benchmark, EvalSettings, Results, load_source
 from blur_lightning.evals.metric_classes import AnswerProbability, ForgetQuality, ModelUtility, RougeL, TruthRatio
@@ -36,6 +36,7 @@ __all__ = [
     "load_truth_ratios",
     "prompt_template",
     "save_truth_ratios",
+    "scoring_format",
     "tofu_columns",
     "truth_ratios",
 ]
@@ -126,8 +127,8 @@ def save_truth_ratios(path: str | Path, ratios: Tensor | Sequence[float]) -> Non
 
 
 # ============================================================================ evaluation
-def _mean_logprobs(model, tokenizer, prompts, continuations, batch_size, desc, show_progress) -> Tensor:
-    rows = encode_continuations(tokenizer, prompts, continuations, append_eos=True)
+def _mean_logprobs(model, tokenizer, prompts, continuations, batch_size, desc, show_progress, whole_text) -> Tensor:
+    rows = encode_continuations(tokenizer, prompts, continuations, append_eos=True, whole_text=whole_text)
     total, count = sequence_scores(
         model, tokenizer, rows, batch_size=batch_size, desc=desc, show_progress=show_progress
     )
@@ -136,7 +137,8 @@ def _mean_logprobs(model, tokenizer, prompts, continuations, batch_size, desc, s
 
 def _split_inputs(
     model, tokenizer, rows: Sequence[Row], name: str, base_column: str, *, prompt_template: str,
-    max_new_tokens: int, batch_size: int, show_progress: bool,
+    max_new_tokens: int, batch_size: int, show_progress: bool, answer_template: str = "{answer}",
+    whole_text: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """Everything TOFU's metrics need of one split: its answers', paraphrases' and perturbed answers'
     mean token log-probs (one scoring pass over all of them) and the greedy generations."""
@@ -150,8 +152,9 @@ def _split_inputs(
     paraphrases = [] if base_column == "answer" else [row[base_column] for row in rows]
     all_prompts = prompts + prompts[: len(paraphrases)] + [p for p in prompts for _ in range(k)]
     all_texts = answers + paraphrases + [a for answers_k in perturbed for a in answers_k]
+    all_texts = [answer_template.format(answer=a) for a in all_texts]
     mean_lp = _mean_logprobs(
-        model, tokenizer, all_prompts, all_texts, batch_size, f"tofu {name}: score", show_progress
+        model, tokenizer, all_prompts, all_texts, batch_size, f"tofu {name}: score", show_progress, whole_text
     )
     answer_lp = mean_lp[:n]
     base_lp = answer_lp if not paraphrases else mean_lp[n : 2 * n]
@@ -169,12 +172,33 @@ def _split_inputs(
     return inputs
 
 
-def prompt_template(tokenizer: Any, chat_template: bool = True) -> str:
-    """The prompt TOFU's scoring uses: the tokenizer's chat prompt when `chat_template` is on and it has one
-    (as the data module trains), TOFU's plain prompt otherwise. Truth ratios saved for a forget-quality
-    reference must be taken with the prompt the evaluation will use."""
-    template = chat_prompt_template(tokenizer) if chat_template else None
-    return template if template is not None else TOFU_PROMPT
+def prompt_template(tokenizer: Any, prompt_format: str | PromptFormat = "auto") -> str:
+    """The prompt TOFU's scoring uses (see :func:`scoring_format`). Truth ratios saved for a
+    forget-quality reference must be taken with the prompt the evaluation will use."""
+    return scoring_format(tokenizer, prompt_format)["prompt_template"]
+
+
+def _rendering(tokenizer: Any, template: str, prompt_format: str | PromptFormat | None) -> dict[str, Any]:
+    return {"prompt_template": template} if prompt_format is None else scoring_format(tokenizer, prompt_format)
+
+
+def scoring_format(tokenizer: Any, prompt_format: str | PromptFormat = "auto") -> dict[str, Any]:
+    """How TOFU's scoring renders a question and an answer under a prompt format.
+
+    Our formats (``"auto"``, ``"chat"``, ``"qa"``): the chat prompt when the format uses the tokenizer's
+    template, TOFU's plain :data:`TOFU_PROMPT` otherwise; the bare answer, tokenized apart, plus eos.
+    The field's formats (``"open-unlearning/..."``, ``"tofu/..."``): their prompt and answer text,
+    tokenized whole with eos where the text lacks it, as their evaluation scores them.
+
+    Returns:
+        ``{"prompt_template": "...{question}...", "answer_template": "...{answer}...", "whole_text": bool}``.
+    """
+    fmt = get_prompt_format(prompt_format).resolve(tokenizer)
+    if fmt.is_field_format:
+        return {"prompt_template": fmt.prompt_template(tokenizer), "answer_template": fmt.answer_template(tokenizer),
+                "whole_text": True}  # fmt: skip
+    template = fmt.prompt_template(tokenizer) if fmt.chat_template else TOFU_PROMPT
+    return {"prompt_template": template, "answer_template": "{answer}", "whole_text": False}
 
 
 def _accuracy(rows: Sequence[Row], predictions: Sequence[str]) -> float | None:
@@ -194,13 +218,16 @@ def truth_ratios(
     batch_size: int = 8,
     perturbed_mean: str = "geometric",
     show_progress: bool = True,
+    prompt_format: str | PromptFormat | None = None,
 ) -> Tensor:
     """Per-example forget-set truth ratios (float64) of one model, without generating: what a retain
-    oracle's file holds (`save_truth_ratios`), computed exactly as `evaluate_tofu` computes them."""
+    oracle's file holds (`save_truth_ratios`), computed exactly as `evaluate_tofu` computes them
+    (``prompt_format``, when given, instead of ``prompt_template``: see :func:`scoring_format`)."""
     require_columns(rows, _PERTURBED_COLUMNS, "truth_ratios rows")
+    rendering = _rendering(tokenizer, prompt_template, prompt_format)
     inputs = _split_inputs(
-        model, tokenizer, rows, "forget", "paraphrased_answer", prompt_template=prompt_template,
-        max_new_tokens=0, batch_size=batch_size, show_progress=show_progress,
+        model, tokenizer, rows, "forget", "paraphrased_answer", max_new_tokens=0, batch_size=batch_size,
+        show_progress=show_progress, **rendering,
     )  # fmt: skip
     ratio = TruthRatio("closer_to_1", perturbed_mean, **GATHERED)
     ratio.update(inputs["paraphrased_logprob"], inputs["perturbed_logprobs"])
@@ -222,6 +249,7 @@ def evaluate_tofu(
     rouge_stemmer: str | None = "porter",
     perturbed_mean: str = "geometric",
     show_progress: bool = True,
+    prompt_format: str | PromptFormat | None = None,
 ) -> dict[str, Any]:
     """TOFU's evaluation of one model (definitions in `blur_lightning.evals.metrics`).
 
@@ -240,6 +268,8 @@ def evaluate_tofu(
         rouge_stemmer: "porter" (TOFU's own evaluation, the default) or None.
         perturbed_mean: "geometric" (TOFU code) or "arithmetic" (TOFU paper).
         show_progress: show progress bars (on a terminal).
+        prompt_format: a prompt format (:mod:`blur_lightning.data.prompts`) instead of
+            ``prompt_template``: its prompt and answer rendering (see :func:`scoring_format`).
 
     Returns:
         Floats "{split}/prob", "{split}/rouge_l_recall", "{split}/truth_ratio" for split in
@@ -254,10 +284,8 @@ def evaluate_tofu(
     require_columns(retain_rows, _PERTURBED_COLUMNS, "retain_rows")
     require_columns(real_authors_rows, _NO_PARAPHRASE_COLUMNS, "real_authors_rows")
     require_columns(world_facts_rows, _NO_PARAPHRASE_COLUMNS, "world_facts_rows")
-    common = {
-        "prompt_template": prompt_template, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-        "show_progress": show_progress,
-    }  # fmt: skip
+    rendering = _rendering(tokenizer, prompt_template, prompt_format)
+    common = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "show_progress": show_progress, **rendering}
 
     utility = ModelUtility(rouge_stemmer=rouge_stemmer, perturbed_mean=perturbed_mean, **GATHERED)
     accuracies: dict[str, float | None] = {}
@@ -296,8 +324,8 @@ class TofuBenchmark(Benchmark):
     """TOFU's four perturbed sets: forget, retain, real_authors, world_facts (all four needed).
 
     Options: the keywords of :func:`evaluate_tofu` (``retain_model_truth_ratios``, ``rouge_stemmer``,
-    ``perturbed_mean``, ``prompt_template``); without a ``prompt_template`` the tokenizer's chat
-    prompt is used when ``chat_template`` is on and the tokenizer has one, TOFU's plain prompt otherwise.
+    ``perturbed_mean``, ``prompt_template``); without a ``prompt_template`` the run's prompt format
+    renders questions and answers (:func:`scoring_format`).
     """
 
     name = "tofu"
@@ -313,7 +341,8 @@ class TofuBenchmark(Benchmark):
         options: Mapping[str, Any],
     ) -> Results:  # fmt: skip
         options = dict(options)
-        options.setdefault("prompt_template", prompt_template(tokenizer, settings.chat_template))
+        if "prompt_template" not in options:  # an explicit template wins; else the run's prompt format
+            options.setdefault("prompt_format", settings.prompt_format)
         if settings.max_new_tokens is not None:
             options.setdefault("max_new_tokens", settings.max_new_tokens)
         return evaluate_tofu(

@@ -195,7 +195,7 @@ def _save_oracle_truth_ratios(folder: Path, batch_size: int = 32) -> None:
     model = load_causal_lm(str(folder / "oracle"))
     tokenizer = load_tokenizer(str(folder / "oracle"))
     model.eval()
-    # The prompt the benchmark evaluates with (chat_template on, the default): the same ratios, or the KS
+    # The prompt the benchmark evaluates with (prompt_format "auto", the default): the same ratios, or the KS
     # test compares two different measurements.
     template = prompt_template(tokenizer)
     out = folder / "oracle_truth_ratios"

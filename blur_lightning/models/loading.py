@@ -273,12 +273,21 @@ def _dequantized_copy(model: PreTrainedModel) -> PreTrainedModel:
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_attn_implementation(requested: str = "auto") -> str:
-    """Pick the attention kernel: ``"auto"`` is flash_attention_2 when ``flash_attn`` is importable and
-    CUDA is available, else ``"sdpa"``; any other value is passed through unchanged."""
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def resolve_attn_implementation(requested: str = "auto", compute_dtype: torch.dtype | None = None) -> str:
+    """Pick the attention kernel: ``"auto"`` is flash_attention_2 when ``flash_attn`` is importable, CUDA
+    is available and the attention computes in a half dtype (``compute_dtype``: the weights' dtype, or
+    the autocast dtype of a mixed-precision run), else ``"sdpa"``; any other value passes unchanged.
+
+    flash-attn refuses float32 inputs, so a float32 run (or an evaluation outside autocast) on
+    flash_attention_2 would fail at its first forward.
+    """
     if requested != "auto":
         return requested
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+    half = compute_dtype in _HALF
+    if half and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
 
@@ -298,6 +307,7 @@ def load_causal_lm(
     dtype: str | torch.dtype = "float32",
     attn_implementation: str = "auto",
     device: str | torch.device | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> PreTrainedModel:
     """Load any ``AutoModelForCausalLM``.
 
@@ -309,6 +319,8 @@ def load_causal_lm(
             ``"eager"``, ``"flash_attention_2"``... With ``"auto"``, a model that does not support the
             chosen kernel falls back to ``"eager"``.
         device: where to move the model; ``None`` leaves it on the CPU.
+        compute_dtype: the dtype the attention computes in (a mixed-precision run's autocast dtype);
+            None: the weights' dtype. Only ``"auto"`` reads it.
 
     Returns:
         The model, in eval mode as ``from_pretrained`` returns it.
@@ -316,7 +328,8 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM
 
     torch_dtype = _to_dtype(dtype)
-    attn = resolve_attn_implementation(attn_implementation)
+    weights = torch_dtype if isinstance(torch_dtype, torch.dtype) else None
+    attn = resolve_attn_implementation(attn_implementation, compute_dtype or weights)
     path = resolve_model_path(name_or_path)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "attn_implementation": attn}
     if path.endswith(".gguf"):

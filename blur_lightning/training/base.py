@@ -139,7 +139,8 @@ class CausalLMModule(pl.LightningModule):
             from blur_lightning.models.loading import load_causal_lm, load_tokenizer
 
             self.model = load_causal_lm(
-                self.model_source, dtype=self.hparams.model_dtype, attn_implementation=self.hparams.attn_implementation
+                self.model_source, dtype=self.hparams.model_dtype, attn_implementation=self.hparams.attn_implementation,
+                compute_dtype=self.compute_dtype(),
             )
             self.tokenizer = load_tokenizer(self.model_source)
         self.model = self.add_adapters(self.model)
@@ -153,6 +154,12 @@ class CausalLMModule(pl.LightningModule):
             # The policy (and reference) become their own FSDP1 roots (why: distributed.wrap_fsdp1).
             distributed.wrap_fsdp1(self)
             distributed.install_hooks(self)
+
+    def compute_dtype(self) -> torch.dtype | None:
+        """The dtype the forward computes in: a half-precision run's (``bf16-mixed``, ``16-true``...),
+        else None (the weights' dtype). Picks the attention kernel (flash-attn needs half inputs)."""
+        precision = str(getattr(self._trainer, "precision", "")) if self._trainer is not None else ""
+        return {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0])
 
     def enable_activation_checkpointing(self) -> None:
         """Per decoder layer, when `activation_checkpointing` is set (before FSDP2 shards the layers)."""

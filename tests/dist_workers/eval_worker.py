@@ -56,7 +56,7 @@ class UnevenStops(pl.Callback):
 
         self.tokenizer = tokenizer
         questions = [r["question"] for r in load_rows(forget_path)]
-        self.prompt_ids = encode_prompts(tokenizer, questions, use_chat_template=True)
+        self.prompt_ids = encode_prompts(tokenizer, questions, prompt_format="auto")
         self.texts: list[str] = []
         self.monitored: list[float] = []
 

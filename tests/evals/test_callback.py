@@ -64,7 +64,7 @@ def tiny_model(tokenizer):
     return tiny_llama(vocab_size=len(tokenizer))
 
 
-def tiny_fit(tmp_path, tokenizer, model, callback, max_steps=2, ckpt_path=None):
+def tiny_fit(tmp_path, tokenizer, model, callback, max_steps=2, ckpt_path=None, precision="32-true", **data_kwargs):
     from lightning.pytorch.loggers import CSVLogger
 
     from blur_lightning.data.datamodule import ForgetRetainDataModule
@@ -76,14 +76,14 @@ def tiny_fit(tmp_path, tokenizer, model, callback, max_steps=2, ckpt_path=None):
     data = ForgetRetainDataModule(
         forget_path=os.path.join(FIXTURES, "qa", "forget.jsonl"),
         retain_path=os.path.join(FIXTURES, "qa", "retain.jsonl"),
-        tokenizer="unused", batch_size=8, max_length=48,
+        tokenizer="unused", batch_size=8, max_length=48, **data_kwargs,
     )  # fmt: skip
     data.set_tokenizer(tokenizer)
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=max_steps, val_check_interval=1, check_val_every_n_epoch=None,
         num_sanity_val_steps=2, logger=CSVLogger(tmp_path, name="", version=""), default_root_dir=tmp_path,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
-        enable_checkpointing=ckpt_path is None,
+        enable_checkpointing=ckpt_path is None, precision=precision,
     )  # fmt: skip
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return trainer, module, data
@@ -137,6 +137,45 @@ def test_resumed_run_keeps_the_fit_start_numbers(tmp_path, tokenizer, tiny_model
     assert resumed.evaluations == first.evaluations  # restored from the checkpoint, not re-run at step 1
 
 
+def test_evaluation_runs_in_the_training_precision_with_the_trained_prompts(tmp_path, tokenizer, tiny_model):
+    splits = {"forget": os.path.join(FIXTURES, "qa", "forget.jsonl")}
+    callback = EvaluationCallback("qa", splits, stages=["fit_start", "fit_end"], max_rows=2, max_new_tokens=2,
+                                  cache_fit_start=False)  # fmt: skip
+    seen = []  # (autocast dtype or None, lm_head output dtype) of each evaluation
+    evaluate = callback.evaluate
+
+    def spy(model, tok, **kwargs):
+        outputs = []
+        hook = model.lm_head.register_forward_hook(lambda m, i, out: outputs.append(out.dtype))
+        try:
+            return evaluate(model, tok, **kwargs)
+        finally:
+            hook.remove()
+            autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+            seen.append((autocast, set(outputs)))
+
+    callback.evaluate = spy
+    tiny_fit(tmp_path, tokenizer, tiny_model, callback, max_steps=1, precision="bf16-mixed", prompt_format="qa")
+    assert seen == [(torch.bfloat16, {torch.bfloat16})] * 2  # fit start and fit end, both in bf16 autocast
+    assert next(tiny_model.parameters()).dtype == torch.float32  # on fp32 weights
+    assert callback.settings.prompt_format == "qa"  # the data module's, when the callback names none
+    explicit = EvaluationCallback("qa", splits, prompt_format="auto")
+    tiny_fit(tmp_path / "b", tokenizer, tiny_model, explicit, max_steps=1, prompt_format="qa")
+    assert explicit.settings.prompt_format == "auto"
+
+
+def test_fit_start_cache_keys_on_the_rendered_prompts_and_precision(tokenizer, tiny_model):
+    splits = {"forget": os.path.join(FIXTURES, "qa", "forget.jsonl")}
+    auto, qa = (EvaluationCallback("qa", splits, prompt_format=name) for name in ("auto", "qa"))
+    key = auto._cache_key(tiny_model, tokenizer)
+    assert key == EvaluationCallback("qa", splits, prompt_format="auto")._cache_key(tiny_model, tokenizer)
+    assert key != qa._cache_key(tiny_model, tokenizer)
+    assert key != auto._cache_key(tiny_model, tokenizer, "bf16-mixed")
+    changed = copy.deepcopy(tokenizer)  # same settings, another template text: another prompt, another key
+    changed.chat_template = "Prompt: " + tokenizer.chat_template
+    assert key != auto._cache_key(tiny_model, changed)
+
+
 # ============================================================================ benchmark dispatch
 def test_tofu_matches_evaluate_tofu_with_the_training_prompt(tokenizer, tiny_model):
     from blur_lightning.data.prompts import format_qa
@@ -152,7 +191,7 @@ def test_tofu_matches_evaluate_tofu_with_the_training_prompt(tokenizer, tiny_mod
         prompt_template=template, max_new_tokens=4, batch_size=3,
     )  # fmt: skip
     assert results == expected
-    plain = EvaluationCallback("tofu", fixture_paths(TOFU_FILES), max_new_tokens=4, chat_template=False)
+    plain = EvaluationCallback("tofu", fixture_paths(TOFU_FILES), max_new_tokens=4, prompt_format="qa")
     assert plain.evaluate(tiny_model, tokenizer)["forget/prob"] != results["forget/prob"]  # TOFU's plain prompt
 
 
@@ -244,7 +283,7 @@ def test_chat_prompt_template_drops_a_bos_the_tokenizer_adds(tokenizer):
         chat_template = "x"
         bos_token, bos_token_id = "<bos>", 7
 
-        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize, **template_kwargs):
             return "<bos><user>{" + messages[0]["content"] + "}<assistant>"
 
         def __call__(self, text, add_special_tokens):

@@ -183,13 +183,27 @@ def test_probe_steps_run_in_the_training_precision(precision):
     seen = set()
     handle = model.lm_head.register_forward_hook(lambda m, args, out: seen.add(out.dtype))
     skipped = _fine_tune(model, tokenizer, _probe_rows(), steps=2, lr=1e-2, batch_size=4, column="answer",
-                         max_length=48, seed=0, use_chat_template=True, show_progress=False,
+                         max_length=48, seed=0, prompt_format="auto", show_progress=False,
                          precision=precision)  # fmt: skip
     handle.remove()
     expected = {None: torch.float32, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}[precision]
     assert seen == {expected}
     assert skipped == 0
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items()), "the probe must train"
+
+
+@pytest.mark.parametrize("precision", [None, "bf16-mixed"])
+def test_probe_measures_in_the_training_precision(precision):
+    """Its before/after evaluations run under the training autocast too, not only its steps."""
+    model, tokenizer = tiny()
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda m, args, out: seen.append((m.training, out.dtype)))
+    relearning_probe(model, tokenizer, load_rows(FORGET)[:4], steps=1, lr=1e-3, batch_size=2, train_column="answer",
+                     prob_column=None, max_length=48, max_new_tokens=2, show_progress=False,
+                     precision=precision)  # fmt: skip
+    handle.remove()
+    measured = {dtype for training, dtype in seen if not training}  # the copy trains in train mode
+    assert measured == {torch.bfloat16 if precision else torch.float32}
 
 
 def test_a_non_finite_probe_step_is_skipped_and_touches_nothing():
@@ -202,7 +216,7 @@ def test_a_non_finite_probe_step_is_skipped_and_touches_nothing():
         model.lm_head.weight[0, 0] = float("nan")  # every logit row of token 0's column: the loss is NaN
     before = {k: v.clone() for k, v in model.state_dict().items()}
     skipped = _fine_tune(model, tokenizer, _probe_rows(), steps=3, lr=1e-2, batch_size=4, column="answer",
-                         max_length=48, seed=0, use_chat_template=True, show_progress=False)  # fmt: skip
+                         max_length=48, seed=0, prompt_format="auto", show_progress=False)  # fmt: skip
     assert skipped == 3
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], equal_nan=True, rtol=0, atol=0, msg=k)
