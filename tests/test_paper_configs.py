@@ -193,14 +193,23 @@ def test_paper_optimizer_and_schedule(config, capsys):
     assert data["batch_size"] * model["accumulate_grad_batches"] * trainer["devices"] == 32
     scheduler = model["scheduler"]
     assert scheduler["class_path"] == "blur_lightning.training.schedules.LinearWarmupDecay"
-    rows = TOFU_FORGET_ROWS[TOFU[config]]
-    steps_per_epoch = math.ceil(rows / 32)  # the module also steps on an epoch's last, partial window
     args = scheduler["init_args"]
-    assert (args["warmup_steps"], args["total_steps"]) == (steps_per_epoch, trainer["max_epochs"] * steps_per_epoch)
+    assert (args["warmup_steps"], args["warmup_epochs"], args["total_steps"]) == (None, 1.0, "auto")
     from blur_lightning.training.schedules import LinearWarmupDecay
+    from blur_lightning.training.step_count import OptimizerSteps
 
+    # What the module resolves it to at fit start on the config's one device: the forget rows in
+    # micro-batches of 4, windows of 8, the last partial window a step too
+    rows = TOFU_FORGET_ROWS[TOFU[config]]
+    steps_per_epoch = math.ceil(rows / 32)
+    count = OptimizerSteps(
+        math.ceil(rows / data["batch_size"]), model["accumulate_grad_batches"], trainer["max_epochs"], None
+    )
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
     schedule = LinearWarmupDecay(opt, **args)
+    schedule.resolve(count.per_epoch, count.total)
+    assert (schedule.warmup_steps, schedule.total_steps) == (steps_per_epoch, trainer["max_epochs"] * steps_per_epoch)
+    args = {"warmup_steps": schedule.warmup_steps, "total_steps": schedule.total_steps}
     lrs = []
     for _ in range(args["total_steps"]):
         lrs.append(opt.param_groups[0]["lr"])  # the lr this optimizer step uses

@@ -12,7 +12,9 @@ and the projection; FineTuner: one NLL pass); this class holds the rest, one cop
 * the end of every optimizer step (`_apply_update`): a non-finite step skipped the same way on every
   path (GradScaler, a fused optimizer's device flag, or one host read), counted as a step, then the
   scheduler;
-* validation NLL, logging decisions, the optimizer and scheduler factories, the export on fit end.
+* validation NLL, logging decisions, the optimizer and scheduler factories (a schedule in epochs or
+  "auto" resolved at train start from the optimizer steps the fit takes, `training/step_count.py`), the
+  export on fit end.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from blur_lightning.distributed.hooks import StrategyHooks
 from blur_lightning.losses import functional as losses
 from blur_lightning.models import activation_checkpointing as checkpointing
 from blur_lightning.models import adapters, attention
+from blur_lightning.training.schedules import ResolvableSchedule
+from blur_lightning.training.step_count import count_optimizer_steps
 
 # The CLI's injectable optimizer and scheduler: callables taking the parameters / the optimizer.
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -303,8 +307,21 @@ class CausalLMModule(pl.LightningModule):
             )
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer)
+        scheduler = self.scheduler_factory(optimizer)  # a ResolvableSchedule gets its lengths in on_train_start
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _resolve_schedule(self) -> None:
+        """Give a schedule in epochs or "auto" its lengths in steps, and check an explicit total.
+
+        In on_train_start, before any step: the train loader's length is known only once Lightning
+        has loaded it, and loading it earlier ourselves (configure_optimizers, on_fit_start) would run
+        before the checkpoint's restore and drop the loader's resume position (Lightning issue 20550).
+        The Trainer cannot count our steps either (manual optimization leaves its accumulation at 1).
+        """
+        scheduler = self.lr_schedulers()
+        if isinstance(scheduler, ResolvableSchedule):
+            steps = count_optimizer_steps(self.trainer, self.hparams.accumulate_grad_batches)
+            scheduler.resolve(steps.per_epoch, steps.total, counted=steps.describe())
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
         """Mean answer NLL per val set: it should rise on the forget set and hold on the eval set."""
@@ -357,6 +374,7 @@ class CausalLMModule(pl.LightningModule):
         self._pending_window = (entry, ckpt_path) if entry is not None else None
 
     def on_train_start(self) -> None:
+        self._resolve_schedule()  # first: a schedule that disagrees with the fit fails before any other work
         pending = self._pending_window
         if pending is not None:
             from blur_lightning.distributed import fsdp as distributed

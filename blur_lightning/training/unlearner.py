@@ -94,7 +94,9 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
         export_dir: where on fit end the model and tokenizer are saved with save_pretrained
             ("auto": <log_dir>/hf_model; None: no export).
         optimizer: a callable taking the parameters (LightningCLI injects it from YAML).
-        scheduler: a callable taking the optimizer, stepped once per optimizer step, or None.
+        scheduler: a callable taking the optimizer, stepped once per optimizer step, or None. A
+            schedule with `resolve` (LinearWarmupDecay) gets its lengths at fit start from the
+            optimizer steps the fit takes (training/step_count.py: devices, micro-batches, k, epochs).
     """
 
     def __init__(

@@ -20,7 +20,8 @@ A case (all keys but name and layout optional):
     data ({"forget", "retain", "tokenizer"}: QA JSONL files through ForgetRetainDataModule, `rows` per rank per
     micro-batch, shuffled; vocab must be the tokenizer's), max_steps,
     lora_rank / lora_alpha / lora_dropout / lora_target_modules (LoRA adapters),
-    activation_checkpointing.
+    activation_checkpointing, max_epochs, scheduler (LinearWarmupDecay's keyword arguments: then each
+    optimizer step's epoch and lr are recorded, and the lr after the last step).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ DEFAULTS = dict(
     accelerator="cpu", backend="torch", param_dtype=None, reduce_dtype=None, bucket_view=False, inf_loss_at=None,
     npo_reference="auto", data=None, max_steps=-1,
     lora_rank=None, lora_alpha=8.0, lora_dropout=0.0, lora_target_modules=None, activation_checkpointing=False,
+    max_epochs=1, scheduler=None,
 )
 
 
@@ -126,10 +128,15 @@ def build_module(case: dict):
     else:
         optimizer = functools.partial(torch.optim.AdamW, lr=case["lr"], weight_decay=0.01)
     model = case["model_path"] or build_tiny_llama(vocab_size=case["vocab"], seed=0)
+    scheduler = None
+    if case["scheduler"] is not None:
+        from blur_lightning.training.schedules import LinearWarmupDecay
+
+        scheduler = functools.partial(LinearWarmupDecay, **case["scheduler"])
     return BLURUnlearner(
         model, mode=case["mode"], forget_loss=case["forget_loss"], retain_loss=case["retain_loss"],
         gamma=case["gamma"], alpha=case["alpha"], accumulate_grad_batches=case["accumulate"],
-        gradient_clip_val=case["clip"], optimizer=optimizer, export_dir=case["export_dir"],
+        gradient_clip_val=case["clip"], optimizer=optimizer, scheduler=scheduler, export_dir=case["export_dir"],
         projection_backend=case["backend"], attn_implementation="eager", npo_reference=case["npo_reference"],
         lora_rank=case["lora_rank"], lora_alpha=case["lora_alpha"], lora_dropout=case["lora_dropout"],
         lora_target_modules=case["lora_target_modules"], activation_checkpointing=case["activation_checkpointing"],
@@ -143,9 +150,16 @@ def run_case(case: dict, rank: int) -> dict:
     case = {**DEFAULTS, **case}
     torch.manual_seed(0)
     stats: list[dict[str, float]] = []
+    lrs: list[tuple[int, float]] = []  # (epoch, lr) of each optimizer step
+    step_lr = [0.0, 0]  # the lr in effect at the batch's start, and the global step then
 
     class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            step_lr[:] = [trainer.optimizers[0].param_groups[0]["lr"], trainer.global_step]
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step > step_lr[1]:  # this batch closed a window: a step at that lr
+                lrs.append((trainer.current_epoch, step_lr[0]))
             if outputs and "stats" in outputs:
                 s = outputs["stats"]
                 stats.append({k: float(getattr(s, k))
@@ -172,15 +186,18 @@ def run_case(case: dict, rank: int) -> dict:
     trainer = pl.Trainer(
         accelerator=case["accelerator"], devices=1 if single else case["world"] // case["num_nodes"],
         num_nodes=1 if single else case["num_nodes"],
-        strategy=make_strategy(case), max_epochs=1, max_steps=case["max_steps"], logger=False,
+        strategy=make_strategy(case), max_epochs=case["max_epochs"], max_steps=case["max_steps"], logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         use_distributed_sampler=False, callbacks=[Record()], limit_val_batches=0,
     )
     trainer.fit(module, ckpt_path=case["ckpt_path"], **loader)
     table = module._npo_cache.values.cpu() if module._npo_cache is not None else None
+    schedule = module.lr_schedulers()
     return {"state": full_state_dict(module.model), "stats": stats, "global_step": trainer.global_step,
             "skipped_steps": int(module.skipped_steps), "npo_table": table,
-            "has_reference": module.reference_model is not None}
+            "has_reference": module.reference_model is not None, "lrs": lrs,
+            "final_lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "schedule": None if schedule is None else (schedule.warmup_steps, schedule.total_steps)}
 
 
 def infinite_forget_loss(module, rank: int, at_rank: int, at_micro_batch: int) -> None:
