@@ -9,6 +9,7 @@ subsets and splits as well as the code path, without the network.
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import math
 import os
@@ -105,10 +106,48 @@ def tiny_model_dir(tmp_path_factory):
     return str(path)
 
 
-def parsed_config(config: str, capsys) -> dict:
+def parsed_config(config: str, capsys, *overlays: str) -> dict:
+    args = ["fit", "--config", os.path.join(ROOT, config)]
+    for overlay in overlays:
+        args += ["--config", os.path.join(ROOT, overlay)]
     with pytest.raises(SystemExit):
-        main(["fit", "--config", os.path.join(ROOT, config), "--print_config"])
+        main([*args, "--print_config"])
     return yaml.safe_load(capsys.readouterr().out)
+
+
+def global_batch(cfg: dict) -> int:
+    """Rows (pairs) per optimizer step over all ranks: per micro-batch x accumulation x ranks."""
+    trainer, per_rank = cfg["trainer"], cfg["data"]["batch_size"] * cfg["model"]["accumulate_grad_batches"]
+    return per_rank * trainer["devices"] * trainer["num_nodes"]
+
+
+# Many-GPU overlays (configs/scale/): each base config with each overlay of its benchmark.
+SCALE = {
+    "configs/scale/tofu_8gpu.yaml": (TOFU, 8), "configs/scale/tofu_2x8gpu.yaml": (TOFU, 16),
+    "configs/scale/muse_8gpu.yaml": (MUSE, 8), "configs/scale/muse_2x8gpu.yaml": (MUSE, 16),
+    "configs/scale/wmdp_4gpu.yaml": (WMDP, 4),
+}  # fmt: skip
+SCALED = [(base, overlay) for overlay, (bases, _) in SCALE.items() for base in bases]
+
+
+def test_every_scale_overlay_is_listed():
+    found = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs", "scale", "*.yaml")))
+    assert found == sorted(SCALE)
+
+
+@pytest.mark.parametrize("base,overlay", SCALED)
+def test_scale_overlays_keep_the_global_batch(base, overlay, capsys):
+    """On 4, 8 or 16 GPUs a paper config takes the rows per step its 1-GPU form takes (the authors'), under
+    FSDP2 (HSDP across nodes), with everything else, precision and schedule included, unchanged."""
+    one, many = parsed_config(base, capsys), parsed_config(base, capsys, overlay)
+    ranks = many["trainer"]["devices"] * many["trainer"]["num_nodes"]
+    assert (one["trainer"]["devices"], one["trainer"]["num_nodes"], ranks) == (1, 1, SCALE[overlay][1])
+    assert global_batch(many) == global_batch(one)
+    assert many["trainer"]["strategy"]["class_path"] == "blur_lightning.distributed.fsdp.FSDP2Strategy"
+    assert many["trainer"]["strategy"]["init_args"]["sharding"] == ("hybrid" if many["trainer"]["num_nodes"] > 1
+                                                                     else "full")  # fmt: skip
+    for section, keep in (("trainer", {"precision", "max_epochs", "max_steps"}), ("model", {"optimizer", "scheduler"})):
+        assert {k: many[section][k] for k in keep} == {k: one[section][k] for k in keep}
 
 
 def eval_callback(cfg: dict) -> dict:
