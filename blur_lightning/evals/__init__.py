@@ -4,6 +4,9 @@
   greedy generation; one padding path);
 * :mod:`~blur_lightning.evals.metrics`: pure metric definitions, no model;
   :mod:`~blur_lightning.evals.metric_classes`: the same as torchmetrics `Metric`s;
+* :mod:`~blur_lightning.evals.reference_logs`: reading the field's evaluation logs (open-unlearning's
+  ``*_EVAL.json``, TOFU's ``eval_log*.json``); :mod:`~blur_lightning.evals.log_export`: writing ours
+  in open-unlearning's layout;
 * :mod:`~blur_lightning.evals.base`: what a benchmark provides, :class:`EvalSettings`;
 * one file per benchmark, its loader and its evaluation: :mod:`~blur_lightning.evals.qa`,
   :mod:`~blur_lightning.evals.tofu`, :mod:`~blur_lightning.evals.muse`, :mod:`~blur_lightning.evals.wmdp`;

@@ -15,7 +15,7 @@ from typing import Any
 
 from blur_lightning.data.rows import Row, load_rows
 
-__all__ = ["Benchmark", "EvalSettings", "Results", "load_source"]
+__all__ = ["Benchmark", "EvalSettings", "Results", "before_after_table", "is_scalar", "load_source"]
 
 Results = dict[str, Any]
 
@@ -81,9 +81,59 @@ class Benchmark:
         """One line per result, printed after an evaluation (default: every scalar)."""
         return [f"  {key}: {value:.4g}" for key, value in results.items() if is_scalar(value)]
 
-    def report(self, before: Results | None, after: Results | None, sizes: Mapping[str, int]) -> str | None:
-        """A before/after table printed at fit end and written beside the JSON (None: no table)."""
+    def report(
+        self,
+        before: Results | None,
+        after: Results | None,
+        sizes: Mapping[str, int],
+        options: Mapping[str, Any] | None = None,
+    ) -> str | None:
+        """A before/after table printed at fit end and written beside the JSON (None: no table);
+        `options` are the evaluation's (a reference log named there adds its column)."""
         return None
+
+    def field_logs(self, results: Results) -> dict[str, Any] | None:
+        """One evaluation's results in the field's own files, file name -> JSON content (e.g.
+        open-unlearning's ``TOFU_EVAL.json`` and ``TOFU_SUMMARY.json``); None: no such layout."""
+        return None
+
+
+def before_after_table(
+    rows: Sequence[tuple[str, str, bool]],
+    before: Results | None,
+    after: Results | None,
+    sizes: Mapping[str, int],
+    reference: tuple[str, Mapping[str, float]] | None = None,
+) -> str | None:
+    """A markdown table of chosen results before and after unlearning, and of a reference model.
+
+    Args:
+        rows: (result key, label, shown as a percentage) per row; a row with no value anywhere is left out.
+        before: the fit_start results (or None).
+        after: the fit_end results (or None).
+        sizes: split name -> rows evaluated, listed under the table.
+        reference: (column title, results under the same keys), e.g. a retain model's own log.
+
+    Returns:
+        The table, or None with neither before nor after.
+    """
+    if before is None and after is None:
+        return None
+    columns = [before or {}, after or {}]
+    titles = ["before", "after"]
+    if reference is not None:
+        titles.append(reference[0])
+        columns.append(reference[1])
+    lines = ["| metric | " + " | ".join(titles) + " |", "|---|" + "---:|" * len(titles)]
+    for key, label, percent in rows:
+        cells = []
+        for results in columns:
+            value = results.get(key)
+            cells.append("-" if not is_scalar(value) else f"{100 * value:.1f}%" if percent else f"{value:.4g}")
+        if any(cell != "-" for cell in cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    counts = ", ".join(f"{name} {n}" for name, n in sizes.items())
+    return "\n".join(lines) + f"\n\nrows: {counts}"
 
 
 def is_scalar(value: Any) -> bool:

@@ -283,7 +283,10 @@ class EvaluationCallback(pl.Callback):
         """The benchmark's before/after table of the fit_start and the last fit_end evaluation (or None)."""
         before, after = self._stage("fit_start"), self._stage("fit_end")
         return self.spec.report(
-            before and before["metrics"], after and after["metrics"], {n: len(r) for n, r in (self._rows or {}).items()}
+            before and before["metrics"],
+            after and after["metrics"],
+            {n: len(r) for n, r in (self._rows or {}).items()},
+            self.options,
         )
 
     def summary(self) -> dict[str, Any]:
@@ -295,8 +298,10 @@ class EvaluationCallback(pl.Callback):
         }
 
     def write(self, out_dir: str) -> tuple[str, str]:
-        """Write ``{filename}.json`` (every evaluation), ``{filename}.png`` (bar plot) and, once there is
-        a before/after table, ``{filename}.md``, in out_dir."""
+        """Write ``{filename}.json`` (every evaluation), ``{filename}.png`` (bar plot), once there is
+        a before/after table ``{filename}.md``, and the last fit_end and test evaluations in the field's
+        layout where the benchmark has one (``{filename}_{stage}/TOFU_EVAL.json``, ``TOFU_SUMMARY.json``;
+        MUSE's likewise), in out_dir."""
         os.makedirs(out_dir, exist_ok=True)
         json_path = os.path.join(out_dir, f"{self.filename}.json")
         png_path = os.path.join(out_dir, f"{self.filename}.png")
@@ -306,6 +311,11 @@ class EvaluationCallback(pl.Callback):
         if table is not None:
             with open(os.path.join(out_dir, f"{self.filename}.md"), "w") as f:
                 f.write(table + "\n")
+        for stage in ("fit_end", "test"):
+            found = self._stage(stage)
+            field_logs = self.spec.field_logs({**found["metrics"], **found.get("extras", {})}) if found else None
+            for name, content in (field_logs or {}).items():
+                write_json(os.path.join(out_dir, f"{self.filename}_{stage}", name), content)
         return json_path, png_path
 
     def state_dict(self) -> dict[str, Any]:

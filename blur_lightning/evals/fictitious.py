@@ -4,8 +4,9 @@ The rows are blur_lightning.data.fictitious_people's splits (TOFU's columns plus
 the target and the oracle are built by blur_lightning.fictitious.build. What it adds to TOFU's evaluation:
 
 * ``forget_quality`` against the oracle's saved per-example truth ratios (option
-  ``oracle_truth_ratios``: a file written once per oracle, or the values). The oracle evaluated
-  against its own file gets exactly 1.0;
+  ``oracle_truth_ratios``: a file written once per oracle, or the values; or ``retain_logs_path``:
+  the oracle's evaluation log in the field's layout, e.g. the ``TOFU_EVAL.json`` an evaluation
+  callback wrote for it). The oracle evaluated against its own file gets exactly 1.0;
 * ``{split}/accuracy``: greedy answers that hold the fact's value (qa.is_correct), on every split;
 * ``forget/paraphrased_accuracy`` and ``forget/paraphrased_prob``: the same facts asked the other way
   (``paraphrased_question``, never trained on): knowledge, not a memorized string.
@@ -20,14 +21,14 @@ from typing import Any
 
 from blur_lightning.data.fictitious_people import qa_rows
 from blur_lightning.data.rows import Row, require_columns
-from blur_lightning.evals.base import EvalSettings, Results, is_scalar
+from blur_lightning.evals.base import EvalSettings, Results
 from blur_lightning.evals.qa import evaluate_qa
 from blur_lightning.evals.tofu import SPLIT_NAMES, TofuBenchmark
 
 __all__ = ["BENCHMARK", "FictitiousBenchmark"]
 
 # What the before/after table shows, in order: (result key, label, as a percentage).
-TABLE = (
+TABLE: tuple[tuple[str, str, bool], ...] = (
     ("forget_quality", "forget quality (KS p vs oracle)", False),
     ("model_utility", "model utility", False),
     ("forget/accuracy", "forget: accuracy", True),
@@ -44,19 +45,25 @@ TABLE = (
 class FictitiousBenchmark(TofuBenchmark):
     """TOFU's four sets from blur_lightning.data.fictitious_people, forget quality against the oracle's file.
 
-    Options: ``oracle_truth_ratios`` (a JSON file of blur_lightning.fictitious.build, or the values; without it no
-    forget quality), ``paraphrased: false`` to skip the paraphrased questions, and every keyword of
-    :func:`~blur_lightning.evals.tofu.evaluate_tofu` but ``retain_model_truth_ratios``.
+    Options: ``oracle_truth_ratios`` (a JSON file of blur_lightning.fictitious.build, or the values) or
+    ``retain_logs_path`` (the oracle's evaluation log, read by
+    :func:`~blur_lightning.evals.reference_logs.read_reference_log`); without either no forget quality.
+    ``paraphrased: false`` skips the paraphrased questions; every other keyword of
+    :func:`~blur_lightning.evals.tofu.evaluate_tofu` but ``retain_model_truth_ratios`` is passed on.
     """
 
     name = "fictitious"
     hub_repo = None
     default_split = None
+    table_rows = TABLE
+    reference_title = "oracle (ref)"
 
     def check_splits(self, names: Sequence[str], options: Mapping[str, Any]) -> None:
-        super().check_splits(names, options)
         if "retain_model_truth_ratios" in options:
             raise ValueError("fictitious: name the oracle's file as options.oracle_truth_ratios")
+        if options.get("oracle_truth_ratios") is not None and options.get("retain_logs_path") is not None:
+            raise ValueError("fictitious options: give oracle_truth_ratios or retain_logs_path, not both")
+        super().check_splits(names, options)
 
     def evaluate(
         self, model: Any, tokenizer: Any, rows: Mapping[str, Sequence[Row]], settings: EvalSettings,
@@ -81,20 +88,6 @@ class FictitiousBenchmark(TofuBenchmark):
             results["forget/paraphrased_accuracy"] = qa["accuracy"]
             results["forget/paraphrased_prob"] = qa["answer_prob"]
         return results
-
-    def report(self, before: Results | None, after: Results | None, sizes: Mapping[str, int]) -> str | None:
-        if before is None and after is None:
-            return None
-        lines = ["| metric | before | after |", "|---|---:|---:|"]
-        for key, label, percent in TABLE:
-            cells = []
-            for results in (before, after):
-                value = (results or {}).get(key)
-                cells.append("-" if not is_scalar(value) else f"{100 * value:.1f}%" if percent else f"{value:.4g}")
-            if cells != ["-", "-"]:
-                lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
-        counts = ", ".join(f"{name} {n}" for name, n in sizes.items())
-        return "\n".join(lines) + f"\n\nrows: {counts}"
 
 
 BENCHMARK = FictitiousBenchmark()

@@ -18,9 +18,11 @@ from torch import Tensor
 from blur_lightning.data.encoding import encode_texts
 from blur_lightning.data.prompts import MUSE_QA_PROMPT
 from blur_lightning.data.rows import Row, require_columns
-from blur_lightning.evals.base import Benchmark, EvalSettings, Results, load_source
+from blur_lightning.evals.base import Benchmark, EvalSettings, Results, before_after_table, load_source
+from blur_lightning.evals.log_export import PER_EXAMPLE, muse_logs
 from blur_lightning.evals.metric_classes import MembershipAUC, RougeL
 from blur_lightning.evals.metrics import min_k_scores, priv_leak
+from blur_lightning.evals.reference_logs import read_reference_log
 from blur_lightning.evals.scoring import generate_greedy, score_rows
 from blur_lightning.evals.sharding import GATHERED
 
@@ -88,6 +90,7 @@ def evaluate_muse(
     privleak_forget_rows: Sequence[Row] | None = None,
     privleak_holdout_rows: Sequence[Row] | None = None,
     auc_retrain: float | None = None,
+    retain_logs_path: PathLike | None = None,
     k: float = 0.4,
     verbmem_max_new_tokens: int = 128,
     knowmem_max_new_tokens: int = 32,
@@ -95,7 +98,7 @@ def evaluate_muse(
     batch_size: int = 8,
     rouge_stemmer: str | None = None,
     show_progress: bool = True,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """MUSE's evaluation of one model (muse_bench eval.py); each part runs when its rows are given.
 
     Args:
@@ -111,6 +114,9 @@ def evaluate_muse(
         privleak_holdout_rows: privleak/holdout (text).
         auc_retrain: a retrained model's membership AUC (MUSE's: `MUSE_AUC_RETRAIN`); PrivLeak is
             reported when given.
+        retain_logs_path: instead of `auc_retrain`, the retrained model's open-unlearning
+            MUSE_EVAL.json (or its folder): its mia_min_k AUC, flipped to our convention, is the
+            reference (as open-unlearning's privleak takes it).
         k: Min-K% fraction.
         verbmem_max_new_tokens: MUSE: 128.
         knowmem_max_new_tokens: MUSE: 32.
@@ -121,9 +127,13 @@ def evaluate_muse(
 
     Returns:
         Any of "verbmem_f", "knowmem_f", "knowmem_r" (mean ROUGE-L F1 in [0, 1]; MUSE prints
-        x100), "privleak_auc" (MUSE convention, see `min_k_auc`) and "privleak" (percent).
+        x100), "privleak_auc" (MUSE convention, see `min_k_auc`) and "privleak" (percent); and
+        per part its per-example values, "{split}/per_example" (rouge_l_f1 for verbmem,
+        knowmem_forget, knowmem_retain; min_k for privleak_forget, privleak_holdout), for
+        open-unlearning's MUSE_EVAL.json (`log_export.muse_logs`).
     """
-    results: dict[str, float] = {}
+    auc_retrain = _retain_auc(auc_retrain, retain_logs_path)
+    results: dict[str, Any] = {}
     if verbmem_rows is not None:
         require_columns(verbmem_rows, ("prompt", "gt"), "verbmem_rows")
         prompts = [row["prompt"] for row in verbmem_rows]
@@ -135,10 +145,11 @@ def evaluate_muse(
         rouge = RougeL("f1", rouge_stemmer, **GATHERED)
         rouge.update(outputs, references)
         results["verbmem_f"] = rouge.compute().item()
+        results[f"verbmem/{PER_EXAMPLE}"] = {"rouge_l_f1": rouge.per_example().tolist()}
 
-    for key, rows, icl_rows in (
-        ("knowmem_f", knowmem_forget_rows, knowmem_forget_icl_rows),
-        ("knowmem_r", knowmem_retain_rows, knowmem_retain_icl_rows),
+    for key, split, rows, icl_rows in (
+        ("knowmem_f", "knowmem_forget", knowmem_forget_rows, knowmem_forget_icl_rows),
+        ("knowmem_r", "knowmem_retain", knowmem_retain_rows, knowmem_retain_icl_rows),
     ):
         if rows is None:
             continue
@@ -152,6 +163,7 @@ def evaluate_muse(
         rouge = RougeL("f1", rouge_stemmer, **GATHERED)
         rouge.update([_cut_at_stops(o, MUSE_QA_STOPS) for o in outputs], [row["answer"] for row in rows])
         results[key] = rouge.compute().item()
+        results[f"{split}/{PER_EXAMPLE}"] = {"rouge_l_f1": rouge.per_example().tolist()}
 
     if privleak_forget_rows is not None and privleak_holdout_rows is not None:
         require_columns(privleak_forget_rows, ("text",), "privleak_forget_rows")
@@ -159,14 +171,27 @@ def evaluate_muse(
         auc = MembershipAUC(**GATHERED)
         min_k = partial(_min_k, model, tokenizer, k=k, max_length=max_length, batch_size=batch_size,
                         show_progress=show_progress)  # fmt: skip
-        auc.update(
-            forget_scores=min_k([r["text"] for r in privleak_forget_rows], desc="muse privleak_forget: score"),
-            holdout_scores=min_k([r["text"] for r in privleak_holdout_rows], desc="muse privleak_holdout: score"),
-        )
+        forget_scores = min_k([r["text"] for r in privleak_forget_rows], desc="muse privleak_forget: score")
+        holdout_scores = min_k([r["text"] for r in privleak_holdout_rows], desc="muse privleak_holdout: score")
+        auc.update(forget_scores=forget_scores, holdout_scores=holdout_scores)
         results["privleak_auc"] = auc.compute().item()
+        results[f"privleak_forget/{PER_EXAMPLE}"] = {"min_k": forget_scores.tolist()}
+        results[f"privleak_holdout/{PER_EXAMPLE}"] = {"min_k": holdout_scores.tolist()}
         if auc_retrain is not None:
             results["privleak"] = priv_leak(results["privleak_auc"], auc_retrain).item()
     return results
+
+
+def _retain_auc(auc_retrain: float | None, retain_logs_path: PathLike | None) -> float | None:
+    """PrivLeak's reference AUC from `auc_retrain` or the retrained model's log (read before any scoring)."""
+    if retain_logs_path is None:
+        return auc_retrain
+    if auc_retrain is not None:
+        raise ValueError("muse options: give auc_retrain or retain_logs_path, not both")
+    log = read_reference_log(retain_logs_path)
+    if log.benchmark != "muse":
+        raise ValueError(f"retain_logs_path {str(retain_logs_path)!r}: a {log.benchmark} log, not a MUSE one")
+    return log.privleak_auc()
 
 
 def _min_k(model, tokenizer, texts: Sequence[str], *, k, max_length, batch_size, show_progress, desc) -> Tensor:
@@ -182,10 +207,19 @@ class MuseBenchmark(Benchmark):
     """MUSE's parts, each run when its splits are named (privleak needs both of its splits).
 
     Options: ``corpus`` ("news" or "books": the hub dataset of ``hub:`` specs) and the keywords of
-    :func:`evaluate_muse` (``auc_retrain``, ``k``, ``max_length``, ``rouge_stemmer``).
+    :func:`evaluate_muse` (``auc_retrain`` or ``retain_logs_path``, ``k``, ``max_length``,
+    ``rouge_stemmer``). With ``retain_logs_path`` the before/after table has the retrained model's
+    own values beside ours ("retrain (ref)").
     """
 
     name = "muse"
+    table_rows: tuple[tuple[str, str, bool], ...] = (
+        ("verbmem_f", "VerbMem on forget: ROUGE-L F1", False),
+        ("knowmem_f", "KnowMem on forget: ROUGE-L F1", False),
+        ("knowmem_r", "KnowMem on retain: ROUGE-L F1", False),
+        ("privleak_auc", "Min-K% membership AUC", False),
+        ("privleak", "PrivLeak (%)", False),
+    )
 
     def repo(self, options: Mapping[str, Any]) -> str | None:
         corpus = options.get("corpus", "news")
@@ -200,6 +234,18 @@ class MuseBenchmark(Benchmark):
         if len(set(names) & {"privleak_forget", "privleak_holdout"}) == 1:
             raise ValueError("muse privleak needs both privleak_forget and privleak_holdout")
         self.repo(options)
+        _retain_auc(options.get("auc_retrain"), options.get("retain_logs_path"))  # a bad log fails before training
+
+    def report(
+        self, before: Results | None, after: Results | None, sizes: Mapping[str, int],
+        options: Mapping[str, Any] | None = None,
+    ) -> str | None:  # fmt: skip
+        path = (options or {}).get("retain_logs_path")
+        reference = ("retrain (ref)", read_reference_log(path).summary) if path is not None else None
+        return before_after_table(self.table_rows, before, after, sizes, reference)
+
+    def field_logs(self, results: Results) -> dict[str, Any] | None:
+        return muse_logs(results)
 
     def evaluate(
         self, model: Any, tokenizer: Any, rows: Mapping[str, Sequence[Row]], settings: EvalSettings,

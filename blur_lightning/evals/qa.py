@@ -318,7 +318,10 @@ class QABenchmark(Benchmark):
             for name in self._sets(results)
         ]
 
-    def report(self, before: Results | None, after: Results | None, sizes: Mapping[str, int]) -> str | None:
+    def report(
+        self, before: Results | None, after: Results | None, sizes: Mapping[str, int],
+        options: Mapping[str, Any] | None = None,
+    ) -> str | None:  # fmt: skip
         before, after = before or {}, after or {}
         lines = [
             "| set | n | accuracy before | accuracy after | answer prob before | answer prob after |",

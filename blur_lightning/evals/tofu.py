@@ -18,10 +18,11 @@ from torch import Tensor
 from blur_lightning.data.encoding import encode_continuations
 from blur_lightning.data.prompts import TOFU_PROMPT, PromptFormat, get_prompt_format
 from blur_lightning.data.rows import Row, is_str_list, require, require_columns
-from blur_lightning.evals.base import Benchmark, EvalSettings, Results, load_source
+from blur_lightning.evals.base import Benchmark, EvalSettings, Results, before_after_table, load_source
+from blur_lightning.evals.log_export import PER_EXAMPLE, tofu_logs
 from blur_lightning.evals.metric_classes import AnswerProbability, ForgetQuality, ModelUtility, RougeL, TruthRatio
-from blur_lightning.evals.metrics import truth_ratio
 from blur_lightning.evals.qa import is_correct
+from blur_lightning.evals.reference_logs import read_reference_log
 from blur_lightning.evals.scoring import generate_greedy, sequence_scores
 from blur_lightning.evals.sharding import GATHERED
 
@@ -81,11 +82,11 @@ def load_tofu(split: str, path: PathLike | None = None, hub_id: str = TOFU_HUB) 
 def load_truth_ratios(path: str | Path) -> Tensor:
     """Read a retain-only model's per-example forget-set truth ratios from a JSON file.
 
-    Accepted layouts: a list of numbers; a dict {index: number}; a dict with a
-    "truth_ratio" entry holding either of those (TOFU's eval_log_forget.json); or a TOFU
-    eval log with "avg_paraphrased_loss" and "average_perturb_loss" (mean token NLLs), from
-    which R = exp(L_para - mean_k L_pert_k). A TOFU eval_log_aggregated.json is read through
-    its "eval_log_forget.json" entry.
+    Accepted layouts: a list of numbers; a dict {index: number}; a dict with a "truth_ratio"
+    entry holding either of those (what `save_truth_ratios` writes); or a log of the field,
+    read by :func:`~blur_lightning.evals.reference_logs.read_reference_log`: TOFU's
+    eval_log_forget.json / eval_log_aggregated.json (R from its mean losses, as TOFU's
+    aggregate_eval_stat.py) or open-unlearning's TOFU_EVAL.json (its forget_truth_ratio scores).
 
     Returns:
         (n,) float64 tensor, in index order when the file is keyed by integers.
@@ -93,14 +94,11 @@ def load_truth_ratios(path: str | Path) -> Tensor:
     path = Path(path)
     with path.open() as f:
         data = json.load(f)
-    if isinstance(data, dict) and "eval_log_forget.json" in data:
-        data = data["eval_log_forget.json"]
-    if isinstance(data, dict) and "truth_ratio" in data:
-        data = data["truth_ratio"]
-    elif isinstance(data, dict) and {"avg_paraphrased_loss", "average_perturb_loss"} <= data.keys():
-        para = torch.tensor(_ordered_values(data["avg_paraphrased_loss"], path), dtype=torch.float64)
-        pert = torch.tensor(_ordered_values(data["average_perturb_loss"], path), dtype=torch.float64)
-        return truth_ratio(-para, -pert)
+    tofu_log_keys = {"avg_paraphrased_loss", "average_perturb_loss"}  # TOFU's log holds a "truth_ratio" too
+    if isinstance(data, dict) and "truth_ratio" in data and not tofu_log_keys & set(data):
+        data = data["truth_ratio"]  # ours: save_truth_ratios, the fictitious build
+    elif isinstance(data, dict) and not all(str(k).lstrip("-").isdigit() for k in data):
+        return read_reference_log(path).forget_truth_ratios()
     values = _ordered_values(data, path)
     if not values or not all(isinstance(v, (int, float)) for v in values):
         raise ValueError(f"{path}: expected a non-empty list or dict of per-example truth ratios")
@@ -243,6 +241,7 @@ def evaluate_tofu(
     world_facts_rows: Sequence[Row],
     retain_model_truth_ratios: Tensor | Sequence[float] | PathLike | None = None,
     *,
+    retain_logs_path: PathLike | None = None,
     prompt_template: str = TOFU_PROMPT,
     max_new_tokens: int = 32,
     batch_size: int = 8,
@@ -262,6 +261,10 @@ def evaluate_tofu(
         world_facts_rows: world_facts_perturbed (same columns).
         retain_model_truth_ratios: a retain-only model's forget-set truth ratios (values or a
             JSON file, see `load_truth_ratios`); forget quality is reported only when given.
+        retain_logs_path: instead, a retain-only model's evaluation log, open-unlearning's
+            TOFU_EVAL.json (its published retain90 logs) or TOFU's eval_log_forget.json, or the
+            folder holding it (:func:`~blur_lightning.evals.reference_logs.read_reference_log`). Its
+            forget examples are matched to the rows by index: it must hold as many as `forget_rows`.
         prompt_template: format string with a {question} field; the answer follows it.
         max_new_tokens: generation length for ROUGE.
         batch_size: sequences per forward / generate call.
@@ -278,17 +281,21 @@ def evaluate_tofu(
         fictitious benchmark's bare answers: the fraction of greedy answers holding it);
         "model_utility"; "forget_quality" when a reference is given;
         and "forget/truth_ratios", the per-example list to save with `save_truth_ratios`
-        when this model is the retain-only reference.
+        when this model is the retain-only reference; "{split}/per_example" per split, the
+        per-example answer_logprob, paraphrased_logprob (forget, retain), perturbed_logprobs and
+        rouge_l_recall (what open-unlearning's TOFU_EVAL.json holds: `log_export.tofu_logs`).
     """
     require_columns(forget_rows, _PERTURBED_COLUMNS, "forget_rows")
     require_columns(retain_rows, _PERTURBED_COLUMNS, "retain_rows")
     require_columns(real_authors_rows, _NO_PARAPHRASE_COLUMNS, "real_authors_rows")
     require_columns(world_facts_rows, _NO_PARAPHRASE_COLUMNS, "world_facts_rows")
+    reference = _reference_truth_ratios(retain_model_truth_ratios, retain_logs_path, perturbed_mean, len(forget_rows))
     rendering = _rendering(tokenizer, prompt_template, prompt_format)
     common = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "show_progress": show_progress, **rendering}
 
     utility = ModelUtility(rouge_stemmer=rouge_stemmer, perturbed_mean=perturbed_mean, **GATHERED)
     accuracies: dict[str, float | None] = {}
+    per_example: dict[str, dict[str, list]] = {}
     for split, rows, base_column in (
         ("retain", retain_rows, "paraphrased_answer"),
         ("real_authors", real_authors_rows, "answer"),
@@ -297,6 +304,7 @@ def evaluate_tofu(
         inputs = _split_inputs(model, tokenizer, rows, split, base_column, **common)
         accuracies[split] = _accuracy(rows, inputs["predictions"])
         utility.update(split, **inputs)
+        per_example[split] = _per_example(inputs, utility.children_metrics[f"{split}__rouge_l_recall"].per_example())
     results: dict[str, Any] = {k: v.item() for k, v in utility.compute_all().items()}
 
     forget = _split_inputs(model, tokenizer, forget_rows, "forget", "paraphrased_answer", **common)
@@ -311,30 +319,93 @@ def evaluate_tofu(
     results["forget/rouge_l_recall"] = rouge.compute().item()
     results["forget/truth_ratio"] = ratio.compute().item()
     results["forget/truth_ratios"] = ratio.per_example().tolist()
-    if retain_model_truth_ratios is not None:
-        if isinstance(retain_model_truth_ratios, (str, Path)):
-            retain_model_truth_ratios = load_truth_ratios(retain_model_truth_ratios)
-        quality = ForgetQuality(retain_model_truth_ratios, perturbed_mean=perturbed_mean, **GATHERED)
+    per_example["forget"] = _per_example(forget, rouge.per_example())
+    results.update({f"{split}/{PER_EXAMPLE}": values for split, values in per_example.items()})
+    if reference is not None:
+        quality = ForgetQuality(reference, perturbed_mean=perturbed_mean, **GATHERED)
         quality.update(forget["paraphrased_logprob"], forget["perturbed_logprobs"])
         results["forget_quality"] = quality.compute().item()
     return results
 
 
+def _per_example(inputs: Mapping[str, Any], rouge_l_recall: Tensor) -> dict[str, list]:
+    """A split's per-example values for the field's log layout (`log_export.tofu_logs`)."""
+    values = {
+        "answer_logprob": inputs["answer_logprob"].tolist(),
+        "perturbed_logprobs": inputs["perturbed_logprobs"].tolist(),
+        "rouge_l_recall": rouge_l_recall.tolist(),
+    }
+    if inputs["paraphrased_logprob"] is not inputs["answer_logprob"]:  # real_authors / world_facts have none
+        values["paraphrased_logprob"] = inputs["paraphrased_logprob"].tolist()
+    return values
+
+
+def _reference_truth_ratios(
+    values: Tensor | Sequence[float] | PathLike | None, logs_path: PathLike | None, perturbed_mean: str, n_forget: int
+) -> Tensor | None:
+    """The retain model's forget truth ratios from `retain_model_truth_ratios` or `retain_logs_path`
+    (read before any scoring, so a bad reference fails in seconds, not after the evaluation)."""
+    if values is not None and logs_path is not None:
+        raise ValueError("tofu options: give retain_model_truth_ratios or retain_logs_path, not both")
+    if logs_path is not None:
+        if perturbed_mean != "geometric":
+            raise ValueError(
+                f"retain_logs_path: the field's logs hold truth ratios over the geometric mean of the perturbed "
+                f"answers; perturbed_mean={perturbed_mean!r} would compare two definitions (use 'geometric')"
+            )
+        log = read_reference_log(logs_path)
+        if log.benchmark != "tofu":
+            raise ValueError(f"retain_logs_path {str(logs_path)!r}: a {log.benchmark} log, not a TOFU one")
+        return log.forget_truth_ratios(n_forget)
+    if isinstance(values, (str, Path)):
+        return load_truth_ratios(values)
+    return values
+
+
 class TofuBenchmark(Benchmark):
     """TOFU's four perturbed sets: forget, retain, real_authors, world_facts (all four needed).
 
-    Options: the keywords of :func:`evaluate_tofu` (``retain_model_truth_ratios``, ``rouge_stemmer``,
-    ``perturbed_mean``, ``prompt_template``); without a ``prompt_template`` the run's prompt format
-    renders questions and answers (:func:`scoring_format`).
+    Options: the keywords of :func:`evaluate_tofu` (``retain_model_truth_ratios`` or
+    ``retain_logs_path``, ``rouge_stemmer``, ``perturbed_mean``, ``prompt_template``); without a
+    ``prompt_template`` the run's prompt format renders questions and answers (:func:`scoring_format`).
+    With ``retain_logs_path`` the before/after table has the reference log's own values beside ours
+    ("retain (ref)").
     """
 
     name = "tofu"
     hub_repo = TOFU_HUB
     default_split = "train"
+    # The before/after table, in order: (result key, label, as a percentage).
+    table_rows: tuple[tuple[str, str, bool], ...] = (
+        ("forget_quality", "forget quality (KS p vs retain)", False),
+        ("model_utility", "model utility", False),
+        *((f"{split}/{stat}", f"{split}: {label}", False) for split in SPLIT_NAMES
+          for stat, label in (("prob", "answer probability"), ("rouge_l_recall", "ROUGE-L recall"),
+                              ("truth_ratio", "truth ratio"))),
+    )  # fmt: skip
+    reference_title = "retain (ref)"
 
     def check_splits(self, names: Sequence[str], options: Mapping[str, Any]) -> None:
         if set(names) != set(SPLIT_NAMES):
             raise ValueError(f"{self.name} needs exactly the splits {SPLIT_NAMES}, got {sorted(names)}")
+        if options.get("retain_logs_path") is not None:
+            if options.get("retain_model_truth_ratios") is not None:
+                raise ValueError(f"{self.name} options: give retain_model_truth_ratios or retain_logs_path, not both")
+            log = read_reference_log(options["retain_logs_path"])  # a bad path or log fails before training
+            if log.benchmark != "tofu":
+                raise ValueError(f"retain_logs_path {options['retain_logs_path']!r}: a {log.benchmark} log, not TOFU's")
+            log.forget_truth_ratios()
+
+    def report(
+        self, before: Results | None, after: Results | None, sizes: Mapping[str, int],
+        options: Mapping[str, Any] | None = None,
+    ) -> str | None:  # fmt: skip
+        path = (options or {}).get("retain_logs_path")
+        reference = (self.reference_title, read_reference_log(path).summary) if path is not None else None
+        return before_after_table(self.table_rows, before, after, sizes, reference)
+
+    def field_logs(self, results: Results) -> dict[str, Any] | None:
+        return tofu_logs(results)
 
     def evaluate(
         self, model: Any, tokenizer: Any, rows: Mapping[str, Sequence[Row]], settings: EvalSettings,

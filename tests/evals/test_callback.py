@@ -206,7 +206,7 @@ def test_muse_and_wmdp_match_their_evaluations(tmp_path, tokenizer, tiny_model):
         privleak_holdout_rows=rows["privleak_holdout"], auc_retrain=0.4772, max_length=64,
         verbmem_max_new_tokens=5, knowmem_max_new_tokens=5, batch_size=2,
     )  # fmt: skip
-    assert results == expected and set(results) == {
+    assert results == expected and {k for k in results if not k.endswith("/per_example")} == {
         "verbmem_f",
         "knowmem_f",
         "knowmem_r",
@@ -224,7 +224,8 @@ def test_muse_and_wmdp_match_their_evaluations(tmp_path, tokenizer, tiny_model):
     assert wmdp_cb.options == {"subjects": {"bio": "biology"}}  # each evaluation gets its own copy
 
     # PrivLeak (a percentage) gets its own panel in the plot; the summary holds every evaluation
-    muse.evaluations = [{"stage": s, "step": i, "metrics": {**results, "privleak": -40.0 + i}} for i, s in
+    scalars = {k: v for k, v in results.items() if not k.endswith("/per_example")}
+    muse.evaluations = [{"stage": s, "step": i, "metrics": {**scalars, "privleak": -40.0 + i}} for i, s in
                         enumerate(["fit_start", "validation", "test"])]  # fmt: skip
     json_path, png_path = muse.write(str(tmp_path))
     assert json.loads(open(json_path).read())["sizes"]["verbmem"] == 2
@@ -350,3 +351,32 @@ def test_fit_start_results_come_from_the_cache_for_the_same_weights(tmp_path, to
                                     cache_dir=str(tmp_path / "cache"))  # fmt: skip
     tiny_fit(tmp_path / "d", tokenizer, copy.deepcopy(tiny_model), other_rows, max_steps=1)
     assert len(calls) == 3 and not other_rows.evaluations[0]["cached"]  # other rows: a miss
+
+
+def test_tofu_with_a_reference_log_reports_forget_quality_and_writes_the_fields_layout(tmp_path, tokenizer, tiny_model):
+    from blur_lightning.evals.metrics import forget_quality
+    from blur_lightning.evals.reference_logs import read_reference_log
+
+    # the reference: this model's own evaluation before training, in open-unlearning's layout
+    before = EvaluationCallback("tofu", fixture_paths(TOFU_FILES), max_new_tokens=2, cache_fit_start=False)
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    for name, content in before.spec.field_logs(before.evaluate(tiny_model, tokenizer)).items():
+        (reference / name).write_text(json.dumps(content))
+
+    callback = EvaluationCallback("tofu", fixture_paths(TOFU_FILES), stages=["fit_start", "fit_end"], max_new_tokens=2,
+                                  options={"retain_logs_path": str(reference)}, cache_fit_start=False)  # fmt: skip
+    tiny_fit(tmp_path / "run", tokenizer, tiny_model, callback)
+    summary = json.loads((tmp_path / "run" / "tofu_eval.json").read_text())
+    start, end = summary["evaluations"][0], summary["evaluations"][-1]
+    assert start["metrics"]["forget_quality"] == 1.0  # the reference model itself
+    ratios = read_reference_log(reference).forget_truth_ratios()
+    expected = forget_quality(torch.tensor(end["extras"]["forget/truth_ratios"]), ratios).item()
+    assert end["stage"] == "fit_end" and end["metrics"]["forget_quality"] == expected
+    table = (tmp_path / "run" / "tofu_eval.md").read_text()
+    assert "| metric | before | after | retain (ref) |" in table and "| forget quality (KS p vs retain) | 1 |" in table
+
+    written = read_reference_log(tmp_path / "run" / "tofu_eval_fit_end")  # TOFU_EVAL.json of the fit_end evaluation
+    assert written.forget_truth_ratios(4).tolist() == end["extras"]["forget/truth_ratios"]
+    assert written.summary["forget_quality"] == expected
+    assert not (tmp_path / "run" / "tofu_eval_fit_start").exists()  # fit_end and test only
