@@ -9,6 +9,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+from conftest import reference_logs_dir
 
 from blur_lightning.data.encoding import encode_prompts, encode_qa_rows
 from blur_lightning.data.prompts import (
@@ -20,15 +21,15 @@ from blur_lightning.data.prompts import (
 from blur_lightning.losses.functional import IGNORE_INDEX
 
 FIXTURES = Path(__file__).parent / "fixtures"
-LOGS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "reference_logs"
-OU = LOGS / "open-unlearning"
+LOGS = reference_logs_dir()
+OU = LOGS / "open-unlearning" if LOGS is not None else None
 SPLITS = ("forget_Q_A_ROUGE", "retain_Q_A_ROUGE", "ra_Q_A_ROUGE", "wf_Q_A_ROUGE")
 LLAMA3_HEAD = (
     "system\n\nCutting Knowledge Date: December 2023\nToday Date: 10 Apr 2025\n\nYou are a helpful assistant.user\n\n"
 )
 LLAMA3_TAIL = "assistant\n\n"
 
-needs_logs = pytest.mark.skipif(not OU.is_dir(), reason="the field's reference logs are not beside the checkout")
+needs_logs = pytest.mark.skipif(OU is None, reason="the field's reference logs: see conftest.reference_logs_dir")
 
 
 @cache

@@ -3,8 +3,8 @@ our reader and metrics; our results written in open-unlearning's layout and read
 benchmark option (forget quality, PrivLeak, the reference column) and its errors.
 
 The logs (open-unlearning's TOFU_EVAL.json / MUSE_EVAL.json with their *_SUMMARY.json, TOFU's phi-1.5
-eval_log*.json) are the project's shared fixtures, ``../shared/fixtures/reference_logs`` beside the checkout
-(``BLUR_REFERENCE_LOGS`` names another folder); the tests that read them skip without them.
+eval_log*.json) are the project's shared fixtures, ``../shared/fixtures/reference_logs`` beside the checkout, or
+the copy in ``tests/fixtures/reference_logs.tar.xz`` (conftest.reference_logs_dir).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import reference_logs_dir
 
 from blur_lightning.evals import muse, tofu
 from blur_lightning.evals import reference_logs as refs
@@ -26,12 +27,10 @@ from blur_lightning.evals.registry import evaluate_benchmark, get_benchmark
 from blur_lightning.testing import tiny as testing
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-_ROOT = Path(__file__).resolve().parents[2]
-_CANDIDATES = [os.environ.get("BLUR_REFERENCE_LOGS"), _ROOT.parent / "shared/fixtures/reference_logs",
-               "/work/shared/fixtures/reference_logs"]  # fmt: skip
-LOGS = next((Path(c) for c in _CANDIDATES if c and Path(c, "README.md").is_file()), None)
-needs_logs = pytest.mark.skipif(LOGS is None, reason="the field's reference logs (shared/fixtures/reference_logs) "
-                                "are not beside this checkout; BLUR_REFERENCE_LOGS names them")  # fmt: skip
+LOGS = reference_logs_dir()
+needs_logs = pytest.mark.skipif(
+    LOGS is None, reason="the field's reference logs: see conftest.reference_logs_dir"
+)
 OU_MODELS = ("Llama-2-7b-chat-hf", "Llama-3.1-8B-Instruct")
 # open-unlearning's privleak reference when no retain log is given (configs/eval/*_metrics/privleak.yaml ref_value)
 OU_DEFAULT_REF_AUC = 0.5
@@ -325,3 +324,23 @@ def test_tofu_forget_quality_against_open_unlearnings_published_retain_log(tiny)
     with pytest.raises(ValueError, match="oracle_truth_ratios or retain_logs_path, not both"):
         get_benchmark("fictitious").check_splits(list(rows), {**options, "oracle_truth_ratios": "x.json"})
     assert math.isfinite(utility)
+
+
+def test_vendored_logs_are_the_shared_ones():
+    """tests/fixtures/reference_logs.tar.xz is a byte-for-byte copy of the workplace's shared folder."""
+    import hashlib
+    import tarfile
+
+    from conftest import REFERENCE_LOGS_ARCHIVE
+
+    shared = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "reference_logs"
+    if not shared.is_dir():
+        pytest.skip("no shared folder beside the checkout to compare with")
+    with tarfile.open(REFERENCE_LOGS_ARCHIVE) as archive:
+        vendored = {
+            os.path.normpath(m.name): hashlib.sha256(archive.extractfile(m).read()).hexdigest()
+            for m in archive.getmembers() if m.isfile()
+        }  # fmt: skip
+    files = [p for p in shared.rglob("*") if p.is_file()]
+    found = {str(p.relative_to(shared)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    assert vendored == found
