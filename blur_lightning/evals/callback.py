@@ -299,9 +299,10 @@ class EvaluationCallback(pl.Callback):
 
     def write(self, out_dir: str) -> tuple[str, str]:
         """Write ``{filename}.json`` (every evaluation), ``{filename}.png`` (bar plot), once there is
-        a before/after table ``{filename}.md``, and the last fit_end and test evaluations in the field's
-        layout where the benchmark has one (``{filename}_{stage}/TOFU_EVAL.json``, ``TOFU_SUMMARY.json``;
-        MUSE's likewise), in out_dir."""
+        a before/after table ``{filename}.md``, and the last validation, fit_end and test evaluations in
+        the field's layout where the benchmark has one (``{filename}_{stage}/TOFU_EVAL.json``,
+        ``TOFU_SUMMARY.json``; MUSE's likewise), in out_dir. The paper configs validate after their
+        last epoch, so ``{filename}_validation`` holds the end of the run."""
         os.makedirs(out_dir, exist_ok=True)
         json_path = os.path.join(out_dir, f"{self.filename}.json")
         png_path = os.path.join(out_dir, f"{self.filename}.png")
@@ -311,7 +312,7 @@ class EvaluationCallback(pl.Callback):
         if table is not None:
             with open(os.path.join(out_dir, f"{self.filename}.md"), "w") as f:
                 f.write(table + "\n")
-        for stage in ("fit_end", "test"):
+        for stage in ("validation", "fit_end", "test"):
             found = self._stage(stage)
             field_logs = self.spec.field_logs({**found["metrics"], **found.get("extras", {})}) if found else None
             for name, content in (field_logs or {}).items():

@@ -364,8 +364,9 @@ def test_tofu_with_a_reference_log_reports_forget_quality_and_writes_the_fields_
     for name, content in before.spec.field_logs(before.evaluate(tiny_model, tokenizer)).items():
         (reference / name).write_text(json.dumps(content))
 
-    callback = EvaluationCallback("tofu", fixture_paths(TOFU_FILES), stages=["fit_start", "fit_end"], max_new_tokens=2,
-                                  options={"retain_logs_path": str(reference)}, cache_fit_start=False)  # fmt: skip
+    callback = EvaluationCallback("tofu", fixture_paths(TOFU_FILES), stages=["fit_start", "validation", "fit_end"],
+                                  max_new_tokens=2, options={"retain_logs_path": str(reference)},
+                                  cache_fit_start=False)  # fmt: skip
     tiny_fit(tmp_path / "run", tokenizer, tiny_model, callback)
     summary = json.loads((tmp_path / "run" / "tofu_eval.json").read_text())
     start, end = summary["evaluations"][0], summary["evaluations"][-1]
@@ -379,4 +380,7 @@ def test_tofu_with_a_reference_log_reports_forget_quality_and_writes_the_fields_
     written = read_reference_log(tmp_path / "run" / "tofu_eval_fit_end")  # TOFU_EVAL.json of the fit_end evaluation
     assert written.forget_truth_ratios(4).tolist() == end["extras"]["forget/truth_ratios"]
     assert written.summary["forget_quality"] == expected
-    assert not (tmp_path / "run" / "tofu_eval_fit_start").exists()  # fit_end and test only
+    assert not (tmp_path / "run" / "tofu_eval_fit_start").exists()  # validation, fit_end and test only
+    last_validation = [e for e in summary["evaluations"] if e["stage"] == "validation"][-1]
+    validated = read_reference_log(tmp_path / "run" / "tofu_eval_validation")  # the paper configs' end of run
+    assert validated.summary["forget_quality"] == last_validation["metrics"]["forget_quality"]
