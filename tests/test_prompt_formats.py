@@ -124,15 +124,15 @@ def test_llama2_chat_prompts_are_the_ones_open_unlearning_logged(run):
 
 @needs_logs
 def test_tofu_phi_prompt_is_tofus_own():
-    """TOFU's phi log: the scored prompt is "Question: q\\nAnswer: "; its generation prompt stops before
-    "Answer: " (the model writes it, and it is logged as the start of the generation)."""
+    """TOFU's phi log: its generation prompt is "Question: q\\n" and the model writes "Answer: " (logged as the
+    start of the generation); TOFU masks only the question, so "Answer: " is scored with the answer."""
     folder = LOGS / "tofu" / "ft_epoch5_lr2e-05_phi_full_wd0.01" / "eval_results" / "ds_size300"
     tok = llama_like_tokenizer("llama-2")
     for name in ("eval_log_forget.json", "eval_real_world_wo_options.json"):
         for logged_input, generation, _ in json.loads((folder / name).read_text())["generated_text"].values():
             question = logged_input.removeprefix("Question: ").removesuffix("\n")
-            prompt, _ = format_qa(tok, question, "x", prompt_format="tofu/phi")
-            assert prompt == logged_input + "Answer: " and generation.startswith("Answer: ")
+            prompt, answer = format_qa(tok, question, "x", prompt_format="tofu/phi")
+            assert (prompt, answer) == (logged_input, "Answer: x") and generation.startswith("Answer: ")
 
 
 # ----- never today's date ----------------------------------------------------------------------------------------
@@ -150,19 +150,29 @@ def test_llama_3_2_prompts_never_carry_todays_date():
 
 
 # ----- tokenization as the field's code does it ---------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["open-unlearning/llama2-chat", "open-unlearning/question-answer", "tofu/phi"])
-def test_field_tag_formats_tokenize_whole_text_and_end_with_one_eos(name):
+# (format, prompt, answer text before eos), written out from the field's code: open-unlearning's
+# preprocess_chat_instance (user_start + q + user_end + asst_start, then the response; its asst_end_tag only
+# closes in-context examples) and TOFU's convert_raw_data_to_model_format (question tags masked, answer tag
+# + answer scored)
+Q, A = "Who wrote the play Romeo and Juliet?", "William Shakespeare"
+FIELD_TAG_ROWS = [
+    ("open-unlearning/llama2-chat", f"[INST] {Q} [/INST]", A),
+    ("open-unlearning/question-answer", f"Question: {Q}\nAnswer: ", A),
+    ("tofu/llama2-chat", f"[INST] {Q} [/INST]", A),
+    ("tofu/phi", f"Question: {Q}\n", f"Answer: {A}"),
+]
+
+
+@pytest.mark.parametrize("name,prompt,answer", FIELD_TAG_ROWS, ids=[r[0] for r in FIELD_TAG_ROWS])
+def test_field_tag_formats_tokenize_whole_text_and_end_with_one_eos(name, prompt, answer):
     tok = llama_like_tokenizer("llama-2")
-    fmt = get_prompt_format(name)
-    question, answer = "Who wrote the play Romeo and Juliet?", "William Shakespeare"
-    (row,), _ = encode_qa_rows(tok, [question], [answer], prompt_format=name)
-    prompt = fmt.user_start + question + fmt.user_end + fmt.assistant_start
-    # open-unlearning's rule, written out: the whole text tokenized once, labels from the prompt's length on
-    full = tok(prompt + answer + fmt.assistant_end)["input_ids"] + [tok.eos_token_id]
+    (row,), _ = encode_qa_rows(tok, [Q], [A], prompt_format=name)
+    # the field's rule: the whole text tokenized once (with bos), labels from the prompt's own token count on
+    full = tok(prompt + answer)["input_ids"] + [tok.eos_token_id]
     n_prompt = len(tok(prompt)["input_ids"])
     assert row["input_ids"] == full
     assert row["labels"] == [IGNORE_INDEX] * n_prompt + full[n_prompt:]
-    assert tok.decode(full[n_prompt:]) == answer + fmt.assistant_end + tok.eos_token
+    assert tok.decode(full[n_prompt:]) == answer + tok.eos_token
 
 
 def test_llama3_answer_ends_with_the_templates_eot_and_no_second_eos():
@@ -179,12 +189,31 @@ def test_scoring_templates_of_a_field_format():
     tok = llama_like_tokenizer("llama-3.1")
     rendering = scoring_format(tok, "open-unlearning/llama3-instruct")
     assert rendering["whole_text"] and rendering["answer_template"] == "{answer}<|eot_id|>"
-    # the tokenizer adds <|begin_of_text|> itself: the template's own is dropped from the text
-    assert rendering["prompt_template"].startswith("<|start_header_id|>system")
+    # the template writes <|begin_of_text|>: scored as rendered, without the tokenizer's own (as trained)
+    assert rendering["prompt_template"].startswith("<|begin_of_text|><|start_header_id|>system")
     assert rendering["prompt_template"].endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
-    assert scoring_format(llama_like_tokenizer("llama-2"), "tofu/llama2-chat") == {
-        "prompt_template": "[INST] {question} [/INST]", "answer_template": "{answer}", "whole_text": True,
+    assert rendering["specials"] is False
+    assert scoring_format(llama_like_tokenizer("llama-2"), "tofu/phi") == {
+        "prompt_template": "Question: {question}\n", "answer_template": "Answer: {answer}", "whole_text": True,
+        "specials": True,
     }  # fmt: skip
+
+
+def test_tofu_scores_exactly_the_trained_tokens():
+    """The TOFU evaluation's scored row for an answer is the training row, for the field's formats."""
+    from blur_lightning.data.encoding import encode_continuations
+    from blur_lightning.evals.tofu import scoring_format
+
+    for family, name in (("llama-3.1", "open-unlearning/llama3-instruct"), ("llama-2", "tofu/phi"),
+                         ("llama-2", "open-unlearning/llama2-chat")):  # fmt: skip
+        tok = llama_like_tokenizer(family)
+        rendering = scoring_format(tok, name)
+        (scored,) = encode_continuations(
+            tok, [rendering["prompt_template"].format(question=Q)], [rendering["answer_template"].format(answer=A)],
+            append_eos=True, whole_text=rendering["whole_text"], specials=rendering["specials"],
+        )  # fmt: skip
+        (trained,), _ = encode_qa_rows(tok, [Q], [A], prompt_format=name)
+        assert scored == trained, name
 
 
 # ----- names and errors --------------------------------------------------------------------------------------------
@@ -193,7 +222,7 @@ def test_every_format_renders_or_refuses_by_name():
     for name, fmt in PROMPT_FORMATS.items():
         assert fmt.name == name and fmt.source
         prompt, answer = format_qa(chat, "Q?", "A.", prompt_format=name)
-        assert "Q?" in prompt and answer.startswith(("A.", " A."))
+        assert "Q?" in prompt and answer.startswith(("A.", " A.", "Answer: A."))
         if fmt.chat_template:
             with pytest.raises(ValueError, match=f"prompt_format {name!r} renders the tokenizer's chat template"):
                 format_qa(plain, "Q?", prompt_format=name)
@@ -212,4 +241,6 @@ def test_unknown_format_names_the_known_ones(tmp_path):
         EvaluationCallback("qa", {"a": str(tmp_path / "a.jsonl")}, prompt_format="llama3")
     with pytest.raises(ValueError, match="use_chat_template=False and prompt_format='tofu/phi' both given"):
         ForgetRetainDataModule(prompt_format="tofu/phi", use_chat_template=False)
-    assert ForgetRetainDataModule(use_chat_template=False).prompt_format == "qa"  # the deprecated switch
+    legacy = ForgetRetainDataModule(use_chat_template=False)  # the deprecated switch
+    assert legacy.prompt_format == "qa"
+    assert ForgetRetainDataModule(**legacy.hparams).prompt_format == "qa"  # rebuilt from its saved hyperparameters

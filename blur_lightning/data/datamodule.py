@@ -146,6 +146,7 @@ class ForgetRetainDataModule(L.LightningDataModule):
                     "set prompt_format only (use_chat_template is deprecated)"
                 )
             prompt_format = "auto" if use_chat_template else "qa"
+            use_chat_template = None  # saved hyperparameters rebuild the module from prompt_format alone
         get_prompt_format(prompt_format)  # an unknown name fails here, naming the known ones
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {max_length}")

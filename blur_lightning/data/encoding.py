@@ -163,6 +163,7 @@ def encode_continuations(
     append_eos: bool,
     max_length: int | None = None,
     whole_text: bool = False,
+    specials: bool = True,
 ) -> list[Row]:
     """Rows scoring each continuation given its prompt (TOFU's answers, WMDP's answer letters).
 
@@ -170,12 +171,13 @@ def encode_continuations(
     concatenated, so the scored tokens are exactly the continuation's (no merge across the boundary);
     TOFU appends eos to the answer. ``whole_text``: tokenized as the field's prompt formats are
     (:func:`split_prompt_answer`; eos only where the text does not end with it). Rows are cut to
-    ``max_length`` tokens.
+    ``max_length`` tokens. ``specials``: the prompt gets the tokenizer's special tokens (its bos);
+    False for text a chat template rendered, which writes its own.
     """
     if not prompts:
         return []
     split = split_prompt_answer(
-        tokenizer, prompts, continuations, specials=True, whole_text=whole_text, append_eos=append_eos
+        tokenizer, prompts, continuations, specials=specials, whole_text=whole_text, append_eos=append_eos
     )
     rows = []
     for prompt, cont in split:

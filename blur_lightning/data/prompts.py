@@ -17,11 +17,14 @@ The field's formats (:data:`PROMPT_FORMATS`), as the reference models were train
 
 * ``open-unlearning/*``: the ``template_args`` of locuslab/open-unlearning's model configs
   (``configs/model/*.yaml``): for chat models the tokenizer's template with a system prompt and the
-  fixed date ``"10 Apr 2025"``; for the others literal tags. Tokenized as open-unlearning does: the
+  fixed date ``"10 Apr 2025"``; for the others literal tags (their ``asst_end_tag`` only closes
+  in-context examples: the scored answer ends with eos). Tokenized as open-unlearning does: the
   whole text at once, the labels starting at the prompt's token count, eos appended when the text
   does not already end with it (its ``preprocess_chat_instance``).
 * ``tofu/*``: locuslab/tofu's ``config/model_config.yaml`` tags (Llama-2-chat ``[INST] ... [/INST]``,
-  phi ``Question: ...\\nAnswer: ``), the answer followed by eos.
+  phi ``Question: ...\\n`` then ``Answer: ...``). TOFU's answer tag belongs to the answer: TOFU masks
+  only the question's tokens, so ``Answer: `` is trained and scored, and its generation prompt stops
+  before it (``convert_raw_data_to_model_format``, ``run_generation``).
 
 :data:`TOFU_PROMPT` ``"Question: {question}\\nAnswer: "`` (trailing space) is TOFU's plain prompt, which
 the TOFU evaluation uses under ``"auto"`` for tokenizers without a chat template; MUSE's knowmem
@@ -73,7 +76,7 @@ class PromptFormat:
         user_start: literal text before the question (tag formats).
         user_end: literal text after the question.
         assistant_start: literal text after ``user_end``, the end of the prompt.
-        assistant_end: literal text after the answer.
+        answer_start: literal text before the answer, on the answer's side (TOFU's answer tag).
         answer_space: ``" {answer}"`` with eos as text (our ``"qa"``: BPE splits it as running text).
         whole_text: tokenize prompt + answer as one text and start the labels at the prompt's token
             count (open-unlearning, TOFU); False: tokenize the two apart (an exact label boundary).
@@ -90,7 +93,7 @@ class PromptFormat:
     user_start: str = ""
     user_end: str = ""
     assistant_start: str = ""
-    assistant_end: str = ""
+    answer_start: str = ""
     answer_space: bool = False
     whole_text: bool = False
     strip_answer_end: bool = False
@@ -128,8 +131,8 @@ class PromptFormat:
         """``(prompt, answer_text)`` of one row: the text before the answer and the answer's own text.
 
         ``answer_text`` is ``""`` without an answer. Under a chat template it is what the template
-        writes after the prompt (the reply and its end-of-turn token); under tags, the answer and
-        ``assistant_end``; under ``"qa"``, ``" {answer}"`` and the eos token.
+        writes after the prompt (the reply and its end-of-turn token); under tags, ``answer_start``
+        and the answer (eos follows at the token level); under ``"qa"``, ``" {answer}"`` and eos.
         """
         fmt = self.resolve(tokenizer)
         if fmt.chat_template:
@@ -143,15 +146,16 @@ class PromptFormat:
             return prompt, ""
         if fmt.answer_space:
             return prompt, f" {answer}{tokenizer.eos_token or ''}"
-        return prompt, answer + fmt.assistant_end
+        return prompt, fmt.answer_start + answer
 
-    def prompt_template(self, tokenizer: Any) -> str:
-        """A ``{question}`` format string of the prompt, for scorers that tokenize prompts with the
-        tokenizer's special tokens: a bos the chat template writes is dropped when the tokenizer
-        adds one itself (Llama 3: one ``<|begin_of_text|>``, not two)."""
+    def prompt_template(self, tokenizer: Any, *, strip_bos: bool = False) -> str:
+        """A ``{question}`` format string of the prompt, as rendered (to tokenize with
+        :meth:`adds_special_tokens`). ``strip_bos``: for scorers that always add the tokenizer's
+        special tokens, a bos the chat template writes is dropped when the tokenizer adds one itself
+        (Llama 3: one ``<|begin_of_text|>``, not two)."""
         fmt = self.resolve(tokenizer)
         text, _ = fmt.render(tokenizer, _MARKER)
-        if fmt.chat_template:
+        if fmt.chat_template and strip_bos:
             bos = tokenizer.bos_token
             added = tokenizer("", add_special_tokens=True)["input_ids"]
             if bos and text.startswith(bos) and added[:1] == [tokenizer.bos_token_id]:
@@ -168,11 +172,11 @@ def _as_format_string(text: str, marker: str, field: str) -> str:
     return text.replace("{", "{{").replace("}", "}}").replace(marker, "{" + field + "}")
 
 
-def _tags(name: str, source: str, user_start: str, user_end: str, assistant_start: str, assistant_end: str,
-          whole_text: bool = True) -> PromptFormat:  # fmt: skip
+def _tags(name: str, source: str, user_start: str, user_end: str, assistant_start: str,
+          answer_start: str = "") -> PromptFormat:  # fmt: skip
     return PromptFormat(
         name=name, chat_template=False, date_string=None, user_start=user_start, user_end=user_end,
-        assistant_start=assistant_start, assistant_end=assistant_end, whole_text=whole_text, source=source,
+        assistant_start=assistant_start, answer_start=answer_start, whole_text=True, source=source,
     )  # fmt: skip
 
 
@@ -199,14 +203,14 @@ PROMPT_FORMATS: dict[str, PromptFormat] = {
         _chat("open-unlearning/phi-3.5-instruct", _OU + "Phi-3.5-mini-instruct.yaml", _HELPFUL, None),
         _chat("open-unlearning/zephyr", _OU + "zephyr-7b-beta.yaml", _HELPFUL, DATE_STRING),
         _chat("open-unlearning/gemma-it", _OU + "gemma-7b-it.yaml", None, None),
-        # Llama-2-7b-chat: no system block; " " after the answer ("" before it: open-unlearning found
-        # that a space there tokenizes badly at the border).
-        _tags("open-unlearning/llama2-chat", _OU + "Llama-2-7b-chat-hf.yaml", "[INST] ", " [/INST]", "", " "),
+        # Llama-2-7b-chat: no system block; nothing between [/INST] and the answer (open-unlearning
+        # found that a space there tokenizes badly at the border).
+        _tags("open-unlearning/llama2-chat", _OU + "Llama-2-7b-chat-hf.yaml", "[INST] ", " [/INST]", ""),
         # phi-1.5, Llama-2-7b-hf, Llama-2-13b-hf (MUSE's base models).
         _tags("open-unlearning/question-answer", _OU + "phi-1_5.yaml, Llama-2-*-hf.yaml", "Question: ", "\n",
-              "Answer: ", "\n\n"),  # fmt: skip
-        _tags("tofu/llama2-chat", _TOFU + "llama2-7b", "[INST] ", " [/INST]", "", ""),
-        _tags("tofu/phi", _TOFU + "phi", "Question: ", "\n", "Answer: ", ""),
+              "Answer: "),  # fmt: skip
+        _tags("tofu/llama2-chat", _TOFU + "llama2-7b", "[INST] ", " [/INST]", ""),
+        _tags("tofu/phi", _TOFU + "phi", "Question: ", "\n", "", answer_start="Answer: "),
     )
 }
 
@@ -285,4 +289,4 @@ def chat_prompt_template(tokenizer: Any) -> str | None:
     tokenizer has no chat template."""
     if not has_chat_template(tokenizer):
         return None
-    return PROMPT_FORMATS["chat"].prompt_template(tokenizer)
+    return PROMPT_FORMATS["chat"].prompt_template(tokenizer, strip_bos=True)

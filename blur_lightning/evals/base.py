@@ -92,9 +92,9 @@ class Benchmark:
         `options` are the evaluation's (a reference log named there adds its column)."""
         return None
 
-    def field_logs(self, results: Results) -> dict[str, Any] | None:
-        """One evaluation's results in the field's own files, file name -> JSON content (e.g.
-        open-unlearning's ``TOFU_EVAL.json`` and ``TOFU_SUMMARY.json``); None: no such layout."""
+    def field_logs(self, results: Results, options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        """One evaluation's results (taken with ``options``) in the field's own files, file name -> JSON
+        content (e.g. open-unlearning's ``TOFU_EVAL.json`` and ``TOFU_SUMMARY.json``); None: no such layout."""
         return None
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -41,6 +42,7 @@ from blur_lightning.evals.base import EvalSettings, Results, is_scalar
 from blur_lightning.evals.cache import EvalCache, cache_key, content_fingerprint, model_fingerprint
 from blur_lightning.evals.qa import DEFAULT_MAX_NEW_TOKENS
 from blur_lightning.evals.registry import evaluate_benchmark, get_benchmark
+from blur_lightning.evals.scoring import autocast_for
 from blur_lightning.training.runs import log_dir, write_json
 from blur_lightning.training.stage_times import stage as timed_stage
 
@@ -122,6 +124,7 @@ class EvaluationCallback(pl.Callback):
                     "prompt_format only (chat_template is deprecated)"
                 )
             prompt_format = "auto" if chat_template else "qa"
+            chat_template = None
         if prompt_format is not None:
             get_prompt_format(prompt_format)  # an unknown name fails here, naming the known ones
         self._prompt_format = prompt_format  # None: the data module's, at setup
@@ -176,7 +179,7 @@ class EvaluationCallback(pl.Callback):
             if results is None:
                 # the training precision's autocast (bf16-mixed: bf16 matmuls on fp32 weights), as the
                 # model computes in training; outside it a mixed run would be evaluated in fp32
-                with trainer.precision_plugin.forward_context():
+                with autocast_for(str(trainer.precision), trainer.strategy.root_device):
                     results = self.evaluate(model, tokenizer, show_progress=show)
                 if key is not None:
                     self.cache.put(key, results)
@@ -308,15 +311,20 @@ class EvaluationCallback(pl.Callback):
         png_path = os.path.join(out_dir, f"{self.filename}.png")
         write_json(json_path, self.summary())
         plot_evaluations(self.evaluations, png_path, title=f"{self.benchmark.upper()} evaluation")
-        table = self.table() if self._stage("fit_end") is not None else None
+        for stage in ("validation", "fit_end", "test"):  # first: the results, whatever the table does
+            found = self._stage(stage)
+            results = {**found["metrics"], **found.get("extras", {})} if found else None
+            field_logs = self.spec.field_logs(results, self.options) if found else None
+            for name, content in (field_logs or {}).items():
+                write_json(os.path.join(out_dir, f"{self.filename}_{stage}", name), content)
+        try:  # the table re-reads a reference log: one moved since the start must not cost the run's files
+            table = self.table() if self._stage("fit_end") is not None else None
+        except (OSError, ValueError) as err:
+            warnings.warn(f"{self.benchmark}: no before/after table ({err})", RuntimeWarning, stacklevel=2)
+            table = None
         if table is not None:
             with open(os.path.join(out_dir, f"{self.filename}.md"), "w") as f:
                 f.write(table + "\n")
-        for stage in ("validation", "fit_end", "test"):
-            found = self._stage(stage)
-            field_logs = self.spec.field_logs({**found["metrics"], **found.get("extras", {})}) if found else None
-            for name, content in (field_logs or {}).items():
-                write_json(os.path.join(out_dir, f"{self.filename}_{stage}", name), content)
         return json_path, png_path
 
     def state_dict(self) -> dict[str, Any]:

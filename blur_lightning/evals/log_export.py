@@ -56,12 +56,14 @@ def _probability_entry(logprob: torch.Tensor) -> dict[str, Any]:
     return _entry(_mean(prob), value_by_index)
 
 
-def tofu_logs(results: Mapping[str, Any]) -> dict[str, dict[str, Any]] | None:
+def tofu_logs(results: Mapping[str, Any], perturbed_mean: str = "geometric") -> dict[str, dict[str, Any]] | None:
     """One TOFU evaluation (:func:`~blur_lightning.evals.tofu.evaluate_tofu`'s results) in open-unlearning's files.
 
     Args:
         results: the scalars and the per-example values ("{split}/per_example": answer_logprob,
             paraphrased_logprob on forget / retain, perturbed_logprobs, rouge_l_recall).
+        perturbed_mean: how the evaluation averaged the perturbed answers ("geometric", TOFU's code, or
+            "arithmetic"): the per-example ratios are those its aggregates came from.
 
     Returns:
         {"TOFU_EVAL.json": ..., "TOFU_SUMMARY.json": ...}; None when the results hold no per-example values.
@@ -88,7 +90,7 @@ def tofu_logs(results: Mapping[str, Any]) -> dict[str, dict[str, Any]] | None:
         logs[tofu_metric_name(split, "rouge_l_recall")] = _entry(
             results[f"{split}/rouge_l_recall"], _by_index(rouge, "rougeL_recall")
         )
-        ratios = truth_ratio(base, perturbed)  # R itself, whatever the aggregate: open-unlearning's "score"
+        ratios = truth_ratio(base, perturbed, perturbed_mean)  # R itself, whatever the aggregate: its "score"
         logs[tofu_metric_name(split, "truth_ratio")] = _entry(
             results[f"{split}/truth_ratio"], _by_index(ratios.tolist(), "score")
         )

@@ -244,7 +244,7 @@ class MuseBenchmark(Benchmark):
         reference = ("retrain (ref)", read_reference_log(path).summary) if path is not None else None
         return before_after_table(self.table_rows, before, after, sizes, reference)
 
-    def field_logs(self, results: Results) -> dict[str, Any] | None:
+    def field_logs(self, results: Results, options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
         return muse_logs(results)
 
     def evaluate(

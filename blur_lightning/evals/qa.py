@@ -28,6 +28,7 @@ from blur_lightning.evals.base import Benchmark, EvalSettings, Results
 from blur_lightning.evals.replay import DEFAULT_MIN_MARGIN, replay
 from blur_lightning.evals.scoring import (
     greedy_continuations,
+    model_device,
     sequence_scores,
     sequence_scores_with_top2,
     stop_token_ids,
@@ -197,8 +198,10 @@ def qa_examples(
     questions = [str(r[question_column]) for r in rows]
     golds = [str(r[answer_column]) for r in rows]
     targets = golds if prob_column is None else [str(r[prob_column]) for r in rows]
-    # bf16/fp16 logits round ~1e-2 apart between the two computation orders: always generate there
-    replaying = replay_greedy and prob_column is not None and _dtype(model) == torch.float32
+    # bf16/fp16 logits round ~1e-2 apart between the two computation orders: always generate there,
+    # half weights or a half autocast (the training precision's, which evaluations run under)
+    half_autocast = torch.is_autocast_enabled(model_device(model).type)
+    replaying = replay_greedy and prob_column is not None and _dtype(model) == torch.float32 and not half_autocast
     probs, tops = _answer_scores(
         model, tokenizer, questions, targets, batch_size, prompt_format=prompt_format,
         desc=f"{name}: score", show_progress=show_progress, readout=replaying,

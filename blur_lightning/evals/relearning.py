@@ -17,7 +17,6 @@ itself worked (if it did not, a low `held_back` figure proves nothing).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import random
@@ -35,7 +34,7 @@ from blur_lightning.data.encoding import encode_qa_rows, pad_side
 from blur_lightning.data.prompts import PromptFormat
 from blur_lightning.data.rows import load_rows, require_columns
 from blur_lightning.evals.qa import evaluate_qa, summarize
-from blur_lightning.evals.scoring import model_device
+from blur_lightning.evals.scoring import AUTOCAST_DTYPES, autocast_for, model_device
 from blur_lightning.evals.sharding import is_sharded
 from blur_lightning.losses.functional import nll_loss
 from blur_lightning.models import adapters
@@ -208,17 +207,6 @@ def relearning_probe(
     }
 
 
-# Lightning's precision names -> the autocast dtype of the probe's forwards ("-true" ones: the copy is
-# already in that dtype; "32-true" / None: float32, no autocast)
-_AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-
-
-def autocast_for(precision: str | None, device: torch.device) -> contextlib.AbstractContextManager:
-    """The autocast of a Lightning precision ("bf16-mixed", "16-mixed"); a no-op for the others."""
-    dtype = _AUTOCAST.get(precision or "32-true")
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
 def _trained_format(trainer: pl.Trainer) -> str:
     """The data module's prompt format (the probe asks as training did); "auto" without one."""
     return getattr(trainer.datamodule, "prompt_format", None) or "auto"
@@ -258,7 +246,7 @@ def _fine_tune(
     device = model_device(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    dtype = _AUTOCAST.get(precision or "32-true")
+    dtype = AUTOCAST_DTYPES.get(precision or "32-true")
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     step = (lambda: (scaler.step(optimizer), scaler.update())) if scaler is not None else None
     rng = random.Random(seed)

@@ -11,6 +11,7 @@ Everything runs under ``torch.no_grad`` with the model in eval mode (its mode re
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -26,7 +27,9 @@ from blur_lightning.models.loading import pad_token_id
 from blur_lightning.training.progress import progress
 
 __all__ = [
+    "AUTOCAST_DTYPES",
     "END_OF_TURN",
+    "autocast_for",
     "eval_mode",
     "generate_greedy",
     "greedy_continuations",
@@ -43,6 +46,18 @@ __all__ = [
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 
 EncodedRow = dict[str, list[int]]
+
+
+# Lightning's mixed precisions -> their autocast dtype ("-true" ones: the weights are already in it)
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def autocast_for(precision: str | None, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast of a Lightning mixed precision ("bf16-mixed", "16-mixed"), as its training steps
+    run; a no-op for the others. ("-true" precisions also change torch's default dtype in Lightning's
+    own context, which an evaluation's float64 metrics must not inherit.)"""
+    dtype = AUTOCAST_DTYPES.get(precision or "32-true")
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -309,10 +324,12 @@ def generate_greedy(
     *,
     desc: str = "generate",
     show_progress: bool = True,
+    add_special_tokens: bool = True,
 ) -> list[str]:
-    """Greedy continuations of raw-text prompts (tokenized with the tokenizer's special tokens, no
-    chat template), stopping at the model's eos; see :func:`greedy_continuations`."""
-    prompt_ids = tokenizer(list(prompts))["input_ids"] if prompts else []
+    """Greedy continuations of raw-text prompts (tokenized with the tokenizer's special tokens unless
+    ``add_special_tokens`` is False: text a chat template rendered), stopping at the model's eos; see
+    :func:`greedy_continuations`."""
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"] if prompts else []
     return greedy_continuations(
         model, tokenizer, prompt_ids, max_new_tokens, batch_size, desc=desc, show_progress=show_progress
     )
