@@ -20,7 +20,9 @@ A case (all keys but name and layout optional):
     data ({"forget", "retain", "tokenizer"}: QA JSONL files through ForgetRetainDataModule, `rows` per rank per
     micro-batch, shuffled; vocab must be the tokenizer's), max_steps,
     lora_rank / lora_alpha / lora_dropout / lora_target_modules (LoRA adapters),
-    activation_checkpointing.
+    activation_checkpointing, gradient_sync ("per_step" or "per_micro_batch"), count_collectives (record the
+    gradient-sized collectives of every backward and every optimizer step: blur_lightning.testing.collectives),
+    module ("blur", or "finetune": FineTuner on the retain side of the same batches).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ DEFAULTS = dict(
     accelerator="cpu", backend="torch", param_dtype=None, reduce_dtype=None, bucket_view=False, inf_loss_at=None,
     npo_reference="auto", data=None, max_steps=-1,
     lora_rank=None, lora_alpha=8.0, lora_dropout=0.0, lora_target_modules=None, activation_checkpointing=False,
+    gradient_sync="per_step", count_collectives=False, module="blur",
 )
 
 
@@ -126,6 +129,12 @@ def build_module(case: dict):
     else:
         optimizer = functools.partial(torch.optim.AdamW, lr=case["lr"], weight_decay=0.01)
     model = case["model_path"] or build_tiny_llama(vocab_size=case["vocab"], seed=0)
+    if case["module"] == "finetune":
+        from blur_lightning.training.finetune import FineTuner
+
+        return FineTuner(model, accumulate_grad_batches=case["accumulate"], gradient_sync=case["gradient_sync"],
+                         gradient_clip_val=case["clip"], optimizer=optimizer, export_dir=case["export_dir"],
+                         attn_implementation="eager")  # fmt: skip
     return BLURUnlearner(
         model, mode=case["mode"], forget_loss=case["forget_loss"], retain_loss=case["retain_loss"],
         gamma=case["gamma"], alpha=case["alpha"], accumulate_grad_batches=case["accumulate"],
@@ -133,6 +142,7 @@ def build_module(case: dict):
         projection_backend=case["backend"], attn_implementation="eager", npo_reference=case["npo_reference"],
         lora_rank=case["lora_rank"], lora_alpha=case["lora_alpha"], lora_dropout=case["lora_dropout"],
         lora_target_modules=case["lora_target_modules"], activation_checkpointing=case["activation_checkpointing"],
+        gradient_sync=case["gradient_sync"],
     )
 
 
@@ -155,6 +165,9 @@ def run_case(case: dict, rank: int) -> dict:
                 trainer.save_checkpoint(path)
 
     module = build_module(case)
+    collectives: dict[str, list[int]] = {"backward": [], "step": []}
+    if case["count_collectives"]:
+        count_collectives(module, collectives)
     if case["inf_loss_at"] is not None:
         infinite_forget_loss(module, rank, *case["inf_loss_at"])
     single = case["layout"] == "single"
@@ -168,6 +181,8 @@ def run_case(case: dict, rank: int) -> dict:
         ))
     else:
         batches = rank_batches(case, rank) if not single else concatenated_batches(case)
+        if case["module"] == "finetune":  # one set: the retain side
+            batches = [{"retain": b["retain"]} for b in batches]
         loader = dict(train_dataloaders=ResumableBatches(batches))
     trainer = pl.Trainer(
         accelerator=case["accelerator"], devices=1 if single else case["world"] // case["num_nodes"],
@@ -177,10 +192,34 @@ def run_case(case: dict, rank: int) -> dict:
         use_distributed_sampler=False, callbacks=[Record()], limit_val_batches=0,
     )
     trainer.fit(module, ckpt_path=case["ckpt_path"], **loader)
-    table = module._npo_cache.values.cpu() if module._npo_cache is not None else None
+    cache = getattr(module, "_npo_cache", None)  # BLURUnlearner only
+    table = cache.values.cpu() if cache is not None else None
     return {"state": full_state_dict(module.model), "stats": stats, "global_step": trainer.global_step,
             "skipped_steps": int(module.skipped_steps), "npo_table": table,
-            "has_reference": module.reference_model is not None}
+            "has_reference": module.reference_model is not None, "collectives": collectives}
+
+
+def count_collectives(module, record: dict[str, list[int]]) -> None:
+    """Append the gradient-sized collectives of each backward to record["backward"] (forget, retain,
+    forget, ...) and of each optimizer step (the projection, the update) to record["step"]."""
+    from blur_lightning.testing.collectives import CollectiveCounter
+
+    name = "_optimizer_step" if hasattr(module, "_optimizer_step") else "_fine_tune_step"
+    backward, optimizer_step = module.manual_backward, getattr(module, name)
+
+    def counted_backward(loss, *args, **kwargs):
+        with CollectiveCounter() as comms:
+            backward(loss, *args, **kwargs)
+        record["backward"].append(comms.gradient)
+
+    def counted_step(*args):
+        with CollectiveCounter() as comms:
+            out = optimizer_step(*args)
+        record["step"].append(comms.gradient)
+        return out
+
+    module.manual_backward = counted_backward
+    setattr(module, name, counted_step)
 
 
 def infinite_forget_loss(module, rank: int, at_rank: int, at_micro_batch: int) -> None:
