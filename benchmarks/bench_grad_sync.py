@@ -153,6 +153,11 @@ def worker(spec_path: str) -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    # after profiler sessions the interpreter's exit can abort in torch's C++ teardown (seen in the tests'
+    # workers); the results are written: leave without it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # --------------------------------------------------------------------------------------------
