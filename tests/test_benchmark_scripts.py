@@ -36,6 +36,7 @@ SCRIPTS = {
     "bench_projection.py": "test_bench_projection",
     "bench_step.py": "test_bench_step",
     "bench_lora_step.py": "test_bench_lora_step",
+    "bench_grad_sync.py": "test_bench_grad_sync",
     "memory_model.py": "test_memory_model",
     "relearning.py": "test_relearning",
     "unlearning_quality.py": "test_unlearning_quality",
@@ -167,6 +168,26 @@ def test_bench_lora_step(tmp_path):
     assert float(rows["full"]["vs_full"]) == 1.0
     assert "| variant | ms/step | p20 | p80 | vs full | trainable | ref copy | peak MiB |" in out
     assert "| lora_ac |" in out
+
+
+@pytest.mark.timeout(120)
+def test_bench_grad_sync(tmp_path):
+    # 2 gloo processes, k = 2, one counted and one timed step per layout and setting: 12-15 s on 2 cores
+    out = run_script("bench_grad_sync.py", "--out", tmp_path, "--accumulate", 2, "--steps", 1, "--warmup", 1,
+                     "--rounds", 1, timeout=110)  # fmt: skip
+    rows = {(r["layout"], r["gradient_sync"]): r for r in read_csv(tmp_path / "bench_grad_sync.csv")}
+    assert list(rows) == [(layout, sync) for layout in ("ddp", "fsdp2") for sync in ("per_step", "per_micro_batch")]
+    # tiny_llama: 139,584 parameters in one DDP bucket; FSDP2 shards 2 decoder layers and the root: 3 groups.
+    # per_step reduces each side once per step, per_micro_batch every backward (2 sides x k = 2 micro-batches)
+    groups = {"ddp": 1, "fsdp2": 3}
+    for (layout, sync), r in rows.items():
+        reductions = 2 if sync == "per_step" else 4
+        assert int(r["gradient_collectives"]) == reductions * groups[layout], (layout, sync, r)
+        assert int(r["gradient_numel"]) == reductions * 139584 == reductions * int(r["params"])
+        assert r["steps_timed"] == "1" and float(r["median_ms"]) > 0
+    assert all(float(r["vs_per_micro_batch"]) == 1.0 for (_, sync), r in rows.items() if sync == "per_micro_batch")
+    table = (tmp_path / "bench_grad_sync.md").read_text()
+    assert table.startswith("Gradient sync benchmark: 2 x CPU") and table in out and table.count("| per_step |") == 2
 
 
 @pytest.mark.timeout(60)

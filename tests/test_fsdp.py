@@ -378,7 +378,11 @@ def test_sharded_checkpoint_resume_reaches_same_weights(two_rank_run):
             got = load(out, name, rank)
             assert got["global_step"] == 4
             diff = assert_same_weights(got["state"], full["state"], 1e-7, f"{name} rank {rank}")
-            assert got["stats"] == full["stats"][-len(got["stats"]):]
+            if name == "ckpt_resume_mid_window":  # the saved window is what the full run went on with
+                assert got["stats"] == full["stats"][-len(got["stats"]):]
+            else:  # the full run reduced window 3's first micro-batch when it saved there (gradient_sync
+                # per_step: the flush), this run only with the second: the same sums, rounded in another order
+                assert_same_sums(got["stats"], full["stats"][-len(got["stats"]):], rtol=1e-6)
         print(f"{name}: max abs diff {diff:.3g}")
 
 

@@ -1,1 +1,1 @@
-"""Helpers for tests and benchmarks: tiny models and tokenizers, the host-read counter."""
+"""Helpers for tests and benchmarks: tiny models and tokenizers, the host-read and collective counters."""

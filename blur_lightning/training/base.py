@@ -8,7 +8,8 @@ and the projection; FineTuner: one NLL pass); this class holds the rest, one cop
   adapters, the trainable-parameter filter, activation checkpointing; FSDP2 and FSDP1 through
   `blur_lightning.distributed`), and the frozen reference when a loss needs one (`set_reference`);
 * the optimizer step in progress (`AccumulationWindow`), saved and reopened when a checkpoint falls
-  inside it;
+  inside it, and which of its backward passes reduce their gradients across ranks (`GradientSync`:
+  under DDP and FSDP2 only the window's last micro-batch, by default);
 * the end of every optimizer step (`_apply_update`): a non-finite step skipped the same way on every
   path (GradScaler, a fused optimizer's device flag, or one host read), counted as a step, then the
   scheduler;
@@ -33,6 +34,7 @@ from blur_lightning.core.clipping import check_algorithm, check_clip_value
 from blur_lightning.core.nonfinite import NONFINITE_SKIP, is_fused_blur_optimizer
 from blur_lightning.core.step import apply_update
 from blur_lightning.data.datamodule import VAL_LOADER_NAMES
+from blur_lightning.distributed.grad_sync import GradientSync
 from blur_lightning.distributed.hooks import StrategyHooks
 from blur_lightning.losses import functional as losses
 from blur_lightning.models import activation_checkpointing as checkpointing
@@ -48,7 +50,7 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LR
 class CausalLMModule(pl.LightningModule):
     """The shared machinery of BLURUnlearner and FineTuner (see the module doc); not used on its own.
 
-    Args: model, model_dtype, attn_implementation, accumulate_grad_batches, gradient_clip_val,
+    Args: model, model_dtype, attn_implementation, accumulate_grad_batches, gradient_sync, gradient_clip_val,
         gradient_clip_algorithm, nonfinite_skip, trainable_params, lora_rank, lora_alpha,
         lora_dropout, lora_target_modules, activation_checkpointing, export_dir, optimizer,
         scheduler: as documented on :class:`~blur_lightning.training.unlearner.BLURUnlearner`.
@@ -64,6 +66,7 @@ class CausalLMModule(pl.LightningModule):
         model_dtype: str,
         attn_implementation: str,
         accumulate_grad_batches: int,
+        gradient_sync: str,
         gradient_clip_val: float | None,
         gradient_clip_algorithm: str,
         nonfinite_skip: str,
@@ -97,6 +100,7 @@ class CausalLMModule(pl.LightningModule):
         self._reference: list[nn.Module] = []
         self._group_cache: tuple | None = None  # (strategy, hook, the projection's group(s))
         self._window = AccumulationWindow()  # the optimizer step in progress: stash, micro-step, loss sums
+        self._grad_sync = GradientSync(gradient_sync, accumulate_grad_batches)  # which backwards reduce
         # a checkpoint's open window (entry, path), put back in on_train_start, once the model is in place
         self._pending_window: tuple[dict, str | None] | None = None
         self._warned_nonfinite = False
@@ -197,6 +201,22 @@ class CausalLMModule(pl.LightningModule):
         if ref is not None:
             ref.to(self.device)
         self.model.train()
+        self._grad_sync.detach()  # the strategy has wrapped the model anew: read the layout again
+
+    def _closes_window(self) -> bool:
+        """Whether the micro-batch about to run ends the optimizer step (k-th, or the epoch's last)."""
+        return self._window.micro_step + 1 == self.hparams.accumulate_grad_batches or self._is_last_batch()
+
+    def _reduces(self, closes_window: bool) -> bool:
+        """Whether this micro-batch's backward passes reduce their gradients across ranks (GradientSync)."""
+        if not self._grad_sync.attached:
+            self._grad_sync.attach(getattr(self._trainer, "strategy", None), self.model)
+        return self._grad_sync.reduces(closes_window)
+
+    def _backward(self, loss: torch.Tensor, *, reduce: bool, stashed: bool = False) -> None:
+        """manual_backward, reducing its gradients across ranks or accumulating them locally (GradientSync)."""
+        with self._grad_sync.backward(reduce=reduce, stashed=stashed):
+            self.manual_backward(loss)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
@@ -283,6 +303,7 @@ class CausalLMModule(pl.LightningModule):
             self._warned_nonfinite = True
 
     def on_train_end(self) -> None:
+        self._grad_sync.release()
         self._warn_if_skipped(self._skip_watch.read(wait=True))
 
     def _should_log_step(self) -> bool:
@@ -363,6 +384,8 @@ class CausalLMModule(pl.LightningModule):
         from blur_lightning.distributed import fsdp as distributed
 
         strategy = self._trainer.strategy if self._trainer else None
+        if self._window.is_open:  # rank-local sums are reduced first (a collective; every rank saves)
+            self._window.forget_stash = self._grad_sync.flush(self.trainable_parameters(), self._window.forget_stash)
         distributed.accumulation_state(self._window, self._named_trainable(), checkpoint, strategy)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

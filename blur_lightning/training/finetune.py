@@ -36,7 +36,7 @@ class FineTuner(CausalLMModule):
     """Fine-tune on the retain set with NLL on the answer tokens (``qa`` rows) or every token (``text``).
 
     Args:
-        model, model_dtype, attn_implementation, accumulate_grad_batches, gradient_clip_val,
+        model, model_dtype, attn_implementation, accumulate_grad_batches, gradient_sync, gradient_clip_val,
         gradient_clip_algorithm, nonfinite_skip, trainable_params, lora_rank, lora_alpha, lora_dropout,
         lora_target_modules, activation_checkpointing, export_dir, optimizer, scheduler: as
         :class:`~blur_lightning.training.unlearner.BLURUnlearner`.
@@ -48,6 +48,7 @@ class FineTuner(CausalLMModule):
         model_dtype: str = "float32",
         attn_implementation: str = "auto",
         accumulate_grad_batches: int = 1,
+        gradient_sync: str = "per_step",
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
         nonfinite_skip: str = "auto",
@@ -63,7 +64,7 @@ class FineTuner(CausalLMModule):
     ) -> None:
         super().__init__(
             model=model, model_dtype=model_dtype, attn_implementation=attn_implementation,
-            accumulate_grad_batches=accumulate_grad_batches,
+            accumulate_grad_batches=accumulate_grad_batches, gradient_sync=gradient_sync,
             gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm,
             nonfinite_skip=nonfinite_skip, trainable_params=trainable_params, lora_rank=lora_rank,
             lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_target_modules=lora_target_modules,
@@ -83,11 +84,12 @@ class FineTuner(CausalLMModule):
                 "(a forget set here would be ignored)"
             )
         k = self.hparams.accumulate_grad_batches
+        closes = self._closes_window()
         loss = self.retain_loss(batch["retain"])
-        self.manual_backward(loss / k)
+        self._backward(loss / k, reduce=self._reduces(closes))  # per_step: reduced in the window's last only
         self._window.add_loss("loss", loss.detach() / k)
         self._window.micro_step += 1
-        if self._window.micro_step == k or self._is_last_batch():
+        if closes:
             self._fine_tune_step()
         return {"loss": loss.detach()}
 

@@ -10,7 +10,10 @@ One optimizer step (k = accumulate_grad_batches micro-batches):
 Two gradient-sized buffers in all (the stash and .grad), never a copy (but under DDP's
 gradient_as_bucket_view, where both passes write one bucket: _own_grads); one activation graph
 alive at a time (each backward frees its graph before the next forward); both gradients
-accumulate over all k micro-batches. The projection runs on device with no host read.
+accumulate over all k micro-batches. The projection runs on device with no host read. Across
+ranks each side is reduced once per step, in the window's last micro-batch (gradient_sync
+"per_step"; under FSDP2 that holds both gradients unsharded while the window is open:
+blur_lightning.distributed.grad_sync).
 
 A step whose losses or gradients are not finite is skipped, parameters and optimizer state
 untouched. With an optimizer that can skip on the device (`BLURFusedAdamW`, or torch's
@@ -70,6 +73,14 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
         rmu_seed: seed of RMU's random control vector.
         accumulate_grad_batches: micro-batches per optimizer step (both gradients accumulate
             over all of them; Lightning's own accumulation does not apply to manual optimization).
+        gradient_sync: which backward passes reduce their gradients across ranks under DDP and FSDP2
+            (blur_lightning.distributed.grad_sync). "per_step": each side once per optimizer step,
+            in the window's last micro-batch (2 gradient collectives per step instead of 2k); the
+            earlier micro-batches add up locally. Under FSDP2 that holds two UNSHARDED gradients
+            per rank while the window is open (one per side, in reduce_dtype when set): for a 7B
+            model with an fp32 reduce, 54 GB per GPU; choose "per_micro_batch" (every backward reduces, as
+            before; the gradients stay sharded) where that does not fit. DDP: no extra memory.
+            One process and k = 1: the same either way. FSDP1 always reduces every backward.
         gradient_clip_val: clip d to this norm (None or 0: no clipping; negative: an error).
         gradient_clip_algorithm: "norm" or "value".
         projection_backend: "auto", "torch" or "triton".
@@ -120,6 +131,7 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
         rmu_steering_coef: float = 6.5,
         rmu_seed: int = 0,
         accumulate_grad_batches: int = 1,
+        gradient_sync: str = "per_step",
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
         projection_backend: str = "auto",
@@ -136,7 +148,8 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
     ) -> None:
         super().__init__(
             model, model_dtype=model_dtype, attn_implementation=attn_implementation,
-            accumulate_grad_batches=accumulate_grad_batches, gradient_clip_val=gradient_clip_val,
+            accumulate_grad_batches=accumulate_grad_batches, gradient_sync=gradient_sync,
+            gradient_clip_val=gradient_clip_val,
             gradient_clip_algorithm=gradient_clip_algorithm, nonfinite_skip=nonfinite_skip,
             trainable_params=trainable_params, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
             lora_target_modules=lora_target_modules, activation_checkpointing=activation_checkpointing,
@@ -166,6 +179,8 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> StepOutput:
         params = self.trainable_parameters()
         k = self.hparams.accumulate_grad_batches
+        closes = self._closes_window()
+        reduce = self._reduces(closes)  # per_step: only the window's last micro-batch reduces across ranks
 
         # Forget pass: bring the forget accumulator into .grad, hold the retain one aside.
         retain_accumulator = [p.grad for p in params]
@@ -173,15 +188,15 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
         for p, g in zip(params, stash):
             p.grad = g
         loss_forget = self.forget_loss(batch["forget"])
-        self.manual_backward(loss_forget / k)  # frees the forget graph before the retain forward
+        self._backward(loss_forget / k, reduce=reduce, stashed=True)  # frees the forget graph before the retain forward
         self._window.forget_stash = self._own_grads([p.grad for p in params])
 
         # Retain pass: the retain accumulator back into .grad.
         for p, g in zip(params, retain_accumulator):
             p.grad = g
         loss_retain = self.retain_loss(batch["retain"])
-        self.manual_backward(loss_retain / k)
-        if k > 1:  # the next forget backward must not write over the retain accumulator
+        self._backward(loss_retain / k, reduce=reduce)
+        if not closes:  # the next forget backward must not write over the retain accumulator
             for p, g in zip(params, self._own_grads([p.grad for p in params])):
                 p.grad = g
 
@@ -189,7 +204,7 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
         self._window.add_loss("retain_loss", loss_retain.detach() / k)
         self._window.micro_step += 1
         out: StepOutput = {"forget_loss": loss_forget.detach(), "retain_loss": loss_retain.detach()}
-        if self._window.micro_step == k or self._is_last_batch():
+        if closes:
             out.update(self._optimizer_step(params))
         return out
 
@@ -197,8 +212,9 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
         """grads, or copies where DDP's gradient_as_bucket_view made them views of its buckets.
 
         Both passes' backward write the same bucket memory, so a gradient kept across the other
-        pass's backward needs its own: one copy per pass, as many as default DDP makes (bucket to
-        .grad) and the same memory (docs/FSDP.md has the measured cost).
+        pass's backward needs its own: one copy per reducing pass, as many as default DDP makes
+        (bucket to .grad) and the same memory (docs/FSDP.md has the measured cost). A backward that
+        skipped its reduction (gradient_sync "per_step") leaves autograd's own tensors: no copy.
         """
         if self._bucket_views is None:
             from blur_lightning.distributed import fsdp as distributed
@@ -206,7 +222,8 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
             self._bucket_views = distributed.grads_alias_buckets(getattr(self._trainer, "strategy", None))
         if not self._bucket_views:
             return grads
-        return [None if g is None else g.clone() for g in grads]
+        # a bucket view is a view of DDP's flat bucket (it has a _base); autograd's own gradient is not
+        return [g.clone() if g is not None and g._base is not None else g for g in grads]
 
     def _optimizer_step(self, params: list[nn.Parameter]) -> StepOutput:
         optimizer = self.optimizers()

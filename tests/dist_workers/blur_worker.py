@@ -21,7 +21,10 @@ A case (all keys but name and layout optional):
     micro-batch, shuffled; vocab must be the tokenizer's), max_steps,
     lora_rank / lora_alpha / lora_dropout / lora_target_modules (LoRA adapters),
     activation_checkpointing, max_epochs, scheduler (LinearWarmupDecay's keyword arguments: then each
-    optimizer step's epoch and lr are recorded, and the lr after the last step).
+    optimizer step's epoch and lr are recorded, and the lr after the last step), gradient_sync ("per_step" or
+    "per_micro_batch"), count_collectives (record the gradient-sized collectives of every backward and every
+    optimizer step: blur_lightning.testing.collectives), module ("blur", or "finetune": FineTuner on the retain
+    side of the same batches).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ DEFAULTS = dict(
     accelerator="cpu", backend="torch", param_dtype=None, reduce_dtype=None, bucket_view=False, inf_loss_at=None,
     npo_reference="auto", data=None, max_steps=-1,
     lora_rank=None, lora_alpha=8.0, lora_dropout=0.0, lora_target_modules=None, activation_checkpointing=False,
-    max_epochs=1, scheduler=None,
+    max_epochs=1, scheduler=None, gradient_sync="per_step", count_collectives=False, module="blur",
 )
 
 
@@ -133,6 +136,12 @@ def build_module(case: dict):
         from blur_lightning.training.schedules import LinearWarmupDecay
 
         scheduler = functools.partial(LinearWarmupDecay, **case["scheduler"])
+    if case["module"] == "finetune":
+        from blur_lightning.training.finetune import FineTuner
+
+        return FineTuner(model, accumulate_grad_batches=case["accumulate"], gradient_sync=case["gradient_sync"],
+                         gradient_clip_val=case["clip"], optimizer=optimizer, export_dir=case["export_dir"],
+                         attn_implementation="eager")  # fmt: skip
     return BLURUnlearner(
         model, mode=case["mode"], forget_loss=case["forget_loss"], retain_loss=case["retain_loss"],
         gamma=case["gamma"], alpha=case["alpha"], accumulate_grad_batches=case["accumulate"],
@@ -140,6 +149,7 @@ def build_module(case: dict):
         projection_backend=case["backend"], attn_implementation="eager", npo_reference=case["npo_reference"],
         lora_rank=case["lora_rank"], lora_alpha=case["lora_alpha"], lora_dropout=case["lora_dropout"],
         lora_target_modules=case["lora_target_modules"], activation_checkpointing=case["activation_checkpointing"],
+        gradient_sync=case["gradient_sync"],
     )
 
 
@@ -169,6 +179,9 @@ def run_case(case: dict, rank: int) -> dict:
                 trainer.save_checkpoint(path)
 
     module = build_module(case)
+    collectives: dict[str, list[int]] = {"backward": [], "step": []}
+    if case["count_collectives"]:
+        count_collectives(module, collectives)
     if case["inf_loss_at"] is not None:
         infinite_forget_loss(module, rank, *case["inf_loss_at"])
     single = case["layout"] == "single"
@@ -182,6 +195,8 @@ def run_case(case: dict, rank: int) -> dict:
         ))
     else:
         batches = rank_batches(case, rank) if not single else concatenated_batches(case)
+        if case["module"] == "finetune":  # one set: the retain side
+            batches = [{"retain": b["retain"]} for b in batches]
         loader = dict(train_dataloaders=ResumableBatches(batches))
     trainer = pl.Trainer(
         accelerator=case["accelerator"], devices=1 if single else case["world"] // case["num_nodes"],
@@ -191,13 +206,38 @@ def run_case(case: dict, rank: int) -> dict:
         use_distributed_sampler=False, callbacks=[Record()], limit_val_batches=0,
     )
     trainer.fit(module, ckpt_path=case["ckpt_path"], **loader)
-    table = module._npo_cache.values.cpu() if module._npo_cache is not None else None
+    cache = getattr(module, "_npo_cache", None)  # BLURUnlearner only
+    table = cache.values.cpu() if cache is not None else None
     schedule = module.lr_schedulers()
     return {"state": full_state_dict(module.model), "stats": stats, "global_step": trainer.global_step,
             "skipped_steps": int(module.skipped_steps), "npo_table": table,
             "has_reference": module.reference_model is not None, "lrs": lrs,
             "final_lr": trainer.optimizers[0].param_groups[0]["lr"],
-            "schedule": None if schedule is None else (schedule.warmup_steps, schedule.total_steps)}
+            "schedule": None if schedule is None else (schedule.warmup_steps, schedule.total_steps),
+            "collectives": collectives}
+
+
+def count_collectives(module, record: dict[str, list[int]]) -> None:
+    """Append the gradient-sized collectives of each backward to record["backward"] (forget, retain,
+    forget, ...) and of each optimizer step (the projection, the update) to record["step"]."""
+    from blur_lightning.testing.collectives import CollectiveCounter
+
+    name = "_optimizer_step" if hasattr(module, "_optimizer_step") else "_fine_tune_step"
+    backward, optimizer_step = module.manual_backward, getattr(module, name)
+
+    def counted_backward(loss, *args, **kwargs):
+        with CollectiveCounter() as comms:
+            backward(loss, *args, **kwargs)
+        record["backward"].append(comms.gradient)
+
+    def counted_step(*args):
+        with CollectiveCounter() as comms:
+            out = optimizer_step(*args)
+        record["step"].append(comms.gradient)
+        return out
+
+    module.manual_backward = counted_backward
+    setattr(module, name, counted_step)
 
 
 def infinite_forget_loss(module, rank: int, at_rank: int, at_micro_batch: int) -> None:
@@ -243,6 +283,12 @@ def main() -> None:
         # A rank that leaves before the others finish their last collective has been seen to abort.
         dist.barrier()
         dist.destroy_process_group()
+    if any(case.get("count_collectives") for case in spec["cases"]):
+        # After many profiler sessions the interpreter's exit has aborted ("terminate called without an
+        # active exception", 2 launches in ~10): the results are saved, so leave without the C++ teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
