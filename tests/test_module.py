@@ -133,6 +133,24 @@ def test_gradient_accumulation_equals_concatenated_batch():
     assert diff > 1e-5
 
 
+def test_a_short_last_window_is_the_mean_of_its_own_micro_batches():
+    """3 micro-batches at k = 2: windows of 2 and 1. The second step is a full step on its one micro-batch
+    (each loss divided by the window's size, as the HF Trainer does), not half of one (divided by k)."""
+    lr = 0.05
+    micro = [make_batch(batch=3, seed=20 + i) for i in range(3)]
+    pair = {side: {k: torch.cat([m[side][k] for m in micro[:2]]) for k in micro[0][side]}
+            for side in ("forget", "retain")}  # fmt: skip
+    kwargs = dict(forget_loss="ga", mode="penalty", gamma=0.5, optimizer=sgd(lr), export_dir=None,
+                  projection_backend="torch")  # fmt: skip
+    accumulated = BLURUnlearner(build_tiny_llama(), accumulate_grad_batches=2, **kwargs)
+    stepwise = BLURUnlearner(build_tiny_llama(), **kwargs)
+    fit(accumulated, micro)
+    fit(stepwise, [pair, micro[2]])
+    assert accumulated.trainer.global_step == 2 == stepwise.trainer.global_step
+    for (name, a), b in zip(accumulated.model.named_parameters(), stepwise.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=f"{name} differs")
+
+
 def test_forget_graph_is_freed_before_retain_forward():
     """Saved activations of the forget forward, counted alive when the retain forward starts: none."""
     module = BLURUnlearner(build_tiny_llama(), forget_loss="ga", optimizer=sgd(0.01), export_dir=None)

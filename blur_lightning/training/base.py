@@ -20,6 +20,7 @@ and the projection; FineTuner: one NLL pass); this class holds the rest, one cop
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Callable, Iterable
@@ -202,6 +203,23 @@ class CausalLMModule(pl.LightningModule):
             ref.to(self.device)
         self.model.train()
         self._grad_sync.detach()  # the strategy has wrapped the model anew: read the layout again
+
+    def _window_size(self, batch_idx: int) -> int:
+        """Micro-batches in the window ``batch_idx`` belongs to: k, or fewer in the epoch's short last one.
+
+        Each micro-batch's loss is divided by it, so every optimizer step sees the mean over its own
+        micro-batches: a short window is not k / m times weaker (the Hugging Face Trainer's rule,
+        ``current_gradient_accumulation_steps``). Dividing by k instead would make a run's numbers
+        depend on how its epoch splits into windows: forget10 on one GPU (100 micro-batches, k = 8)
+        would take a half-sized last step every epoch that the same batch on 8 GPUs (k = 1) does not.
+        Computed from the window's first index, so a resume mid-window gets the same size.
+        """
+        k = self.hparams.accumulate_grad_batches
+        total = getattr(self._trainer, "num_training_batches", math.inf) if self._trainer is not None else math.inf
+        if k == 1 or not isinstance(total, int):  # an iterable of unknown length: windows of k
+            return k
+        start = batch_idx - self._window.micro_step
+        return max(1, min(k, total - start))
 
     def _closes_window(self) -> bool:
         """Whether the micro-batch about to run ends the optimizer step (k-th, or the epoch's last)."""

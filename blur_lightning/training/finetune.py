@@ -83,11 +83,11 @@ class FineTuner(CausalLMModule):
                 "FineTuner trains on one set: set data.forget_path: null and the training rows as data.retain_path "
                 "(a forget set here would be ignored)"
             )
-        k = self.hparams.accumulate_grad_batches
+        m = self._window_size(batch_idx)  # k, or fewer in the epoch's short last window
         closes = self._closes_window()
         loss = self.retain_loss(batch["retain"])
-        self._backward(loss / k, reduce=self._reduces(closes))  # per_step: reduced in the window's last only
-        self._window.add_loss("loss", loss.detach() / k)
+        self._backward(loss / m, reduce=self._reduces(closes))  # per_step: reduced in the window's last only
+        self._window.add_loss("loss", loss.detach() / m)
         self._window.micro_step += 1
         if closes:
             self._fine_tune_step()

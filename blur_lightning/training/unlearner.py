@@ -178,7 +178,7 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
     # ------------------------------------------------------------------ the step
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> StepOutput:
         params = self.trainable_parameters()
-        k = self.hparams.accumulate_grad_batches
+        m = self._window_size(batch_idx)  # k, or fewer in the epoch's short last window
         closes = self._closes_window()
         reduce = self._reduces(closes)  # per_step: only the window's last micro-batch reduces across ranks
 
@@ -188,20 +188,20 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
         for p, g in zip(params, stash):
             p.grad = g
         loss_forget = self.forget_loss(batch["forget"])
-        self._backward(loss_forget / k, reduce=reduce, stashed=True)  # frees the forget graph before the retain forward
+        self._backward(loss_forget / m, reduce=reduce, stashed=True)  # frees the forget graph before the retain forward
         self._window.forget_stash = self._own_grads([p.grad for p in params])
 
         # Retain pass: the retain accumulator back into .grad.
         for p, g in zip(params, retain_accumulator):
             p.grad = g
         loss_retain = self.retain_loss(batch["retain"])
-        self._backward(loss_retain / k, reduce=reduce)
+        self._backward(loss_retain / m, reduce=reduce)
         if not closes:  # the next forget backward must not write over the retain accumulator
             for p, g in zip(params, self._own_grads([p.grad for p in params])):
                 p.grad = g
 
-        self._window.add_loss("forget_loss", loss_forget.detach() / k)
-        self._window.add_loss("retain_loss", loss_retain.detach() / k)
+        self._window.add_loss("forget_loss", loss_forget.detach() / m)
+        self._window.add_loss("retain_loss", loss_retain.detach() / m)
         self._window.micro_step += 1
         out: StepOutput = {"forget_loss": loss_forget.detach(), "retain_loss": loss_retain.detach()}
         if closes:
