@@ -76,5 +76,16 @@ def make_batch(batch: int = 4, length: int = 12, seed: int = 0) -> dict:
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for a test: a tiny model gains nothing from two, and on a shared 2-core machine
+    each 2-thread op waits for both cores (a TOFU config's run: 3 s with one thread, 35 s with two).
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_llama():
     return build_tiny_llama()

@@ -22,6 +22,8 @@ import yaml
 from blur_lightning.cli import main
 from blur_lightning.evals.muse import MUSE_AUC_RETRAIN
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 
@@ -61,16 +63,6 @@ def _hub_fixtures() -> dict[tuple[str, str | None, str], str]:
 
 
 HUB_FIXTURES = _hub_fixtures()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: a tiny model gains nothing from two, and on a shared 2-core machine each
-    2-thread op waits for both cores (a TOFU config's run: 3 s with one thread, 35 s with two)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -20,6 +20,8 @@ from blur_lightning.evals import tofu, wmdp
 from blur_lightning.evals.callback import EvaluationCallback, plot_evaluations
 from blur_lightning.evals.registry import BENCHMARKS, get_benchmark
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
+
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures")
 TOFU_FILES = {
     "forget": "tofu/forget01_perturbed.json",
@@ -38,16 +40,6 @@ MUSE_FILES = {
 
 def fixture_paths(files: dict[str, str]) -> dict[str, str]:
     return {name: os.path.join(FIXTURES, path) for name, path in files.items()}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: a tiny model gains nothing from two, and on a shared 2-core machine each
-    2-thread op waits for both cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

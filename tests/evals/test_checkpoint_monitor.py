@@ -15,16 +15,10 @@ from blur_lightning.evals.callback import EvaluationCallback
 from blur_lightning.testing.tiny import tiny_llama, tiny_tokenizer
 from blur_lightning.training.unlearner import BLURUnlearner
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
+
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures")
 FORGET = os.path.join(FIXTURES, "qa", "forget.jsonl")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def fit(tmp_path, callbacks, max_steps=3):

@@ -26,6 +26,8 @@ from blur_lightning.evals.metrics import forget_quality, priv_leak
 from blur_lightning.evals.registry import evaluate_benchmark, get_benchmark
 from blur_lightning.testing import tiny as testing
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
+
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 LOGS = reference_logs_dir()
 needs_logs = pytest.mark.skipif(
@@ -188,16 +190,6 @@ def test_forget_indices_must_run_from_zero(tmp_path):
 
 
 # ============================================================================ our results out, and back in
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: a tiny model gains nothing from two, and on a shared 2-core machine each
-    2-thread op waits for both cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     tokenizer = testing.tiny_tokenizer()
