@@ -76,14 +76,17 @@ def count_cases() -> dict[str, dict]:
     return {c["name"]: c for c in cases}
 
 
-@pytest.fixture(scope="module")
-def count_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("grad_sync_counts"))
-    cases = count_cases()
+def launch_cases(out: str, cases: dict[str, dict]) -> tuple[str, dict[str, dict]]:
+    """Every case in one 2-process launch; (output folder, cases by name)."""
     start = time.monotonic()
     launch(list(cases.values()), nproc=2, out=out)
     print(f"2-process launch: {time.monotonic() - start:.1f}s for {len(cases)} fits")
     return out, cases
+
+
+@pytest.fixture(scope="module")
+def count_run(tmp_path_factory):
+    return launch_cases(str(tmp_path_factory.mktemp("grad_sync_counts")), count_cases())
 
 
 @pytest.mark.slow
@@ -167,11 +170,7 @@ def window_cases(out: str) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def window_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("grad_sync_windows"))
-    cases = window_cases(out)
-    start = time.monotonic()
-    launch(list(cases.values()), nproc=2, out=out)
-    print(f"2-process launch: {time.monotonic() - start:.1f}s for {len(cases)} fits")
-    return out, cases
+    return launch_cases(out, window_cases(out))
 
 
 @pytest.mark.slow
@@ -201,28 +200,20 @@ def test_checkpoint_inside_a_window_keeps_the_reduced_sums(window_run, layout):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("layout", ["ddp", "fsdp2"])
-def test_k1_reduces_every_backward(window_run, layout):
+@pytest.mark.parametrize(
+    "variant,windows,passes",
+    [("k1", [1, 1, 1], 2), ("finetune", WINDOWS, 1)],  # k = 1: every backward reduces; the fine-tuner: one side
+)
+def test_each_side_reduces_once_per_step(window_run, layout, variant, windows, passes):
     out, cases = window_run
-    name = f"{layout}_k1"
+    name = f"{layout}_{variant}"
     want = single_process(cases[name])
     for rank in range(2):
         got = load(out, name, rank)
-        assert reductions(got["collectives"]["backward"], [1, 1, 1])[0] == [2, 2, 2]
+        assert reductions(got["collectives"]["backward"], windows, passes=passes)[0] == [passes] * 3
         assert_same_weights(got["state"], want["state"], ATOL, f"{name} rank {rank}")
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("layout", ["ddp", "fsdp2"])
-def test_finetuner_reduces_once_per_step(window_run, layout):
-    out, cases = window_run
-    name = f"{layout}_finetune"
-    want = single_process(cases[name])
-    for rank in range(2):
-        got = load(out, name, rank)
-        assert reductions(got["collectives"]["backward"], WINDOWS, passes=1)[0] == [1, 1, 1]
-        assert_same_weights(got["state"], want["state"], ATOL, f"{name} rank {rank}")
-    assert_moved(want["state"], cases[name])
+    if variant == "finetune":
+        assert_moved(want["state"], cases[name])
 
 
 def test_gradient_sync_setting_is_checked():

@@ -313,8 +313,9 @@ class EvaluationCallback(pl.Callback):
         plot_evaluations(self.evaluations, png_path, title=f"{self.benchmark.upper()} evaluation")
         for stage in ("validation", "fit_end", "test"):  # first: the results, whatever the table does
             found = self._stage(stage)
-            results = {**found["metrics"], **found.get("extras", {})} if found else None
-            field_logs = self.spec.field_logs(results, self.options) if found else None
+            if found is None:
+                continue
+            field_logs = self.spec.field_logs({**found["metrics"], **found.get("extras", {})}, self.options)
             for name, content in (field_logs or {}).items():
                 write_json(os.path.join(out_dir, f"{self.filename}_{stage}", name), content)
         try:  # the table re-reads a reference log: one moved since the start must not cost the run's files

@@ -246,8 +246,7 @@ def _fine_tune(
     device = model_device(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    dtype = AUTOCAST_DTYPES.get(precision or "32-true")
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler(device.type) if AUTOCAST_DTYPES.get(precision or "") == torch.float16 else None
     step = (lambda: (scaler.step(optimizer), scaler.update())) if scaler is not None else None
     rng = random.Random(seed)
     order: list[int] = []
@@ -260,7 +259,7 @@ def _fine_tune(
                 order += rng.sample(range(len(encoded)), len(encoded))
             batch = pad_side([encoded[i] for i in order[:batch_size]], pad_id)
             del order[:batch_size]
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            with autocast_for(precision, device):
                 logits = model(
                     input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
                 ).logits
