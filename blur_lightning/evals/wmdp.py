@@ -16,6 +16,7 @@ import torch
 from blur_lightning.data.encoding import encode_continuations
 from blur_lightning.data.rows import Row, is_str_list, require, require_columns
 from blur_lightning.evals.base import Benchmark, EvalSettings, Results, load_source
+from blur_lightning.evals.harness import evaluate_lm_eval
 from blur_lightning.evals.metric_classes import MultipleChoiceAccuracy
 from blur_lightning.evals.scoring import sequence_scores
 from blur_lightning.evals.sharding import GATHERED
@@ -28,6 +29,7 @@ __all__ = [
     "evaluate_wmdp",
     "load_wmdp",
     "load_wmdp_corpus",
+    "wmdp_letter_scores",
     "wmdp_prompt",
 ]
 
@@ -75,6 +77,31 @@ def wmdp_prompt(row: Row, subject: str | None = None) -> str:
     return header + "\n".join(lines) + "\nAnswer:"
 
 
+def wmdp_letter_scores(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    rows: Sequence[Row],
+    *,
+    subject: str | None = None,
+    batch_size: int = 8,
+    name: str = "wmdp",
+    show_progress: bool = True,
+) -> torch.Tensor:
+    """(N, choices) float32 log-likelihoods of the answer letters " A", " B"... after each row's prompt
+    (:func:`wmdp_prompt`); the prompt gets the tokenizer's special tokens, the letter none."""
+    require_columns(rows, ("question", "choices", "answer"), "rows")
+    n_choices = len(rows[0]["choices"])
+    if any(len(row["choices"]) != n_choices for row in rows):
+        raise ValueError(f"rows: every question needs {n_choices} choices")
+    prompts = [wmdp_prompt(row, subject) for row in rows for _ in range(n_choices)]
+    letters = [f" {WMDP_LETTERS[i]}" for _ in rows for i in range(n_choices)]
+    encoded = encode_continuations(tokenizer, prompts, letters, append_eos=False)
+    total, _ = sequence_scores(
+        model, tokenizer, encoded, batch_size=batch_size, desc=f"{name}: score", show_progress=show_progress
+    )
+    return total.view(len(rows), n_choices)
+
+
 def evaluate_wmdp(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -99,39 +126,77 @@ def evaluate_wmdp(
     Returns:
         {"accuracy": share correct, "n": number of questions}.
     """
-    require_columns(rows, ("question", "choices", "answer"), "rows")
-    n_choices = len(rows[0]["choices"])
-    if any(len(row["choices"]) != n_choices for row in rows):
-        raise ValueError(f"rows: every question needs {n_choices} choices")
-    prompts = [wmdp_prompt(row, subject) for row in rows for _ in range(n_choices)]
-    letters = [f" {WMDP_LETTERS[i]}" for _ in rows for i in range(n_choices)]
-    encoded = encode_continuations(tokenizer, prompts, letters, append_eos=False)
-    total, _ = sequence_scores(
-        model, tokenizer, encoded, batch_size=batch_size, desc=f"{name}: score", show_progress=show_progress
+    scores = wmdp_letter_scores(
+        model, tokenizer, rows, subject=subject, batch_size=batch_size, name=name, show_progress=show_progress
     )
     accuracy = MultipleChoiceAccuracy(**GATHERED)
-    accuracy.update(total.view(len(rows), n_choices), torch.tensor([row["answer"] for row in rows]))
+    accuracy.update(scores, torch.tensor([row["answer"] for row in rows]))
     return {"accuracy": accuracy.compute().item(), "n": float(len(rows))}
+
+
+SCORERS = ("ours", "lm_eval")
+LM_EVAL_KEYS = {"tasks", "limit", "num_fewshot", "include_path", "include_defaults", "per_example"}
 
 
 class WmdpBenchmark(Benchmark):
     """Multiple-choice sets of any names (question, choices, answer index): accuracy per set.
 
-    Options: ``subjects`` (set name -> the subject of lm-evaluation-harness's header line).
+    Options:
+        ``subjects``: set name -> the subject of lm-evaluation-harness's header line (our scorer).
+        ``scorer``: ``ours`` (default: :func:`evaluate_wmdp` on the splits' rows, batches shared
+            across ranks) or ``lm_eval`` (EleutherAI's harness on its own tasks and data,
+            :mod:`blur_lightning.evals.harness`; one process; the splits' specs are not read).
+        ``lm_eval``: with ``scorer: lm_eval``: ``tasks`` (split name -> lm-eval task or group, one
+            per split, e.g. {bio: wmdp_bio, mmlu: mmlu}), ``limit`` (documents per task, None: all),
+            ``num_fewshot`` (default 0, as the WMDP paper), ``include_path`` (a folder of local task
+            YAMLs), ``include_defaults`` (default true: index lm-eval's own tasks), ``per_example``
+            (default false: each document's choice log-likelihoods in the results).
     """
 
     name = "wmdp"
     hub_repo = WMDP_HUB
     default_split = "test"
 
+    def check_splits(self, names: Sequence[str], options: Mapping[str, Any]) -> None:
+        unknown = sorted(set(options) - {"subjects", "scorer", "lm_eval"})
+        if unknown:
+            raise ValueError(f"wmdp options {unknown}: expected any of 'subjects', 'scorer', 'lm_eval'")
+        scorer = options.get("scorer", "ours")
+        if scorer not in SCORERS:
+            raise ValueError(f"wmdp option scorer={scorer!r}: expected one of {SCORERS}")
+        settings = options.get("lm_eval")
+        if scorer == "ours":
+            if settings is not None:
+                raise ValueError("wmdp option lm_eval is given but scorer is 'ours': set scorer: lm_eval to use it")
+            return
+        if not isinstance(settings, Mapping) or not isinstance(settings.get("tasks"), Mapping):
+            raise ValueError("wmdp option scorer: lm_eval needs lm_eval.tasks: {split name: lm-eval task}")
+        unknown = sorted(set(settings) - LM_EVAL_KEYS)
+        if unknown:
+            raise ValueError(f"wmdp option lm_eval {unknown}: expected any of {sorted(LM_EVAL_KEYS)}")
+        tasks = settings["tasks"]
+        if set(tasks) != set(names) or not all(isinstance(t, str) and t for t in tasks.values()):
+            raise ValueError(
+                f"wmdp option lm_eval.tasks {dict(tasks)}: expected one lm-eval task name per split {sorted(names)}"
+            )
+
+    def load(self, name: str, spec: str, options: Mapping[str, Any], limit: int | None = None) -> list[Row]:
+        if options.get("scorer", "ours") == "lm_eval":
+            return []  # lm-eval loads its tasks' own data (its `limit`, not max_rows, cuts them)
+        return super().load(name, spec, options, limit)
+
     def evaluate(
         self, model: Any, tokenizer: Any, rows: Mapping[str, Sequence[Row]], settings: EvalSettings,
         options: Mapping[str, Any],
     ) -> Results:  # fmt: skip
+        self.check_splits(list(rows), options)
+        if options.get("scorer", "ours") == "lm_eval":
+            harness = dict(options["lm_eval"])
+            return evaluate_lm_eval(
+                model, tokenizer, harness.pop("tasks"), batch_size=settings.batch_size,
+                **{"num_fewshot": 0, **harness},
+            )  # fmt: skip
         subjects = dict(options.get("subjects") or {})
-        unknown = sorted(set(options) - {"subjects"})
-        if unknown:
-            raise ValueError(f"wmdp options {unknown}: expected only 'subjects'")
         return {
             f"{name}/accuracy": evaluate_wmdp(
                 model, tokenizer, split, subject=subjects.get(name), batch_size=settings.batch_size,
