@@ -76,8 +76,8 @@ def evaluate_lm_eval(
         include_path: a folder of task YAMLs lm-eval also reads (local tasks over local files).
         include_defaults: also index lm-eval's own tasks (14k YAML files, ~10 s on one CPU core);
             False with only local tasks skips that.
-        per_example: also return each document's choice log-likelihoods and target under
-            ``{split}/per_example`` (tasks only, not groups).
+        per_example: also return each document's choice log-likelihoods, target, prompt and scored
+            continuations under ``{split}/per_example`` (tasks only, not groups).
 
     Returns:
         ``{split}/accuracy``, ``{split}/accuracy_stderr`` (and ``accuracy_norm`` where the task lists
@@ -98,10 +98,8 @@ def evaluate_lm_eval(
     manager = TaskManager(include_path=include_path, include_defaults=include_defaults)
     missing = [t for t in names if t not in manager.all_tasks]
     if missing:
-        raise ValueError(
-            f"wmdp option lm_eval.tasks: lm-eval knows no task {missing}"
-            + (f" (include_path {include_path!r} read)" if include_path else " (set lm_eval.include_path for local ones)")
-        )
+        where = f"include_path {include_path!r} read" if include_path else "set lm_eval.include_path for local ones"
+        raise ValueError(f"wmdp option lm_eval.tasks: lm-eval knows no task {missing} ({where})")
     with eval_mode(model):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         output = lm_eval.simple_evaluate(
@@ -136,5 +134,7 @@ def lm_eval_results(output: Mapping[str, Any], tasks: Mapping[str, str]) -> Resu
             results[f"{split}/per_example"] = {
                 "loglik": [[float(r[0]) for r in s["filtered_resps"]] for s in samples],
                 "target": [int(s["target"]) for s in samples],
+                "prompt": [s["arguments"][0][0] for s in samples],  # the text before every choice
+                "choices": [[a[1] for a in s["arguments"]] for s in samples],  # as scored: " A", " B"...
             }
     return results

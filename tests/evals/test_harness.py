@@ -1,0 +1,109 @@
+"""lm-evaluation-harness as the WMDP benchmark's second scorer: a local 6-question task in lm-eval's YAML
+format over a JSON Lines file (tests/fixtures/lm_eval_tasks), on the tiny Llama, offline, against our scorer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+from blur_lightning.data.rows import read_rows  # noqa: E402
+from blur_lightning.evals import harness, wmdp  # noqa: E402
+from blur_lightning.evals.callback import EvaluationCallback  # noqa: E402
+from blur_lightning.testing import tiny as testing  # noqa: E402
+
+TASKS = Path(__file__).parent.parent / "fixtures" / "lm_eval_tasks"
+LOCAL = {"tasks": {"bio": "tiny_wmdp"}, "include_path": str(TASKS), "include_defaults": False}
+# float32 on CPU: lm-eval pads and batches the 24 requests its own way (longest first, batch 4 here);
+# padding changes the matmul shapes, hence the last bits: 1e-5 nats on log-likelihoods of ~6-12 nats
+LOGLIK_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return testing.tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return testing.tiny_llama(vocab_size=len(tokenizer), seed=0).eval()
+
+
+@pytest.fixture
+def in_tasks_dir(monkeypatch):
+    assert os.environ.get("HF_DATASETS_OFFLINE") == "1" and os.environ.get("HF_HUB_OFFLINE") == "1"  # conftest
+    monkeypatch.chdir(TASKS)  # the task's data_files path is relative to it
+
+
+def test_lm_eval_agrees_with_our_scorer(in_tasks_dir, model, tokenizer):
+    """Through the callback with scorer: lm_eval: the same prompts character for character, the same
+    letter log-likelihoods per item, hence the same accuracy; and lm-eval's RNG reseeding stays off."""
+    callback = EvaluationCallback(
+        "wmdp", {"bio": "not read: lm-eval loads its task's own data"}, batch_size=4,
+        options={"scorer": "lm_eval", "lm_eval": {**LOCAL, "per_example": True}},
+    )  # fmt: skip
+    torch.manual_seed(5)
+    rng = torch.get_rng_state()
+    results = callback.evaluate(model, tokenizer, show_progress=False)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert callback.rows() == {"bio": []}
+    theirs = results["bio/per_example"]
+
+    rows = read_rows(TASKS / "tiny_wmdp.jsonl")
+    assert [wmdp.wmdp_prompt(row, "biology") for row in rows] == theirs["prompt"]
+    assert theirs["choices"] == [[" A", " B", " C", " D"]] * len(rows)
+    assert theirs["target"] == [row["answer"] for row in rows]
+    ours = wmdp.wmdp_letter_scores(model, tokenizer, rows, subject="biology", batch_size=3, show_progress=False)
+    torch.testing.assert_close(torch.tensor(theirs["loglik"]), ours, atol=LOGLIK_ATOL, rtol=0)
+
+    ours_accuracy = wmdp.evaluate_wmdp(model, tokenizer, rows, subject="biology", show_progress=False)["accuracy"]
+    assert results["bio/accuracy"] == ours_accuracy
+    assert results["bio/n"] == 6.0
+    # acc_norm divides each choice's log-likelihood by its length in characters: one letter each, so acc
+    assert results["bio/accuracy_norm"] == results["bio/accuracy"]
+    p = results["bio/accuracy"]
+    assert results["bio/accuracy_stderr"] == pytest.approx((p * (1 - p) / 5) ** 0.5)  # sample stderr, n - 1 = 5
+
+
+def test_lm_eval_results_keys():
+    output = {
+        "results": {
+            "t": {"acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.25, "acc_norm_stderr,none": "N/A"},
+            "g": {"acc,none": 0.75, "acc_stderr,none": 0.05},
+        },
+        "n-samples": {"t": {"original": 10, "effective": 4}},
+    }  # fmt: skip
+    assert harness.lm_eval_results(output, {"bio": "t", "mmlu": "g"}) == {
+        "bio/accuracy": 0.5, "bio/accuracy_stderr": 0.1, "bio/accuracy_norm": 0.25, "bio/n": 4.0,
+        "mmlu/accuracy": 0.75, "mmlu/accuracy_stderr": 0.05,
+    }  # fmt: skip
+    with pytest.raises(ValueError, match=r"task 'gen' \(split 'x'\) reported no 'acc'"):
+        harness.lm_eval_results({"results": {"gen": {"exact_match,none": 1.0}}}, {"x": "gen"})
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"scorer": "lmeval"}, r"scorer='lmeval': expected one of \('ours', 'lm_eval'\)"),
+        ({"scorer": "lm_eval"}, r"needs lm_eval.tasks"),
+        ({"scorer": "lm_eval", "lm_eval": {"tasks": {"cyber": "wmdp_cyber"}}}, r"one lm-eval task name per split"),
+        ({"scorer": "lm_eval", "lm_eval": {"tasks": {"bio": "wmdp_bio"}, "shots": 5}}, r"lm_eval \['shots'\]"),
+        ({"lm_eval": {"tasks": {"bio": "wmdp_bio"}}}, r"scorer is 'ours'"),
+        ({"subject": {"bio": "biology"}}, r"wmdp options \['subject'\]"),
+    ],
+)
+def test_bad_options_name_the_field(options, match):
+    with pytest.raises(ValueError, match=match):
+        EvaluationCallback("wmdp", {"bio": "x.jsonl"}, options=options)
+
+
+def test_refusals(in_tasks_dir, model, tokenizer, monkeypatch):
+    with pytest.raises(ValueError, match=r"knows no task \['wmdp_bio'\] \(include_path"):
+        harness.evaluate_lm_eval(model, tokenizer, {"bio": "wmdp_bio"}, include_path=".", include_defaults=False)
+    monkeypatch.setattr(harness, "process_world", lambda: (0, 2))
+    with pytest.raises(RuntimeError, match="one process .* this run has 2 processes"):
+        harness.evaluate_lm_eval(model, tokenizer, {"bio": "tiny_wmdp"}, include_path=".", include_defaults=False)
