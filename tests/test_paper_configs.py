@@ -58,7 +58,7 @@ def _hub_fixtures() -> dict[tuple[str, str | None, str], str]:
     table["Salesforce/wikitext", "wikitext-2-raw-v1", "test"] = "muse/raw_forget.jsonl"
     for subset in ("wmdp-bio", "wmdp-cyber"):
         table["cais/wmdp", subset, "test"] = "wmdp/wmdp-bio.json"
-    table["cais/mmlu", "all", "test"] = "wmdp/wmdp-bio.json"
+    table["cais/mmlu", "all", "test"] = "wmdp/mmlu.json"  # with a subject column
     return table
 
 
@@ -351,3 +351,34 @@ def test_wmdp_config_test_stage_logs_the_benchmark(tiny_model_dir, fake_hub, tmp
         assert float(logged[key]) in (0.0, 0.5, 1.0), key  # max_rows 2: two questions
     summary = json.loads((tmp_path / "wmdp_eval.json").read_text())
     assert [e["stage"] for e in summary["evaluations"]] == ["test"]
+
+
+@pytest.mark.parametrize("config", WMDP)
+def test_wmdp_configs_lm_eval_alternative_is_valid(config, capsys):
+    """The commented lm-evaluation-harness block of each WMDP config, switched on as its comment says
+    (scorer: lm_eval, the block uncommented), parses, passes the benchmark's option checks, and names
+    tasks lm-eval 0.4.13 ships (a task or group file under lm_eval/tasks/)."""
+    from blur_lightning.evals.callback import EvaluationCallback
+
+    text = open(os.path.join(ROOT, config)).read()
+    assert "scorer: ours" in text and "          # lm_eval:\n" in text
+    lines, inside = [], False
+    for line in text.replace("scorer: ours", "scorer: lm_eval").splitlines():
+        inside = inside or line == "          # lm_eval:"
+        if inside and line.startswith("          # "):
+            line = "          " + line[len("          # ") :]
+        elif inside:
+            inside = False
+        lines.append(line)
+    init_args = eval_callback(yaml.safe_load("\n".join(lines)))
+    callback = EvaluationCallback(**init_args)  # the option checks run here
+    tasks = callback.options["lm_eval"]["tasks"]
+    assert tasks == {"bio": "wmdp_bio", "cyber": "wmdp_cyber", "mmlu": "mmlu"}
+    assert callback.options["lm_eval"]["num_fewshot"] == 0
+    lm_eval = pytest.importorskip("lm_eval")
+    shipped = set()
+    for folder in ("wmdp", "mmlu/default"):
+        for path in glob.glob(os.path.join(os.path.dirname(lm_eval.__file__), "tasks", folder, "*yaml*")):
+            found = yaml.safe_load(open(path).read())
+            shipped.update(v for k in ("task", "group") if isinstance(v := found.get(k), str))
+    assert set(tasks.values()) <= shipped, sorted(shipped)[:5]

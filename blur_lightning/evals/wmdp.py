@@ -83,17 +83,21 @@ def wmdp_letter_scores(
     rows: Sequence[Row],
     *,
     subject: str | None = None,
+    subject_column: str | None = None,
     batch_size: int = 8,
     name: str = "wmdp",
     show_progress: bool = True,
 ) -> torch.Tensor:
     """(N, choices) float32 log-likelihoods of the answer letters " A", " B"... after each row's prompt
-    (:func:`wmdp_prompt`); the prompt gets the tokenizer's special tokens, the letter none."""
-    require_columns(rows, ("question", "choices", "answer"), "rows")
+    (:func:`wmdp_prompt`); the prompt gets the tokenizer's special tokens, the letter none.
+    `subject_column`: each row's own subject, from that column with "_" read as " " (MMLU's
+    "subject", as lm-eval's 57 MMLU task files write their header lines); it overrides `subject`."""
+    require_columns(rows, ("question", "choices", "answer", *([subject_column] if subject_column else [])), "rows")
     n_choices = len(rows[0]["choices"])
     if any(len(row["choices"]) != n_choices for row in rows):
         raise ValueError(f"rows: every question needs {n_choices} choices")
-    prompts = [wmdp_prompt(row, subject) for row in rows for _ in range(n_choices)]
+    subjects = [str(row[subject_column]).replace("_", " ") if subject_column else subject for row in rows]
+    prompts = [wmdp_prompt(row, subjects[r]) for r, row in enumerate(rows) for _ in range(n_choices)]
     letters = [f" {WMDP_LETTERS[i]}" for _ in rows for i in range(n_choices)]
     encoded = encode_continuations(tokenizer, prompts, letters, append_eos=False)
     total, _ = sequence_scores(
@@ -108,6 +112,7 @@ def evaluate_wmdp(
     rows: Sequence[Row],
     *,
     subject: str | None = None,
+    subject_column: str | None = None,
     batch_size: int = 8,
     name: str = "wmdp",
     show_progress: bool = True,
@@ -118,7 +123,9 @@ def evaluate_wmdp(
         model: a causal LM.
         tokenizer: its tokenizer.
         rows: question, choices, answer rows (`load_wmdp`).
-        subject: optional subject for the header line ("biology", "computer security").
+        subject: optional subject for the header line ("biology", "cybersecurity").
+        subject_column: a column with each row's subject instead (MMLU's "subject"; see
+            :func:`wmdp_letter_scores`).
         batch_size: sequences per forward.
         name: the set's name, for the progress bar.
         show_progress: show a progress bar (on a terminal).
@@ -127,13 +134,15 @@ def evaluate_wmdp(
         {"accuracy": share correct, "n": number of questions}.
     """
     scores = wmdp_letter_scores(
-        model, tokenizer, rows, subject=subject, batch_size=batch_size, name=name, show_progress=show_progress
-    )
+        model, tokenizer, rows, subject=subject, subject_column=subject_column, batch_size=batch_size, name=name,
+        show_progress=show_progress,
+    )  # fmt: skip
     accuracy = MultipleChoiceAccuracy(**GATHERED)
     accuracy.update(scores, torch.tensor([row["answer"] for row in rows]))
     return {"accuracy": accuracy.compute().item(), "n": float(len(rows))}
 
 
+OPTIONS = ("subjects", "subject_columns", "scorer", "lm_eval")
 SCORERS = ("ours", "lm_eval")
 LM_EVAL_KEYS = {"tasks", "limit", "num_fewshot", "include_path", "include_defaults", "per_example"}
 
@@ -143,6 +152,8 @@ class WmdpBenchmark(Benchmark):
 
     Options:
         ``subjects``: set name -> the subject of lm-evaluation-harness's header line (our scorer).
+        ``subject_columns``: set name -> a column holding each row's subject instead (MMLU: ``subject``,
+            "_" read as " ": lm-eval's per-subject MMLU headers; without it an MMLU set has no header).
         ``scorer``: ``ours`` (default: :func:`evaluate_wmdp` on the splits' rows, batches shared
             across ranks) or ``lm_eval`` (EleutherAI's harness on its own tasks and data,
             :mod:`blur_lightning.evals.harness`; one process; the splits' specs are not read).
@@ -158,9 +169,13 @@ class WmdpBenchmark(Benchmark):
     default_split = "test"
 
     def check_splits(self, names: Sequence[str], options: Mapping[str, Any]) -> None:
-        unknown = sorted(set(options) - {"subjects", "scorer", "lm_eval"})
+        unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
-            raise ValueError(f"wmdp options {unknown}: expected any of 'subjects', 'scorer', 'lm_eval'")
+            raise ValueError(f"wmdp options {unknown}: expected any of {OPTIONS}")
+        for option in ("subjects", "subject_columns"):
+            stray = sorted(set(options.get(option) or {}) - set(names))
+            if stray:
+                raise ValueError(f"wmdp option {option} names {stray}: not among the splits {sorted(names)}")
         scorer = options.get("scorer", "ours")
         if scorer not in SCORERS:
             raise ValueError(f"wmdp option scorer={scorer!r}: expected one of {SCORERS}")
@@ -197,9 +212,11 @@ class WmdpBenchmark(Benchmark):
                 **{"num_fewshot": 0, **harness},
             )  # fmt: skip
         subjects = dict(options.get("subjects") or {})
+        columns = dict(options.get("subject_columns") or {})
         return {
             f"{name}/accuracy": evaluate_wmdp(
-                model, tokenizer, split, subject=subjects.get(name), batch_size=settings.batch_size,
+                model, tokenizer, split, subject=subjects.get(name), subject_column=columns.get(name),
+                batch_size=settings.batch_size,
                 name=f"wmdp {name}", show_progress=settings.show_progress,
             )["accuracy"]  # fmt: skip
             for name, split in rows.items()

@@ -93,7 +93,7 @@ def test_lm_eval_results_keys():
         ({"scorer": "lm_eval", "lm_eval": {"tasks": {"cyber": "wmdp_cyber"}}}, r"one lm-eval task name per split"),
         ({"scorer": "lm_eval", "lm_eval": {"tasks": {"bio": "wmdp_bio"}, "shots": 5}}, r"lm_eval \['shots'\]"),
         ({"lm_eval": {"tasks": {"bio": "wmdp_bio"}}}, r"scorer is 'ours'"),
-        ({"subject": {"bio": "biology"}}, r"wmdp options \['subject'\]"),
+        ({"subject": {"bio": "biology"}}, r"wmdp options \['subject'\]: expected any of"),
     ],
 )
 def test_bad_options_name_the_field(options, match):
@@ -107,3 +107,18 @@ def test_refusals(in_tasks_dir, model, tokenizer, monkeypatch):
     monkeypatch.setattr(harness, "process_world", lambda: (0, 2))
     with pytest.raises(RuntimeError, match="one process .* this run has 2 processes"):
         harness.evaluate_lm_eval(model, tokenizer, {"bio": "tiny_wmdp"}, include_path=".", include_defaults=False)
+
+
+def test_subject_column_gives_each_row_lm_evals_mmlu_header(model, tokenizer):
+    """MMLU rows carry their subject: with subject_column each gets lm-eval's mmlu_<subject> header line."""
+    rows = read_rows(Path(__file__).parent.parent / "fixtures" / "wmdp" / "mmlu.json")
+    by_column = wmdp.wmdp_letter_scores(model, tokenizer, rows, subject_column="subject", show_progress=False)
+    for i, row in enumerate(rows):
+        alone = wmdp.wmdp_letter_scores(
+            model, tokenizer, [row], subject=row["subject"].replace("_", " "), show_progress=False
+        )
+        torch.testing.assert_close(by_column[i : i + 1], alone, atol=1e-5, rtol=0)
+    headless = wmdp.wmdp_letter_scores(model, tokenizer, rows, show_progress=False)
+    assert (headless - by_column).abs().max() > 1e-3  # the header changes the scores
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['topic'\]"):
+        wmdp.wmdp_letter_scores(model, tokenizer, rows, subject_column="topic", show_progress=False)
