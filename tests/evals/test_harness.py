@@ -122,3 +122,30 @@ def test_subject_column_gives_each_row_lm_evals_mmlu_header(model, tokenizer):
     assert (headless - by_column).abs().max() > 1e-3  # the header changes the scores
     with pytest.raises(ValueError, match=r"missing column\(s\) \['topic'\]"):
         wmdp.wmdp_letter_scores(model, tokenizer, rows, subject_column="topic", show_progress=False)
+
+
+@pytest.mark.slow
+def test_smollm2_lm_eval_agrees_with_our_scorer(in_tasks_dir):
+    """The embedded SmolLM2-135M (float32 on CPU) on 36 offline questions, both scorers: the same
+    prompts, letter log-likelihoods within LOGLIK_ATOL, the same accuracy (measured: docs/METRICS.md)."""
+    from blur_lightning.models.loading import load_causal_lm, load_tokenizer
+
+    model = load_causal_lm("embedded:smollm2-135m-instruct").eval()
+    tok = load_tokenizer("embedded:smollm2-135m-instruct")
+    sets = {"quiz": ("quiz_mc", "miscellaneous"), "bio": ("tiny_wmdp", "biology")}
+    results = harness.evaluate_lm_eval(
+        model, tok, {name: task for name, (task, _) in sets.items()}, include_path=".", include_defaults=False,
+        per_example=True, batch_size=8,
+    )  # fmt: skip
+    for name, (task, subject) in sets.items():
+        theirs = results[f"{name}/per_example"]
+        rows = read_rows(TASKS / f"{task}.jsonl")
+        assert [wmdp.wmdp_prompt(row, subject) for row in rows] == theirs["prompt"]
+        ours = wmdp.wmdp_letter_scores(model, tok, rows, subject=subject, batch_size=8, show_progress=False)
+        delta = (torch.tensor(theirs["loglik"]) - ours).abs().max().item()
+        accuracy = wmdp.MultipleChoiceAccuracy(sync_on_compute=False)
+        accuracy.update(ours, torch.tensor([row["answer"] for row in rows]))
+        print(f"\n{task}: {len(rows)} questions, max |delta loglik| {delta:.2e} nats, "
+              f"accuracy ours {accuracy.compute().item():.4f} lm-eval {results[f'{name}/accuracy']:.4f}")  # fmt: skip
+        assert delta < LOGLIK_ATOL
+        assert results[f"{name}/accuracy"] == accuracy.compute().item()
