@@ -14,6 +14,7 @@ pytest.importorskip("lm_eval")
 from blur_lightning.data.rows import read_rows  # noqa: E402
 from blur_lightning.evals import harness, wmdp  # noqa: E402
 from blur_lightning.evals.callback import EvaluationCallback  # noqa: E402
+from blur_lightning.evals.metric_classes import MultipleChoiceAccuracy  # noqa: E402
 from blur_lightning.testing import tiny as testing  # noqa: E402
 
 TASKS = Path(__file__).parent.parent / "fixtures" / "lm_eval_tasks"
@@ -143,9 +144,25 @@ def test_smollm2_lm_eval_agrees_with_our_scorer(in_tasks_dir):
         assert [wmdp.wmdp_prompt(row, subject) for row in rows] == theirs["prompt"]
         ours = wmdp.wmdp_letter_scores(model, tok, rows, subject=subject, batch_size=8, show_progress=False)
         delta = (torch.tensor(theirs["loglik"]) - ours).abs().max().item()
-        accuracy = wmdp.MultipleChoiceAccuracy(sync_on_compute=False)
+        accuracy = MultipleChoiceAccuracy(sync_on_compute=False)
         accuracy.update(ours, torch.tensor([row["answer"] for row in rows]))
         print(f"\n{task}: {len(rows)} questions, max |delta loglik| {delta:.2e} nats, "
               f"accuracy ours {accuracy.compute().item():.4f} lm-eval {results[f'{name}/accuracy']:.4f}")  # fmt: skip
         assert delta < LOGLIK_ATOL
         assert results[f"{name}/accuracy"] == accuracy.compute().item()
+
+
+def test_lm_eval_scores_a_peft_model_with_its_adapter(in_tasks_dir, tokenizer):
+    """HFLM takes a peft model as it is (``.config`` and ``.device`` come from the base model) and scores
+    through the adapter: the same log-likelihoods as our scorer on the adapted model, not the base's."""
+    peft = pytest.importorskip("peft")
+    base = testing.tiny_llama(vocab_size=len(tokenizer), seed=0).eval()
+    rows = read_rows(TASKS / "tiny_wmdp.jsonl")
+    before = wmdp.wmdp_letter_scores(base, tokenizer, rows, subject="biology", show_progress=False)
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # B != 0: live
+    adapted = peft.get_peft_model(base, lora)
+    results = harness.evaluate_lm_eval(adapted, tokenizer, {"bio": "tiny_wmdp"}, include_path=".",
+                                       include_defaults=False, per_example=True, batch_size=4)  # fmt: skip
+    ours = wmdp.wmdp_letter_scores(adapted, tokenizer, rows, subject="biology", show_progress=False)
+    assert (ours - before).abs().max() > 1e-3  # the adapter is live
+    torch.testing.assert_close(torch.tensor(results["bio/per_example"]["loglik"]), ours, atol=LOGLIK_ATOL, rtol=0)
