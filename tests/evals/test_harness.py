@@ -20,7 +20,8 @@ from blur_lightning.testing import tiny as testing  # noqa: E402
 TASKS = Path(__file__).parent.parent / "fixtures" / "lm_eval_tasks"
 LOCAL = {"tasks": {"bio": "tiny_wmdp"}, "include_path": str(TASKS), "include_defaults": False}
 # float32 on CPU: lm-eval pads and batches the 24 requests its own way (longest first, batch 4 here);
-# padding changes the matmul shapes, hence the last bits: 1e-5 nats on log-likelihoods of ~6-12 nats
+# padding changes the matmul shapes, hence the last bits: measured 0 here, <= 9.5e-7 nats on the 30-question
+# quiz, 3.2e-5 with SmolLM2 (log-likelihoods of ~1-12 nats)
 LOGLIK_ATOL = 1e-4
 
 
