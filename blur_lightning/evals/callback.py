@@ -76,7 +76,7 @@ class EvaluationCallback(pl.Callback):
         chat_template: deprecated; ``False`` is ``prompt_format="qa"``.
         options: the benchmark's own keywords, e.g. qa: {prob_column: response}; tofu:
             {retain_model_truth_ratios: PATH, rouge_stemmer: porter}; muse: {corpus: news,
-            auc_retrain: 0.4772}; wmdp: {subjects: {bio: biology}}.
+            auc_retrain: 0.4772}; wmdp: {subjects: {bio: biology}, scorer: ours | lm_eval, lm_eval: {tasks: ...}}.
         prefix: logged names are "{prefix}/{metric}" (None: the benchmark's name).
         filename: base name of the JSON, PNG and MD files in the log dir (None: "{benchmark}_eval").
         cache_fit_start: reuse the fit_start ("before") results of an earlier run with the same
