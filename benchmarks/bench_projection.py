@@ -6,13 +6,17 @@ Providers, task "projection" (d written for every parameter):
     torch          our sync-free PyTorch path (blur_direction_(backend="torch"))
     triton         the two kernels (blur_direction_(backend="triton"))
     triton_pass1   multi_tensor_dots alone        triton_pass2   multi_tensor_combine_ alone
+    triton_pass1_adam  multi_tensor_metric_dots alone (projection_metric "adam": also reads v)
 Providers, task "step" (projection + optimizer step):
     torch_adamw         blur_direction_(backend="torch") + torch.optim.AdamW(fused=True)
     triton_adamw        blur_direction_(backend="triton") + torch.optim.AdamW(fused=True)
     triton_fused_adamw  compute_stats + BLURFusedAdamW: d is never written
+    triton_fused_adamw_adam  the same with projection_metric "adam": pass 1 reads v too
 
 Bytes are modelled, not measured: "projection" moves 2 reads in pass 1 and 2 reads + 1 write in
 pass 2 per element; "step" (fused floor) pass 1 plus reads of g_r, g_f, p, m, v and writes of p, m, v.
+The adam-metric providers are modelled with their one extra read of v in pass 1 (2g + s per element
+instead of 2g; the step 4g + 7s instead of 4g + 6s).
 GB/s = modelled bytes / median time, the same bytes for every provider of a task (so GB/s ratios
 are speed ratios), and its fraction of a device-to-device copy measured in the same run.
 
@@ -40,13 +44,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from authors_projection import authors_projection  # noqa: E402
 
+from blur_lightning.core.metric import adam_metric  # noqa: E402
 from blur_lightning.core.projection import blur_direction_, compute_stats  # noqa: E402
-from blur_lightning.kernels import BLURFusedAdamW, multi_tensor_combine_, multi_tensor_dots, set_config  # noqa: E402
+from blur_lightning.kernels import (  # noqa: E402
+    BLURFusedAdamW,
+    multi_tensor_combine_,
+    multi_tensor_dots,
+    multi_tensor_metric_dots,
+    set_config,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PROJECTION_PROVIDERS = ["reference", "torch", "triton", "triton_pass1", "triton_pass2"]
-STEP_PROVIDERS = ["torch_adamw", "triton_adamw", "triton_fused_adamw"]
-TRITON_PROVIDERS = {"triton", "triton_pass1", "triton_pass2", "triton_adamw", "triton_fused_adamw"}
+PROJECTION_PROVIDERS = ["reference", "torch", "triton", "triton_pass1", "triton_pass2", "triton_pass1_adam"]
+STEP_PROVIDERS = ["torch_adamw", "triton_adamw", "triton_fused_adamw", "triton_fused_adamw_adam"]
+TRITON_PROVIDERS = {"triton", "triton_pass1", "triton_pass2", "triton_adamw", "triton_fused_adamw",
+                    "triton_pass1_adam", "triton_fused_adamw_adam"}
 GAMMA = 0.5  # forget_lower with gamma: d is a fixed point after one application, so reps stay finite
 
 
@@ -112,6 +124,10 @@ def make_provider(
         return lambda: blur_direction_(forget, retain, gamma=GAMMA, backend=provider)
     if provider == "triton_pass1":
         return lambda: multi_tensor_dots(forget, retain)
+    if provider == "triton_pass1_adam":
+        v = [r.detach().float().square().to(r.dtype) for r in retain]  # a second moment in the gradients' dtype
+        steps = [torch.full((), 10.0, device=device)] * len(retain)
+        return lambda: multi_tensor_metric_dots(forget, retain, v, steps, beta2=0.999, eps=1e-8)
     if provider == "triton_pass2":
         one = torch.ones((), device=device)
         coef = torch.full((), 0.25, device=device)
@@ -120,11 +136,13 @@ def make_provider(
     params = [torch.nn.Parameter(torch.randn_like(r)) for r in retain]
     for p, r in zip(params, retain):
         p.grad = r
-    if provider == "triton_fused_adamw":
+    if provider in ("triton_fused_adamw", "triton_fused_adamw_adam"):
         optimizer = BLURFusedAdamW(params, lr=1e-4, weight_decay=0.01)
+        optimizer.step(forget_grads=forget, stats=compute_stats(forget, retain, gamma=GAMMA, backend="triton"))
+        metric = adam_metric(optimizer, params) if provider.endswith("_adam") else None  # the state exists now
 
         def fused_step():
-            stats = compute_stats(forget, retain, gamma=GAMMA, backend="triton")
+            stats = compute_stats(forget, retain, gamma=GAMMA, backend="triton", metric=metric)
             optimizer.step(forget_grads=forget, stats=stats)
 
         return fused_step
@@ -306,8 +324,12 @@ def main(argv: list[str] | None = None) -> int:
                 syncs = common.count_host_syncs(fn, device)
                 extra = common.extra_memory(fn, device)
                 nbytes = modelled_bytes(task, n, size, size)
+                if provider == "triton_fused_adamw_adam":
+                    nbytes += n * size  # pass 1 also reads v
                 if provider == "triton_pass1":
                     nbytes = n * 2 * size
+                elif provider == "triton_pass1_adam":
+                    nbytes = n * 3 * size
                 elif provider == "triton_pass2":
                     nbytes = n * 3 * size
                 gbps = nbytes / timing.median_ms / 1e6

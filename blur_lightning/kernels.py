@@ -37,6 +37,7 @@ from blur_lightning.kernels._launch import CONFIG, KernelConfig, clear_tables, s
 from blur_lightning.kernels.adamw import BLURFusedAdamW, blur_adamw_step_  # noqa: E402
 from blur_lightning.kernels.combine import multi_tensor_combine_  # noqa: E402
 from blur_lightning.kernels.dots import multi_tensor_dots  # noqa: E402
+from blur_lightning.kernels.metric_dots import multi_tensor_metric_dots  # noqa: E402
 
 __all__ = [
     "BLURFusedAdamW",
@@ -46,5 +47,6 @@ __all__ = [
     "clear_tables",
     "multi_tensor_combine_",
     "multi_tensor_dots",
+    "multi_tensor_metric_dots",
     "set_config",
 ]

@@ -86,13 +86,14 @@ def _dots_kernel(
 
 @triton.jit
 def _sum_partials_kernel(
-    partials,  # float64 [3, n_partials]
-    out,  # float64 [3]
+    partials,  # float64 [ROWS, n_partials]
+    out,  # float64 [ROWS]
     n_partials,
     BLOCK: tl.constexpr,
+    ROWS: tl.constexpr = 3,
 ):
     offs = tl.arange(0, BLOCK)
-    for row in tl.static_range(3):
+    for row in tl.static_range(ROWS):
         acc = tl.full((BLOCK,), 0.0, dtype=tl.float64)
         for start in range(0, n_partials, BLOCK):
             idx = start + offs

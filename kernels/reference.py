@@ -28,6 +28,26 @@ def multi_tensor_dots_ref(
     return sums
 
 
+def multi_tensor_metric_dots_ref(
+    forget_grads: Sequence[torch.Tensor],
+    retain_grads: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    steps: Sequence[torch.Tensor | float],
+    beta2: float,
+    eps: float,
+) -> torch.Tensor:
+    """The plain three sums, then <g_r, P g_f>, <g_f, P g_f>, <g_r, P g_r> with
+    P = 1 / (sqrt(v / (1 - beta2^t)) + eps), in float64 throughout: shape (6,)."""
+    device = retain_grads[0].device if retain_grads else torch.device("cpu")
+    sums = torch.zeros(6, dtype=torch.float64, device=device)
+    for f, r, v, t in zip(forget_grads, retain_grads, exp_avg_sqs, steps):
+        f64, r64 = f.reshape(-1).double(), r.reshape(-1).double()
+        p = 1.0 / ((v.reshape(-1).double() / (1.0 - beta2 ** float(t))).sqrt() + eps)
+        sums += torch.stack([torch.dot(r64, f64), torch.dot(f64, f64), torch.dot(r64, r64),
+                             torch.dot(r64, p * f64), torch.dot(f64, p * f64), torch.dot(r64, p * r64)])  # fmt: skip
+    return sums
+
+
 def combine_ref(
     retain_grads: Sequence[torch.Tensor],
     forget_grads: Sequence[torch.Tensor],

@@ -112,21 +112,21 @@ def test_every_script_has_a_smoke_test():
 @pytest.mark.timeout(120)
 def test_bench_projection(tmp_path):
     # `tiny` is 205,120 elements in 21 tensors (embedding and head 1024 x 64 each, 2 layers of 36,992, the
-    # final norm): one interpreted kernel call takes 0.07-0.3 s; 5 Triton providers x 2 dtypes x >= 6 calls
+    # final norm): one interpreted kernel call takes 0.07-0.3 s; 7 Triton providers x 2 dtypes x >= 6 calls
     # (2 warm-up, 1 to size the repetitions, >= 3 timed): 15-19 s measured on 2 cores.
     out = run_script("bench_projection.py", "--models", "tiny", "--rep", 3, "--budget-s", 0.1, "--out", tmp_path,
                      timeout=110, env={"TRITON_INTERPRET": "1"})  # fmt: skip
     assert "the Triton providers run under the interpreter" in out
     rows = read_csv(tmp_path / "projection.csv")
-    providers = ["reference", "torch", "triton", "triton_pass1", "triton_pass2", "torch_adamw", "triton_adamw",
-                 "triton_fused_adamw"]  # fmt: skip
+    providers = ["reference", "torch", "triton", "triton_pass1", "triton_pass2", "triton_pass1_adam", "torch_adamw",
+                 "triton_adamw", "triton_fused_adamw", "triton_fused_adamw_adam"]  # fmt: skip
     assert [(r["dtype"], r["provider"]) for r in rows] == [(d, p) for d in ("fp32", "bf16") for p in providers]
     for r in rows:
         assert (r["model"], r["n_params"], r["n_tensors"], r["note"]) == ("tiny", "205120", "21", "")
         assert float(r["median_ms"]) > 0 and int(r["reps"]) >= 3 and float(r["gbps"]) > 0
     assert all(float(r["speedup_vs_torch"]) == 1.0 for r in rows if r["provider"] in ("torch", "torch_adamw"))
     table = (tmp_path / "projection.md").read_text()
-    assert table.count("\n| tiny |") == 16 and "| model | dtype | task | provider | median ms |" in table
+    assert table.count("\n| tiny |") == 20 and "| model | dtype | task | provider | median ms |" in table
     assert (tmp_path / "projection.png").stat().st_size > 0
 
 

@@ -559,3 +559,59 @@ def test_gpu_projection_and_fused_step_do_not_sync(device):
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
     assert extra < 64 * 1024, f"the projection allocated {extra} bytes (scalars only expected)"
+
+
+# --------------------------------------------------------------------------------------------
+# pass 1 in Adam's metric: multi_tensor_metric_dots (projection_metric "adam")
+# --------------------------------------------------------------------------------------------
+def _second_moments(sizes, device, seed: int) -> list[torch.Tensor]:
+    """float32 v over four decades (Adam's spread across coordinates), never zero."""
+    return [(10 ** (torch.rand(n, generator=_generator(seed + i)) * 4 - 8)).to(device) for i, n in enumerate(sizes)]
+
+
+def _check_metric_sums(forget, retain, v, steps, beta2, eps, rtol, name):
+    from blur_lightning.kernels import multi_tensor_metric_dots
+    from blur_lightning.kernels.reference import multi_tensor_metric_dots_ref
+
+    actual = multi_tensor_metric_dots(forget, retain, v, steps, beta2=beta2, eps=eps)
+    expected = multi_tensor_metric_dots_ref(forget, retain, v, steps, beta2, eps)
+    scale = multi_tensor_metric_dots_ref([f.abs() for f in forget], [r.abs() for r in retain], v, steps, beta2, eps)
+    assert actual.dtype == torch.float64 and actual.shape == (6,)
+    err = (actual.cpu() - expected.cpu()).abs()
+    assert (err <= rtol * scale.cpu()).all(), f"{name}: got {actual.tolist()}, expected {expected.tolist()}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype, rtol", DOT_TOLERANCES)
+@pytest.mark.parametrize("size", [1, 127, 4099])
+def test_metric_dots_odd_sizes(device, dtype, rtol, size):
+    forget, retain = [randn(size, dtype, device, 1)], [randn(size, dtype, device, 2)]
+    steps = [torch.full((), 3.0, device=device)]
+    v = _second_moments([size], device, 3)
+    _check_metric_sums(forget, retain, v, steps, 0.999, 1e-8, rtol, f"{dtype} n={size}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_metric_dots_mixed_tensors_dtypes_and_steps(device):
+    sizes = mixed_sizes(40, 60_000, 7)
+    forget = random_list(sizes, [torch.float32, torch.bfloat16], device, 8)
+    retain = random_list(sizes, [torch.float32, torch.bfloat16], device, 9)
+    v = _second_moments(sizes, device, 10)
+    v[1] = v[1].to(torch.bfloat16)  # a bf16 second moment (BLURFusedAdamW keeps v in the parameter's dtype)
+    steps = [torch.full((), float(1 + i % 5), device=device) for i in range(len(sizes))]
+    _check_metric_sums(forget, retain, v, steps, 0.95, 1e-6, 1e-5, "mixed")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_metric_projection_triton_matches_torch(device, mode):
+    from blur_lightning.core.metric import AdamMetric
+
+    sizes = [5, 1000, 3001]
+    forget, retain = random_list(sizes, [torch.float32], device, 11), random_list(sizes, [torch.float32], device, 12)
+    metric = AdamMetric(_second_moments(sizes, device, 13), [torch.tensor(4.0)] * 3, beta2=0.999, eps=1e-8)
+    kw = dict(gamma=0.4, mode=mode, metric=metric)
+    fast = compute_stats(forget, retain, backend="triton", **kw)
+    slow = compute_stats([f.cpu() for f in forget], [r.cpu() for r in retain], backend="torch", **kw)
+    for name in ("retain_coef", "forget_coef", "sq_forget", "dot_rf"):
+        assert_close(getattr(fast, name), getattr(slow, name), atol=1e-7, rtol=1e-5, name=f"{mode} {name}")

@@ -14,7 +14,9 @@ every mode writes a direction of the form d = retain_coef * g_r + forget_coef * 
     rmu             alpha                       1 - alpha * s_rf / s_ff      forget_coef = 1
 
 `forget_lower` is the paper's default: <d, g_f> = gamma * s_ff, i.e. the retain gradient
-with its component along g_f replaced by gamma * g_f. `rmu` is the authors' WMDP form
+with its component along g_f replaced by gamma * g_f. With a `metric` (core/metric.py,
+projection_metric "adam") the coefficients come from the same sums in an Adam-type optimizer's
+inner product <x, P y>, so the guarantee holds for the step that optimizer takes. `rmu` is the authors' WMDP form
 d = g_f + alpha * (g_r - s_rf / s_ff * g_f); `penalty` is the weighted-sum baseline.
 
 The work is two memory-bound passes over the gradients: one reads g_f and g_r to form the
@@ -34,6 +36,7 @@ import torch
 
 # re-exported: callers name them from here
 from blur_lightning.core.backends import BACKEND_ENV, BACKENDS, local_tensor, resolve_backend  # noqa: F401
+from blur_lightning.core.metric import AdamMetric
 
 MODES = ("forget_lower", "forget_upper", "penalty", "rmu")
 
@@ -118,22 +121,32 @@ def check_inputs(forget_grads: Sequence[torch.Tensor], retain_grads: Sequence[to
 # pass 1: the three sums
 # --------------------------------------------------------------------------------------------
 def partial_sums_torch(
-    forget_grads: Sequence[torch.Tensor], retain_grads: Sequence[torch.Tensor], device: torch.device
+    forget_grads: Sequence[torch.Tensor],
+    retain_grads: Sequence[torch.Tensor],
+    device: torch.device,
+    metric: AdamMetric | None = None,
 ) -> torch.Tensor:
-    """[s_rf, s_ff, s_rr] over the local tensors as a float64 tensor of shape (3,).
+    """[s_rf, s_ff, s_rr] over the local tensors as a float64 tensor of shape (3,); with `metric`,
+    (6,): the plain three, then the same in the metric's inner product <x, P y>.
 
     Each tensor's products are formed in float32 (a bf16 product rounded to bf16 before the sum
     loses ~3 significant digits) and summed by torch's pairwise reduction; the per-tensor
-    partials are then added in float64, so hundreds of tensors do not lose bits either.
+    partials are then added in float64, so hundreds of tensors do not lose bits either. P is a
+    temporary of one tensor's size at a time (core/metric.py), never the model's.
     """
+    width = 3 if metric is None else 6
     if not forget_grads:
-        return torch.zeros(3, dtype=torch.float64, device=device)
+        return torch.zeros(width, dtype=torch.float64, device=device)
     partials = []
-    for f, r in zip(forget_grads, retain_grads):
+    for i, (f, r) in enumerate(zip(forget_grads, retain_grads)):
         wide = torch.promote_types(f.dtype, torch.float32)  # float64 gradients stay float64
         f32 = f.reshape(-1).to(wide)
         r32 = r.reshape(-1).to(wide)
-        partials.append(torch.stack([torch.dot(r32, f32), torch.dot(f32, f32), torch.dot(r32, r32)]))
+        sums = [torch.dot(r32, f32), torch.dot(f32, f32), torch.dot(r32, r32)]
+        if metric is not None:
+            pf = f32 * metric.weight(i, f32)
+            sums += [torch.dot(r32, pf), torch.dot(f32, pf), torch.dot(r32, r32 * metric.weight(i, r32))]
+        partials.append(torch.stack(sums))
     return torch.stack(partials).to(torch.float64).sum(dim=0)
 
 
@@ -143,19 +156,33 @@ def partial_sums(
     *,
     backend: str = "auto",
     device: torch.device | None = None,
+    metric: AdamMetric | None = None,
 ) -> torch.Tensor:
-    """[s_rf, s_ff, s_rr] over the given (local) tensors, float64, shape (3,)."""
+    """[s_rf, s_ff, s_rr] over the given (local) tensors, float64, shape (3,); (6,) with a metric.
+
+    With a metric the Triton pass (kernels/metric_dots.py) also reads v: one more read per element.
+    A parameter without optimizer state (the rare mid-run newcomer) sends the step to the PyTorch path.
+    """
     check_inputs(forget_grads, retain_grads)
     device = device or (retain_grads[0].device if retain_grads else torch.device("cpu"))
     if resolve_backend(backend, retain_grads) == "triton" and retain_grads:
-        from blur_lightning.kernels import multi_tensor_dots
+        if metric is None:
+            from blur_lightning.kernels import multi_tensor_dots
 
-        return multi_tensor_dots(forget_grads, retain_grads)
-    return partial_sums_torch(forget_grads, retain_grads, device)
+            return multi_tensor_dots(forget_grads, retain_grads)
+        if all(v is not None for v in metric.exp_avg_sqs) and all(t is not None for t in metric.steps):
+            from blur_lightning.kernels import multi_tensor_metric_dots
+
+            steps = [torch.as_tensor(t, dtype=torch.float32).to(device, non_blocking=True) for t in metric.steps]
+            return multi_tensor_metric_dots(
+                forget_grads, retain_grads, [local_tensor(v) for v in metric.exp_avg_sqs], steps,
+                beta2=metric.beta2, eps=metric.eps,
+            )  # fmt: skip
+    return partial_sums_torch(forget_grads, retain_grads, device, metric)
 
 
 def all_reduce_sums(sums: torch.Tensor, group=None) -> torch.Tensor:
-    """Sum the (3,) partials over `group` in place; a no-op without one (or without a process group)."""
+    """Sum the (3,) or (6,) partials over `group` in place; a no-op without one (or without a process group)."""
     if group is None:
         return sums
     import torch.distributed as dist
@@ -264,8 +291,14 @@ def compute_stats(
     backend: str = "auto",
     device: torch.device | None = None,
     grad_scale: torch.Tensor | None = None,
+    metric: AdamMetric | None = None,
 ) -> BLURStats:
     """Pass 1 plus the coefficients, without touching the gradients (the fused optimizer uses this).
+
+    metric: project in an Adam-type optimizer's inner product <x, P y> (core/metric.py,
+    projection_metric "adam"): the coefficients come from the P-weighted sums; the stats' sums
+    (and so the logged norms, the clip and the finiteness check) stay the plain Euclidean ones,
+    one all-reduce of 6 values instead of 3. None: the identity (the paper).
 
     grad_scale: the factor both gradients carry (a GradScaler's scale, a 0-dim device tensor), or
     None. The sums are divided by its square, so they, the eps guards and the logged norms are
@@ -274,11 +307,11 @@ def compute_stats(
     """
     check_mode_args(mode, gamma, alpha, eps)
     forget_grads, retain_grads = _local(forget_grads), _local(retain_grads)
-    sums = partial_sums(forget_grads, retain_grads, backend=backend, device=device)
+    sums = partial_sums(forget_grads, retain_grads, backend=backend, device=device, metric=metric)
     sums = all_reduce_sums(sums, group)
     if grad_scale is not None:
         sums = sums / grad_scale.to(sums.dtype).square()
-    retain_coef, forget_coef, coef = direction_coefs(sums, mode=mode, gamma=gamma, alpha=alpha, eps=eps)
+    retain_coef, forget_coef, coef = direction_coefs(sums[-3:], mode=mode, gamma=gamma, alpha=alpha, eps=eps)
     # float32 coefficients for float32/bf16/fp16 gradients (what the kernels read); float64 ones
     # only when a gradient is float64, so a float64 oracle test sees float64 arithmetic.
     coef_dtype = torch.float64 if any(t.dtype == torch.float64 for t in retain_grads) else torch.float32
@@ -299,6 +332,7 @@ def blur_direction_(
     group=None,
     backend: str = "auto",
     grad_scale: torch.Tensor | None = None,
+    metric: AdamMetric | None = None,
 ) -> BLURStats:
     """Write the BLUR direction into `retain_grads`, in place.
 
@@ -316,6 +350,7 @@ def blur_direction_(
         backend: "auto" (Triton on CUDA, else PyTorch; env BLUR_BACKEND overrides), "torch", "triton".
         grad_scale: the loss scale both gradients carry (see compute_stats): the sums come out
             true; d is written with the same scale.
+        metric: the inner product of the projection (see compute_stats); None: the identity.
 
     Returns:
         BLURStats of 0-dim float32 tensors on the gradients' device. No host synchronisation.
@@ -328,7 +363,7 @@ def blur_direction_(
     backend = resolve_backend(backend, retain_grads)
     stats = compute_stats(
         forget_grads, retain_grads, gamma=gamma, mode=mode, alpha=alpha, eps=eps, group=group, backend=backend,
-        grad_scale=grad_scale,
+        grad_scale=grad_scale, metric=metric,
     )
     combine_(retain_grads, forget_grads, stats.retain_coef, stats.forget_coef, mode=mode, backend=backend)
     return stats

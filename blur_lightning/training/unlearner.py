@@ -31,6 +31,7 @@ from torch import nn
 
 from blur_lightning.core import nonfinite
 from blur_lightning.core.clipping import clipped_coefs, combine_clipped_
+from blur_lightning.core.metric import adam_metric, check_metric
 from blur_lightning.core.nonfinite import is_fused_blur_optimizer
 from blur_lightning.core.projection import MODES, BLURStats, compute_stats
 from blur_lightning.losses import functional as losses
@@ -59,6 +60,10 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
         gamma: the BLUR target <d, g_f> = gamma * ||g_f||^2 (penalty: the retain weight).
         alpha: the retain weight of the "rmu" mode.
         eps: squared norms at or below eps count as zero in the projection.
+        projection_metric: the inner product BLUR projects in: "identity" (the paper) or "adam": an
+            Adam-type optimizer's P = diag(1 / (sqrt(v_hat) + eps)), so that forget_lower's guarantee
+            <P d, g_f> = gamma <g_f, P g_f> holds for the step Adam takes (core/metric.py). Needs
+            torch.optim.Adam / AdamW or BLURFusedAdamW; the first step (no state yet) is the identity.
         npo_beta: NPO's inverse temperature.
         npo_reference: where NPO's reference log-probs come from: "model" (a frozen copy, run on
             every forget batch), "cache" (computed once at fit start, no copy: reference_cache.py)
@@ -121,6 +126,7 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
         gamma: float = 1.0,
         alpha: float = 1.0,
         eps: float = 1e-12,
+        projection_metric: str = "identity",
         npo_beta: float = 0.1,
         npo_reference: str = "auto",
         simnpo_beta: float = 2.5,
@@ -163,6 +169,7 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
             raise ValueError(f"rmu_mask={rmu_mask!r}: expected one of {losses.RMU_MASKS}")
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: expected one of {MODES}")
+        check_metric(projection_metric)
         for name, value in (("gamma", gamma), ("alpha", alpha)):
             if not value >= 0:  # also refuses NaN
                 raise ValueError(f"{name}={value!r}: expected a number >= 0 (a negative weight reverses its objective)")
@@ -174,6 +181,8 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         self._bucket_views = None
+        if self.hparams.projection_metric == "adam":  # an optimizer without v fails here, not at the first step
+            adam_metric(self.optimizers(), self.trainable_parameters())
 
     # ------------------------------------------------------------------ the step
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> StepOutput:
@@ -245,6 +254,7 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
             group=self._projection_group(),
             backend=hp.projection_backend,
             grad_scale=scale,
+            metric=adam_metric(inner, kept) if hp.projection_metric == "adam" else None,
         )
         step_kwargs = {}
         if fused:  # BLURFusedAdamW forms d inside its update; the scaler unscales g_r (p.grad), not g_f
