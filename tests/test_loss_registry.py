@@ -38,15 +38,15 @@ def registry():
 
 
 def test_builtin_losses_and_their_needs():
-    assert loss_registry.FORGET_LOSSES == ("ga", "npo", "simnpo", "idk", "rmu")
+    assert loss_registry.FORGET_LOSSES == ("ga", "npo", "simnpo", "idk", "rmu", "pdu_entropic")
     assert loss_registry.RETAIN_LOSSES == ("nll", "kl", "rmu")
     forget = {name: set(loss.needs) for name, loss in loss_registry.FORGET.items()}
     retain = {name: set(loss.needs) for name, loss in loss_registry.RETAIN.items()}
     assert forget == {"ga": set(), "npo": {"reference_logprobs"}, "simnpo": set(), "idk": {"refusal"},
-                      "rmu": {"hidden_states"}}
+                      "rmu": {"hidden_states"}, "pdu_entropic": set()}
     assert retain == {"nll": set(), "kl": {"reference_logits"}, "rmu": {"hidden_states", "reference_hidden_states"}}
     assert all(loss.role == "forget" for loss in loss_registry.FORGET.values())
-    with pytest.raises(ValueError, match=r"forget_loss='dpo': expected one of \('ga', 'npo', 'simnpo', 'idk', 'rmu'\)"):
+    with pytest.raises(ValueError, match=r"forget_loss='dpo': expected one of \('ga', 'npo', .*'pdu_entropic'\)"):
         BLURUnlearner(build_tiny_llama(), forget_loss="dpo", export_dir=None)
     with pytest.raises(ValueError, match=r"retain_loss='ce': expected one of \('nll', 'kl', 'rmu'\)"):
         BLURUnlearner(build_tiny_llama(), retain_loss="ce", export_dir=None)

@@ -241,7 +241,9 @@ def test_all_modes_run_and_log(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
     for mode in MODES:
-        module = BLURUnlearner(build_tiny_llama(), mode=mode, forget_loss="ga", optimizer=sgd(0.01), export_dir=None)
+        extra = {"pdu_retain_eps": 0.5} if mode == "pdu" else {}
+        module = BLURUnlearner(build_tiny_llama(), mode=mode, forget_loss="ga", optimizer=sgd(0.01), export_dir=None,
+                               **extra)  # fmt: skip
         trainer = fit(module, [make_batch(seed=s) for s in range(2)], logger=CSVLogger(tmp_path, name=mode),
                       log_every_n_steps=1)
         logged = trainer.logged_metrics

@@ -31,6 +31,8 @@ def oracle(forget, retain, mode, gamma, alpha, eps=1e-12):
         d = f + (gamma - s_rf / s_rr) * r if s_rr > eps else f
     elif mode == "penalty":
         d = f + gamma * r
+    elif mode == "pdu":  # lambda (alpha without a retain_weight) on g_r, gamma on g_f
+        d = alpha * r + gamma * f
     else:
         d = f + alpha * (r - (s_rf / s_ff) * f) if s_ff > eps else f + alpha * r
     return d, (s_rf, s_ff, s_rr)
@@ -98,7 +100,7 @@ def test_eps_guard_zero_forget_gradient(mode):
     forget = [torch.zeros(5, 3), torch.zeros(4)]
     stats = blur_direction_(forget, retain, gamma=0.5, mode=mode, alpha=2.0, backend="torch")
     assert torch.isfinite(stats.coef)
-    scale = {"forget_lower": 1.0, "forget_upper": 0.5 - 0.0, "penalty": 0.5, "rmu": 2.0}[mode]
+    scale = {"forget_lower": 1.0, "forget_upper": 0.5 - 0.0, "penalty": 0.5, "rmu": 2.0, "pdu": 2.0}[mode]
     for before, after in zip(original, retain):
         torch.testing.assert_close(after, scale * before)
 

@@ -12,12 +12,18 @@ every mode writes a direction of the form d = retain_coef * g_r + forget_coef * 
     forget_upper    gamma - s_rf / s_rr         1                            retain_coef = 0
     penalty         gamma                       1                            (none)
     rmu             alpha                       1 - alpha * s_rf / s_ff      forget_coef = 1
+    pdu             lambda (retain_weight)      gamma                        (none)
 
 `forget_lower` is the paper's default: <d, g_f> = gamma * s_ff, i.e. the retain gradient
 with its component along g_f replaced by gamma * g_f. With a `metric` (core/metric.py,
 projection_metric "adam") the coefficients come from the same sums in an Adam-type optimizer's
 inner product <x, P y>, so the guarantee holds for the step that optimizer takes. `rmu` is the authors' WMDP form
-d = g_f + alpha * (g_r - s_rf / s_ff * g_f); `penalty` is the weighted-sum baseline.
+d = g_f + alpha * (g_r - s_rf / s_ff * g_f); `penalty` is the weighted-sum baseline. `pdu` is
+open-unlearning's primal-dual method (Entesari et al. 2025): a weighted sum whose retain weight
+lambda is a Lagrange multiplier the caller updates by dual ascent on the retain loss
+(training/pdu.py). Both are constrained formulations, of different things: PDU keeps the retain
+*loss* below a level (lambda grows while it is above), BLUR fixes the *direction's* component
+along g_f whatever the losses are.
 
 The work is two memory-bound passes over the gradients: one reads g_f and g_r to form the
 three sums, one reads them again and writes d into the retain buffer in place. Nothing here
@@ -38,7 +44,7 @@ import torch
 from blur_lightning.core.backends import BACKEND_ENV, BACKENDS, local_tensor, resolve_backend  # noqa: F401
 from blur_lightning.core.metric import AdamMetric
 
-MODES = ("forget_lower", "forget_upper", "penalty", "rmu")
+MODES = ("forget_lower", "forget_upper", "penalty", "rmu", "pdu")
 
 
 @dataclass(frozen=True)
@@ -200,9 +206,18 @@ def all_reduce_sums(sums: torch.Tensor, group=None) -> torch.Tensor:
 # the coefficients (a few 0-dim ops on the device)
 # --------------------------------------------------------------------------------------------
 def direction_coefs(
-    sums: torch.Tensor, *, mode: str, gamma: float, alpha: float = 1.0, eps: float = 1e-12
+    sums: torch.Tensor,
+    *,
+    mode: str,
+    gamma: float,
+    alpha: float = 1.0,
+    eps: float = 1e-12,
+    retain_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(retain_coef, forget_coef, coef) as 0-dim float64 tensors, from sums = [s_rf, s_ff, s_rr]."""
+    """(retain_coef, forget_coef, coef) as 0-dim float64 tensors, from sums = [s_rf, s_ff, s_rr].
+
+    retain_weight: pdu's multiplier lambda (a 0-dim device tensor, so no host read); None: alpha.
+    """
     check_mode_args(mode, gamma, alpha, eps)
     s_rf, s_ff, s_rr = sums[0], sums[1], sums[2]
     one = torch.ones((), dtype=sums.dtype, device=sums.device)
@@ -218,6 +233,9 @@ def direction_coefs(
     elif mode == "penalty":
         retain_coef = one * gamma
         forget_coef, coef = one, retain_coef
+    elif mode == "pdu":
+        retain_coef = one * alpha if retain_weight is None else retain_weight.to(sums.device, sums.dtype)
+        forget_coef, coef = one * gamma, retain_coef
     else:  # rmu
         ratio = s_rf / torch.where(s_ff > eps, s_ff, one)
         forget_coef = torch.where(s_ff > eps, 1.0 - alpha * ratio, one)
@@ -292,8 +310,11 @@ def compute_stats(
     device: torch.device | None = None,
     grad_scale: torch.Tensor | None = None,
     metric: AdamMetric | None = None,
+    retain_weight: torch.Tensor | None = None,
 ) -> BLURStats:
     """Pass 1 plus the coefficients, without touching the gradients (the fused optimizer uses this).
+
+    retain_weight: the pdu mode's multiplier lambda (see direction_coefs).
 
     metric: project in an Adam-type optimizer's inner product <x, P y> (core/metric.py,
     projection_metric "adam"): the coefficients come from the P-weighted sums; the stats' sums
@@ -311,7 +332,9 @@ def compute_stats(
     sums = all_reduce_sums(sums, group)
     if grad_scale is not None:
         sums = sums / grad_scale.to(sums.dtype).square()
-    retain_coef, forget_coef, coef = direction_coefs(sums[-3:], mode=mode, gamma=gamma, alpha=alpha, eps=eps)
+    retain_coef, forget_coef, coef = direction_coefs(
+        sums[-3:], mode=mode, gamma=gamma, alpha=alpha, eps=eps, retain_weight=retain_weight
+    )
     # float32 coefficients for float32/bf16/fp16 gradients (what the kernels read); float64 ones
     # only when a gradient is float64, so a float64 oracle test sees float64 arithmetic.
     coef_dtype = torch.float64 if any(t.dtype == torch.float64 for t in retain_grads) else torch.float32
@@ -333,6 +356,7 @@ def blur_direction_(
     backend: str = "auto",
     grad_scale: torch.Tensor | None = None,
     metric: AdamMetric | None = None,
+    retain_weight: torch.Tensor | None = None,
 ) -> BLURStats:
     """Write the BLUR direction into `retain_grads`, in place.
 
@@ -341,7 +365,7 @@ def blur_direction_(
         retain_grads: per-parameter retain gradients g_r, same shapes in the same order, usually
             the `.grad` tensors after the retain backward. Overwritten with d.
         gamma: the forget-lower target <d, g_f> = gamma * ||g_f||^2 (penalty: the retain weight).
-        mode: one of "forget_lower" (default), "forget_upper", "penalty", "rmu" (see module doc).
+        mode: one of "forget_lower" (default), "forget_upper", "penalty", "rmu", "pdu" (see module doc).
         alpha: the retain weight of the "rmu" mode.
         eps: a squared norm at or below eps counts as zero (the guard of each mode).
         group: a process group (or a list of groups, summed in turn) over which the three partial
@@ -351,6 +375,7 @@ def blur_direction_(
         grad_scale: the loss scale both gradients carry (see compute_stats): the sums come out
             true; d is written with the same scale.
         metric: the inner product of the projection (see compute_stats); None: the identity.
+        retain_weight: the pdu mode's multiplier lambda, a 0-dim tensor (None: alpha).
 
     Returns:
         BLURStats of 0-dim float32 tensors on the gradients' device. No host synchronisation.
@@ -363,7 +388,7 @@ def blur_direction_(
     backend = resolve_backend(backend, retain_grads)
     stats = compute_stats(
         forget_grads, retain_grads, gamma=gamma, mode=mode, alpha=alpha, eps=eps, group=group, backend=backend,
-        grad_scale=grad_scale, metric=metric,
+        grad_scale=grad_scale, metric=metric, retain_weight=retain_weight,
     )
     combine_(retain_grads, forget_grads, stats.retain_coef, stats.forget_coef, mode=mode, backend=backend)
     return stats

@@ -163,3 +163,26 @@ def rmu_retain_loss(hidden: torch.Tensor, ref_hidden: torch.Tensor, mask: torch.
     """Per-token MSE between the policy's and the frozen model's activations, averaged per `rmu_mask`."""
     per_token = (hidden.float() - ref_hidden.detach().float()).pow(2).mean(dim=-1)
     return _masked_token_mean(per_token, mask)
+
+
+ENTROPIC_REDUCTIONS = ("sequence", "token")
+
+
+def entropic_forget_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "sequence") -> torch.Tensor:
+    """PDU's forget loss (open-unlearning pdu.py): (max_v z_t,v - mean_v z_t,v)^2 per position, pushed to 0.
+
+    A flat logit row (max equal to mean) is the uniform next-token distribution: the loss drives the
+    forget answers' positions towards maximum entropy instead of away from the answer. Positions:
+    those whose label is an answer token, unshifted (open-unlearning pairs the mask with the logits
+    at the same index, i.e. the logits that predict the token after each answer token).
+    reduction="sequence": mean per sequence, then over sequences (ours: k micro-batches / k == one
+    batch); "token": one mean over every masked position of the batch (open-unlearning).
+    """
+    if reduction not in ENTROPIC_REDUCTIONS:
+        raise ValueError(f"entropic_reduction={reduction!r}: expected one of {ENTROPIC_REDUCTIONS}")
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64 (tests)
+    gap = (z.amax(dim=-1) - z.mean(dim=-1)).pow(2)  # (B, T)
+    mask = (labels != IGNORE_INDEX).to(gap.dtype)
+    if reduction == "token":
+        return (gap * mask).sum() / mask.sum().clamp_min(1)
+    return _masked_token_mean(gap, mask)

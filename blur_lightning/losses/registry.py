@@ -177,6 +177,11 @@ def _rmu_forget(inputs: LossInputs) -> torch.Tensor:
     return losses.rmu_forget_loss(hidden, inputs.rmu_control(hidden), mask)
 
 
+@register("forget", "pdu_entropic")
+def _pdu_entropic(inputs: LossInputs) -> torch.Tensor:
+    return losses.entropic_forget_loss(inputs.logits(), inputs.side["labels"], inputs.hparams.entropic_reduction)
+
+
 # ---------------------------------------------------------------------------------- retain losses
 @register("retain", "nll")
 def _nll(inputs: LossInputs) -> torch.Tensor:

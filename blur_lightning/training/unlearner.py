@@ -38,6 +38,7 @@ from blur_lightning.losses import functional as losses
 from blur_lightning.losses import npo_reference as reference_cache
 from blur_lightning.losses import registry as loss_registry
 from blur_lightning.losses.context import LossesMixin
+from blur_lightning.training import pdu
 from blur_lightning.training.base import CausalLMModule, OptimizerFactory, SchedulerFactory
 from blur_lightning.training.outputs import StepOutput
 
@@ -56,7 +57,8 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
             toward a scaled random vector), or any name registered in loss_registry.
         retain_loss: "nll", "kl" or "rmu" (MSE of rmu_layer activations to the frozen model's),
             or any name registered in loss_registry (the reference is built when one needs it).
-        mode: "forget_lower" (the paper's default), "forget_upper", "penalty" or "rmu".
+        mode: "forget_lower" (the paper's default), "forget_upper", "penalty", "rmu" or "pdu" (a weighted
+            sum whose retain weight lambda, starting at alpha, follows dual ascent: training/pdu.py).
         gamma: the BLUR target <d, g_f> = gamma * ||g_f||^2 (penalty: the retain weight).
         alpha: the retain weight of the "rmu" mode.
         eps: squared norms at or below eps count as zero in the projection.
@@ -64,6 +66,11 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
             Adam-type optimizer's P = diag(1 / (sqrt(v_hat) + eps)), so that forget_lower's guarantee
             <P d, g_f> = gamma <g_f, P g_f> holds for the step Adam takes (core/metric.py). Needs
             torch.optim.Adam / AdamW or BLURFusedAdamW; the first step (no state yet) is the identity.
+        pdu_retain_eps: mode "pdu": the retain loss level of the constraint L_r <= eps (required there).
+        pdu_dual_step_size: mode "pdu": lambda <- max(0, lambda + step * (L_r - eps)) after each step.
+        pdu_dual_warmup_steps: mode "pdu": optimizer steps before lambda starts moving.
+        entropic_reduction: forget loss "pdu_entropic" (PDU's): "sequence" (mean per sequence, ours) or
+            "token" (one mean over the batch's answer positions, open-unlearning).
         npo_beta: NPO's inverse temperature.
         npo_reference: where NPO's reference log-probs come from: "model" (a frozen copy, run on
             every forget batch), "cache" (computed once at fit start, no copy: reference_cache.py)
@@ -127,6 +134,10 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
         alpha: float = 1.0,
         eps: float = 1e-12,
         projection_metric: str = "identity",
+        pdu_retain_eps: float | None = None,
+        pdu_dual_step_size: float = 1.0,
+        pdu_dual_warmup_steps: int = 0,
+        entropic_reduction: str = "sequence",
         npo_beta: float = 0.1,
         npo_reference: str = "auto",
         simnpo_beta: float = 2.5,
@@ -163,6 +174,8 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
         )  # fmt: skip
         for role, name in (("forget", forget_loss), ("retain", retain_loss)):
             loss_registry.get(role, name)  # an unknown name: a ValueError naming the setting and the choices
+        if entropic_reduction not in losses.ENTROPIC_REDUCTIONS:
+            raise ValueError(f"entropic_reduction={entropic_reduction!r}: expected one of {losses.ENTROPIC_REDUCTIONS}")
         if kl_mask not in losses.KL_MASKS:
             raise ValueError(f"kl_mask={kl_mask!r}: expected one of {losses.KL_MASKS}")
         if rmu_mask not in losses.RMU_MASKS:
@@ -170,6 +183,9 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: expected one of {MODES}")
         check_metric(projection_metric)
+        pdu.check_settings(mode, pdu_retain_eps, pdu_dual_step_size, pdu_dual_warmup_steps)
+        if mode == "pdu":  # the multiplier, saved with the module's state (a checkpoint resumes it)
+            self.register_buffer("pdu_lambda", torch.tensor(float(alpha), dtype=torch.float64), persistent=True)
         for name, value in (("gamma", gamma), ("alpha", alpha)):
             if not value >= 0:  # also refuses NaN
                 raise ValueError(f"{name}={value!r}: expected a number >= 0 (a negative weight reverses its objective)")
@@ -255,6 +271,7 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
             backend=hp.projection_backend,
             grad_scale=scale,
             metric=adam_metric(inner, kept) if hp.projection_metric == "adam" else None,
+            retain_weight=self.pdu_lambda if hp.mode == "pdu" else None,
         )
         step_kwargs = {}
         if fused:  # BLURFusedAdamW forms d inside its update; the scaler unscales g_r (p.grad), not g_f
@@ -275,7 +292,12 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
         # Logging costs ~0.6 ms of host time per value (13 values: ~8 ms a step); done here, before
         # the optimizer launch, it overlaps the GPU still finishing the backward and the projection.
         self._log_step(loss_forget, loss_retain, stats, optimizer)
+        steps_before = self.trainer.global_step
         self._apply_update(optimizer, finite, retain_grads, scale=scale, fused=fused, step_kwargs=step_kwargs)
+        if hp.mode == "pdu" and steps_before >= hp.pdu_dual_warmup_steps:  # after the step, from its retain loss
+            self.pdu_lambda.copy_(pdu.dual_update(self.pdu_lambda, pdu.mean_over_ranks(loss_retain),
+                                                  retain_eps=hp.pdu_retain_eps, step_size=hp.pdu_dual_step_size,
+                                                  finite=finite))  # fmt: skip
         self._window.close()
         return {"stats": stats, "step_forget_loss": loss_forget, "step_retain_loss": loss_retain}
 
@@ -290,6 +312,8 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
         # host-to-device copy, which waits for the GPU's queue; torch.full is a fill kernel
         lr = torch.full((), float(optimizer.param_groups[0]["lr"]), device=self.device)
         self.log("train/lr", lr, on_step=True, batch_size=1)
+        if self.hparams.mode == "pdu":  # the multiplier this step used (the dual update follows the step)
+            self.log("train/pdu_lambda", self.pdu_lambda.float(), on_step=True, batch_size=1)
         self.log("train/coef_pbar", stats.coef, on_step=True, prog_bar=True, logger=False, batch_size=1)
 
     # ------------------------------------------------------------------ NPO's cached reference in checkpoints
