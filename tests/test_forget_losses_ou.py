@@ -145,7 +145,7 @@ def test_dpo_equals_its_definition(dtype):
     side, logits_l, logits_w = fixed(seed=1)
     refusal = make_side(4, 9, seed=5, vocab_size=VOCAB)
     g = torch.Generator().manual_seed(3)
-    ref_w, ref_l = -5 * torch.rand(4, generator=g, dtype=torch.float64), -5 * torch.rand(4, generator=g, dtype=torch.float64)
+    ref_w, ref_l = (-5 * torch.rand(4, generator=g, dtype=torch.float64) for _ in range(2))
     for beta in (0.1, 1.0):
         got = losses.dpo_loss_from_logprobs(logits_w.to(dtype), refusal["labels"], ref_w,
                                             logits_l.to(dtype), side["labels"], ref_l, beta=beta)

@@ -214,7 +214,9 @@ def ceu_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_first_n: int = 1
     return _masked_token_mean(-(target * logp).sum(dim=-1), mask)
 
 
-def undial_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, beta: float = 10.0) -> torch.Tensor:
+def undial_loss(
+    logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, beta: float = 10.0
+) -> torch.Tensor:
     """UNDIAL (Dong et al. 2025): cross-entropy to the reference's distribution with logit(y_t) lowered by beta.
 
     Self-distillation toward softmax(ref_logits - beta * onehot(y_t)) at the answer positions: bounded

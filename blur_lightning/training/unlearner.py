@@ -52,7 +52,8 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
         model_dtype: "float32", "bfloat16" or "float16" for loaded models.
         attn_implementation: "auto" (flash_attention_2 when flash-attn imports on CUDA, else sdpa).
         forget_loss: "ga", "npo", "simnpo", "idk", "rmu" (activations of rmu_layer steered
-            toward a scaled random vector), "wga", "satimp", "ceu", "undial", "dpo", or any name registered in loss_registry.
+            toward a scaled random vector), "wga", "satimp", "ceu", "undial", "dpo" (docs/PAPER_CONFIGS.md),
+            or any name registered in loss_registry.
         retain_loss: "nll", "kl" or "rmu" (MSE of rmu_layer activations to the frozen model's),
             or any name registered in loss_registry (the reference is built when one needs it).
         mode: "forget_lower" (the paper's default), "forget_upper", "penalty" or "rmu".
