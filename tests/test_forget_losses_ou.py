@@ -178,3 +178,19 @@ def test_k_micro_batches_over_k_equal_one_batch(name):
     for rows in (slice(0, 2), slice(2, 4), slice(4, 6)):
         (ours(parts[rows], ref_logits[rows], side["labels"][rows]) / 3).backward()
     torch.testing.assert_close(parts.grad, full.grad, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("wga_beta", -1.0, "a number >= 0"), ("satimp_beta1", float("nan"), "a number >= 0"),
+    ("satimp_beta2", -0.5, "a number >= 0"),
+    ("undial_beta", -10.0, "a number >= 0"), ("dpo_beta", 0.0, "a number > 0"),
+    ("ceu_ignore_first_n", -1, "an int >= 0"),
+    ("ceu_ignore_first_n", 1.5, "an int >= 0"), ("ceu_ignore_first_n", True, "an int >= 0"),
+])  # fmt: skip
+def test_bad_settings_name_the_field(field, value, expected):
+    from conftest import build_tiny_llama
+
+    from blur_lightning.training.unlearner import BLURUnlearner
+
+    with pytest.raises(ValueError, match=rf"^{field}=.*: expected {expected}"):
+        BLURUnlearner(build_tiny_llama(), export_dir=None, **{field: value})
