@@ -38,16 +38,19 @@ def registry():
 
 
 def test_builtin_losses_and_their_needs():
-    assert loss_registry.FORGET_LOSSES == ("ga", "npo", "simnpo", "idk", "rmu", "pdu_entropic")
+    assert loss_registry.FORGET_LOSSES == ("ga", "npo", "simnpo", "idk", "rmu", "wga", "satimp", "ceu", "undial", "dpo",
+                                           "pdu_entropic")
     assert loss_registry.RETAIN_LOSSES == ("nll", "kl", "rmu")
     forget = {name: set(loss.needs) for name, loss in loss_registry.FORGET.items()}
     retain = {name: set(loss.needs) for name, loss in loss_registry.RETAIN.items()}
     assert forget == {"ga": set(), "npo": {"reference_logprobs"}, "simnpo": set(), "idk": {"refusal"},
-                      "rmu": {"hidden_states"}, "pdu_entropic": set()}
+                      "rmu": {"hidden_states"}, "wga": set(), "satimp": set(), "ceu": set(),
+                      "undial": {"reference_logits"},
+                      "dpo": {"refusal", "reference_logprobs", "reference_refusal_logprobs"}, "pdu_entropic": set()}
     assert retain == {"nll": set(), "kl": {"reference_logits"}, "rmu": {"hidden_states", "reference_hidden_states"}}
     assert all(loss.role == "forget" for loss in loss_registry.FORGET.values())
-    with pytest.raises(ValueError, match=r"forget_loss='dpo': expected one of \('ga', 'npo', .*'pdu_entropic'\)"):
-        BLURUnlearner(build_tiny_llama(), forget_loss="dpo", export_dir=None)
+    with pytest.raises(ValueError, match=r"forget_loss='altpo': expected one of \('ga', 'npo', .*'pdu_entropic'\)"):
+        BLURUnlearner(build_tiny_llama(), forget_loss="altpo", export_dir=None)
     with pytest.raises(ValueError, match=r"retain_loss='ce': expected one of \('nll', 'kl', 'rmu'\)"):
         BLURUnlearner(build_tiny_llama(), retain_loss="ce", export_dir=None)
 
@@ -128,6 +131,12 @@ def _reference_cases():
             # cache unless npo_reference="model" ("auto" takes the cache when nothing else needs the model).
             built = retain in ("kl", "rmu") or (forget == "npo" and setting == "model")
             yield pytest.param(forget, retain, setting, built, id=f"{forget}-{retain}-{setting}")
+    # open-unlearning's further losses with the NLL retain: UNDIAL needs the reference's logits, DPO its
+    # log-probs of the refusal answers (which the NPO cache does not hold: it needs the model even with
+    # npo_reference="cache", which then serves only the forget answers' side).
+    for forget, built in (("wga", False), ("satimp", False), ("ceu", False), ("undial", True), ("dpo", True)):
+        for setting in ("auto", "model", "cache") if forget == "dpo" else ("auto",):
+            yield pytest.param(forget, "nll", setting, built, id=f"{forget}-nll-{setting}")
 
 
 @pytest.mark.parametrize("forget,retain,setting,built", list(_reference_cases()))
@@ -159,5 +168,6 @@ def test_reference_model_built_exactly_when_needed(monkeypatch, forget, retain, 
     assert module.needs_reference is built
     assert (module.reference_model is not None) is built
     assert len(copies) == int(built), copies
-    cached = forget == "npo" and (setting == "cache" or (setting == "auto" and retain == "nll"))
+    cached = (forget == "npo" and (setting == "cache" or (setting == "auto" and retain == "nll"))) or (
+        forget == "dpo" and setting == "cache")
     assert (module._npo_cache is not None) is cached

@@ -194,7 +194,7 @@ def test_auto_picks_the_cache_only_when_nothing_else_needs_the_model():
     assert resolve("auto", "ga", "nll", dm) == resolve("model", "simnpo", "nll", dm) == "none"
     with pytest.raises(ValueError, match="npo_reference='cache' needs the forget examples"):
         resolve("cache", "npo", "nll", None)
-    with pytest.raises(ValueError, match="applies to forget_loss='npo', not 'ga'"):
+    with pytest.raises(ValueError, match="applies to forget_loss='npo' or 'dpo', not 'ga'"):
         BLURUnlearner(tiny_llama(), forget_loss="ga", npo_reference="cache")
     with pytest.raises(ValueError, match=r"npo_reference='none': expected one of \('auto', 'model', 'cache'\)"):
         BLURUnlearner(tiny_llama(), npo_reference="none")

@@ -61,6 +61,19 @@ class LossContext:
         self._require("reference_logits")
         return self._once("reference_logits", lambda: self.module._reference_logits(self.side))
 
+    def reference_refusal_logprobs(self) -> torch.Tensor:
+        self._require("reference_refusal_logprobs")
+        if "alt_input_ids" not in self.side:
+            raise ValueError(f"{self.role}_loss={self.loss.name!r} needs refusal answers: set data.idk_column")
+        side = self.side
+
+        def make() -> torch.Tensor:
+            with self.module._reference_forward() as ref:
+                logits = attention.forward(ref, side, "alt_input_ids", "alt_attention_mask").logits
+                return losses.sequence_logprob(logits, side["alt_labels"])[0]
+
+        return self._once("reference_refusal_logprobs", make)
+
     def reference_logprobs(self) -> torch.Tensor:
         self._require("reference_logprobs")
         cache = self.module._npo_cache

@@ -165,6 +165,89 @@ def rmu_retain_loss(hidden: torch.Tensor, ref_hidden: torch.Tensor, mask: torch.
     return _masked_token_mean(per_token, mask)
 
 
+# ------------------------------------------------------------ open-unlearning's further forget losses
+# Each is a mean over sequences of a per-sequence mean over answer tokens (this file's convention).
+# open-unlearning averages WGA, SatImp and CE-U over the batch's answer tokens pooled together (a long
+# answer weighs more) and UNDIAL over every position; with answers of equal length the two agree.
+def _answer_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shifted log-softmax (B, T-1, V) in float32+, the shifted labels made safe to gather, and the mask."""
+    logits, shifted = _shift(logits, labels)
+    mask = shifted != IGNORE_INDEX
+    return F.log_softmax(logits.float(), dim=-1), shifted.masked_fill(~mask, 0), mask
+
+
+def wga_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """WGA (Wang et al. 2025, weighted gradient ascent): minimise mean of w_t log p(y_t), w_t = p(y_t)^beta.
+
+    The weight is held constant (no gradient through it): tokens the model already finds unlikely
+    get little ascent, so the loss saturates instead of diverging as GA does.
+    """
+    logp, mask = token_logprobs(logits, labels)
+    weight = logp.detach().exp() ** beta
+    return _masked_token_mean(weight * logp, mask)
+
+
+def satimp_loss(logits: torch.Tensor, labels: torch.Tensor, beta1: float = 5.0, beta2: float = 1.0) -> torch.Tensor:
+    """SatImp (Yang et al. 2025): WGA with w_t = p^beta1 (1 - p)^beta2, p = p(y_t) held constant.
+
+    p^beta1 is the saturation weight (unlikely tokens get little ascent), (1 - p)^beta2 the importance
+    weight (tokens already near certain get little too).
+    """
+    logp, mask = token_logprobs(logits, labels)
+    p = logp.detach().exp()
+    return _masked_token_mean(p**beta1 * (1.0 - p) ** beta2 * logp, mask)
+
+
+def ceu_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_first_n: int = 1) -> torch.Tensor:
+    """CE-U (Yang et al. 2025, arXiv 2503.01224): cross-entropy to the model's own distribution without y_t.
+
+    The target at each answer position is softmax(logits) with the label's logit at -inf, held
+    constant; the first `ignore_first_n` answer tokens of each sequence carry no loss (the paper's
+    footnote: the first answer token is often forced by the prompt).
+    """
+    if ignore_first_n:
+        answer = labels != IGNORE_INDEX
+        labels = labels.masked_fill(answer & (answer.cumsum(dim=1) <= ignore_first_n), IGNORE_INDEX)
+    logp, safe, mask = _answer_logprobs(logits, labels)
+    with torch.no_grad():
+        target = logp.detach().scatter(-1, safe.unsqueeze(-1), float("-inf")).softmax(dim=-1)
+    return _masked_token_mean(-(target * logp).sum(dim=-1), mask)
+
+
+def undial_loss(
+    logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, beta: float = 10.0
+) -> torch.Tensor:
+    """UNDIAL (Dong et al. 2025): cross-entropy to the reference's distribution with logit(y_t) lowered by beta.
+
+    Self-distillation toward softmax(ref_logits - beta * onehot(y_t)) at the answer positions: bounded
+    (a cross-entropy to a fixed target), unlike GA. open-unlearning takes every position, prompt and
+    padding included; here only the answer positions (where y_t exists) count.
+    """
+    logp, safe, mask = _answer_logprobs(logits, labels)
+    with torch.no_grad():
+        adjusted = ref_logits[:, :-1, :].float().scatter_add(
+            -1, safe.unsqueeze(-1), torch.full_like(safe, -beta, dtype=torch.float32).unsqueeze(-1)
+        )
+        target = adjusted.softmax(dim=-1)
+    return _masked_token_mean(-(target * logp).sum(dim=-1), mask)
+
+
+def dpo_loss_from_logprobs(
+    logits_win: torch.Tensor, labels_win: torch.Tensor, ref_logp_win: torch.Tensor,
+    logits_lose: torch.Tensor, labels_lose: torch.Tensor, ref_logp_lose: torch.Tensor, beta: float = 0.1,
+) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023) as an unlearning loss: -(2/beta) mean log sigmoid(beta (r_win - r_lose)).
+
+    r = log pi_theta(y|x) - log pi_ref(y|x) of whole sequences (sums over answer tokens); with the
+    refusal answer as y_win and the forget answer as y_lose it is open-unlearning's IdkDPO. The 2/beta
+    scale is theirs (NPO's), not the DPO paper's 1.
+    """
+    logp_win, _ = sequence_logprob(logits_win, labels_win)
+    logp_lose, _ = sequence_logprob(logits_lose, labels_lose)
+    margin = (logp_win - ref_logp_win.detach()) - (logp_lose - ref_logp_lose.detach())
+    return -(2.0 / beta) * F.logsigmoid(beta * margin).mean()
+
+
 ENTROPIC_REDUCTIONS = ("sequence", "token")
 
 

@@ -16,7 +16,10 @@ model is built only when a chosen loss needs what only a model gives. The needs:
     reference_logits         the frozen model's logits (B, T, V): KL. Only a model gives them.
     reference_hidden_states  the frozen model's activations of rmu_layer (B, T, H): RMU retain.
     hidden_states            the policy's activations of rmu_layer (B, T, H): RMU. No reference.
-    refusal                  the batch's refusal answers (alt_input_ids, alt_labels): IDK.
+    refusal                  the batch's refusal answers (alt_input_ids, alt_labels): IDK, DPO.
+    reference_refusal_logprobs  log pi_ref(refusal|x) per sequence (B,): DPO's preferred side. Only a
+                             model gives it (the NPO cache holds the forget answers' log-probs, which
+                             serve DPO's dispreferred side: npo_reference="cache" still needs the model).
 
 A loss reads its inputs through `LossInputs` (loss_inputs.LossContext implements it), which computes
 each lazily and refuses one the loss did not declare: a loss cannot use the reference without the
@@ -35,9 +38,10 @@ import torch
 
 from blur_lightning.losses import functional as losses
 
-NEEDS = ("reference_logprobs", "reference_logits", "reference_hidden_states", "hidden_states", "refusal")
+NEEDS = ("reference_logprobs", "reference_logits", "reference_hidden_states", "hidden_states", "refusal",
+         "reference_refusal_logprobs")
 # What only the frozen model gives; the forget side's reference_logprobs can come from the cache.
-FROM_MODEL_ONLY = frozenset({"reference_logits", "reference_hidden_states"})
+FROM_MODEL_ONLY = frozenset({"reference_logits", "reference_hidden_states", "reference_refusal_logprobs"})
 FROM_REFERENCE = FROM_MODEL_ONLY | {"reference_logprobs"}
 ROLES = ("forget", "retain")
 
@@ -60,6 +64,9 @@ class LossInputs(Protocol):
 
     def reference_logits(self) -> torch.Tensor:
         """The frozen reference's logits (B, T, V), no grad ("reference_logits")."""
+
+    def reference_refusal_logprobs(self) -> torch.Tensor:
+        """log pi_ref(refusal|x) per sequence (B,), no grad ("reference_refusal_logprobs")."""
 
     def hidden_states(self) -> torch.Tensor:
         """The policy's output activations of decoder layer rmu_layer (B, T, H) ("hidden_states")."""
@@ -175,6 +182,40 @@ def _rmu_forget(inputs: LossInputs) -> torch.Tensor:
     hidden = inputs.hidden_states()
     mask = losses.rmu_mask(inputs.side, inputs.hparams.rmu_mask)
     return losses.rmu_forget_loss(hidden, inputs.rmu_control(hidden), mask)
+
+
+# ------------------------------------------------- open-unlearning's further forget losses (issue 20)
+@register("forget", "wga")
+def _wga(inputs: LossInputs) -> torch.Tensor:
+    return losses.wga_loss(inputs.logits(), inputs.side["labels"], beta=inputs.hparams.wga_beta)
+
+
+@register("forget", "satimp")
+def _satimp(inputs: LossInputs) -> torch.Tensor:
+    hp = inputs.hparams
+    return losses.satimp_loss(inputs.logits(), inputs.side["labels"], beta1=hp.satimp_beta1, beta2=hp.satimp_beta2)
+
+
+@register("forget", "ceu")
+def _ceu(inputs: LossInputs) -> torch.Tensor:
+    return losses.ceu_loss(inputs.logits(), inputs.side["labels"], ignore_first_n=inputs.hparams.ceu_ignore_first_n)
+
+
+@register("forget", "undial", needs={"reference_logits"})
+def _undial(inputs: LossInputs) -> torch.Tensor:
+    logits = inputs.logits()
+    return losses.undial_loss(logits, inputs.reference_logits(), inputs.side["labels"], beta=inputs.hparams.undial_beta)
+
+
+@register("forget", "dpo", needs={"refusal", "reference_logprobs", "reference_refusal_logprobs"})
+def _idk_dpo(inputs: LossInputs) -> torch.Tensor:
+    # preferred: the refusal answer; dispreferred: the forget answer (open-unlearning's IdkDPO)
+    side = inputs.side
+    logits_lose, logits_win = inputs.logits(), inputs.refusal_logits()
+    return losses.dpo_loss_from_logprobs(
+        logits_win, side["alt_labels"], inputs.reference_refusal_logprobs(),
+        logits_lose, side["labels"], inputs.reference_logprobs(), beta=inputs.hparams.dpo_beta,
+    )
 
 
 @register("forget", "pdu_entropic")

