@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import math
 import os
 import struct
 import zipfile
@@ -127,6 +128,27 @@ def test_fused_blur_adamw_from_the_command_line(tmp_path, tiny_model_dir):
     assert isinstance(getattr(optimizer, "optimizer", optimizer), BLURFusedAdamW)
     assert cli.trainer.global_step == 2
     assert all(state["step"].item() == 2.0 for state in optimizer.state.values())
+
+
+def test_pdu_from_the_command_line_moves_lambda_by_the_rule(tmp_path, tiny_model_dir):
+    """mode pdu for 2 steps: finite losses; the log holds the lambda each step used, and each step moves
+    it by max(0, lambda + step_size * (its retain loss - eps))."""
+    import csv
+
+    cli = run_fit(tmp_path, tiny_model_dir, "--model.mode", "pdu", "--model.forget_loss", "pdu_entropic",
+                  "--model.alpha", "3.0", "--model.pdu_retain_eps", "1.0", "--model.pdu_dual_step_size", "0.25")
+    assert cli.trainer.global_step == 2
+    keys = ("train/pdu_lambda", "train/forget_loss", "train/retain_loss")
+    with open(os.path.join(tmp_path, "metrics.csv")) as f:  # a step's values may be written on two rows
+        rows = list(dict.fromkeys(tuple(float(r[k]) for k in keys) for r in csv.DictReader(f) if r[keys[0]]))
+    assert len(rows) == 2
+    losses = [(forget, retain) for _, forget, retain in rows]
+    assert all(math.isfinite(f) and math.isfinite(r) for f, r in losses)
+    lam = [r[0] for r in rows] + [float(cli.model.pdu_lambda)]
+    assert lam[0] == 3.0
+    for step, (_, retain) in enumerate(losses):
+        assert lam[step + 1] == pytest.approx(max(0.0, lam[step] + 0.25 * (retain - 1.0)), rel=1e-6)
+    assert lam[2] != lam[1] != lam[0]
 
 
 def test_lora_and_activation_checkpointing_from_the_command_line(tmp_path, tiny_model_dir):

@@ -13,6 +13,8 @@ which is the gradient of the concatenated batch for per-sequence mean losses).
                                                     from the adapters disabled, checkpointing, merged
                                                     export), DDP LoRA, sharded checkpoint at step 2 and
                                                     inside window 3, and both resumes
+    2 processes (mode pdu)                          DDP and FSDP2: one lambda on both ranks, one process's;
+                                                    its sharded-checkpoint resume
     4 processes                                     HSDP on a 2x2 mesh
     torchrun --nnodes 2 --nproc-per-node 1          HSDP across two "nodes" on 127.0.0.1
 
@@ -499,6 +501,61 @@ def test_cached_npo_reference_resumes_from_a_sharded_checkpoint(npo_cache_run):
         got = load(out, "fsdp2_npo_cache_resume", rank)
         assert got["global_step"] == 3
         assert torch.equal(got["npo_table"], full["npo_table"])
+        assert_same_weights(got["state"], full["state"], 1e-7, f"resume rank {rank}")
+
+
+# --------------------------------------------------------------------------------------------
+# 2 processes, mode "pdu": the multiplier moves on the retain loss averaged over the ranks
+# --------------------------------------------------------------------------------------------
+def pdu_cases(out: str) -> dict[str, dict]:
+    ckpt_dir = os.path.join(out, "ckpt")
+    os.makedirs(ckpt_dir, exist_ok=True)
+    # The tiny model's retain NLL is ~4.6 (vocab 101): eps 4.5 and step 0.5 move lambda ~0.05 a step,
+    # and the ranks' own losses differ by more than the 1e-6 the comparison allows. Warm-up 1: step 1 leaves it.
+    common = dict(world=2, micro_batches=6, accumulate=2, mode="pdu", forget_loss="pdu_entropic", retain_loss="nll",
+                  optimizer="sgd", lr=0.05, pdu_retain_eps=4.5, pdu_dual_step_size=0.5, pdu_dual_warmup_steps=1)
+    cases = [
+        dict(name="ddp_pdu", layout="ddp", **common),
+        dict(name="fsdp2_pdu", layout="fsdp2", save_at=[4], ckpt_dir=ckpt_dir, **common),
+        dict(name="fsdp2_pdu_resume", layout="fsdp2", ckpt_path=os.path.join(ckpt_dir, "fsdp2_pdu.micro4.ckpt"),
+             **common),
+    ]
+    return {c["name"]: c for c in cases}
+
+
+@pytest.fixture(scope="module")
+def pdu_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("pdu"))
+    cases = pdu_cases(out)
+    launch(list(cases.values()), nproc=2, out=out)
+    return out, cases
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("name", ["ddp_pdu", "fsdp2_pdu"])
+def test_pdu_lambda_is_one_value_over_ranks_equal_to_one_process(pdu_run, name):
+    """Each rank's retain loss is its own half of the batch; the dual update uses their mean, so both
+    ranks hold the lambda of one process on the whole batch (a rank-local update would split them, or,
+    under DDP's buffer broadcast, leave both on rank 0's own losses)."""
+    out, cases = pdu_run
+    case = cases[name]
+    want = single_process(case)
+    assert len(want["lambdas"]) == 3 and want["lambdas"][0] == blur_worker.DEFAULTS["alpha"] != want["lambdas"][-1]
+    ranks = [load(out, name, rank) for rank in range(2)]
+    assert ranks[0]["lambdas"] == ranks[1]["lambdas"]  # bitwise: one all-reduced value
+    assert ranks[0]["lambdas"] == pytest.approx(want["lambdas"], rel=1e-6)
+    for rank, got in enumerate(ranks):
+        assert_same_weights(got["state"], want["state"], ATOL, f"{name} rank {rank}")
+
+
+@pytest.mark.timeout(400)
+def test_pdu_lambda_resumes_from_a_sharded_checkpoint(pdu_run):
+    out, cases = pdu_run
+    full = load(out, "fsdp2_pdu", 0)
+    for rank in range(2):
+        got = load(out, "fsdp2_pdu_resume", rank)
+        assert got["global_step"] == 3 and len(got["lambdas"]) == 1  # step 3 only, from the saved lambda
+        assert got["lambdas"][-1] == full["lambdas"][-1]
         assert_same_weights(got["state"], full["state"], 1e-7, f"resume rank {rank}")
 
 

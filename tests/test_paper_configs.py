@@ -382,3 +382,38 @@ def test_wmdp_configs_lm_eval_alternative_is_valid(config, capsys):
             found = yaml.safe_load(open(path).read())
             shipped.update(v for k in ("task", "group") if isinstance(v := found.get(k), str))
     assert set(tasks.values()) <= shipped, sorted(shipped)[:5]
+
+
+# ============================================================================ PDU (open-unlearning's settings)
+PDU_TOFU = "configs/tofu/llama3.2-1b_forget10_pdu.yaml"
+
+
+def test_pdu_tofu_settings(capsys):
+    """open-unlearning community/methods/PDU/run.sh for TOFU: gamma 1, pref (alpha) 100, dual step 5,
+    retain eps 0.3, warm-up 5 epochs (here in optimizer steps on one device), lr 1e-5, 10 epochs; the
+    entropic forget loss with its mean over answer tokens; the rest as the NPO config."""
+    cfg = parsed_config(PDU_TOFU, capsys)
+    model, data, trainer = cfg["model"], cfg["data"], cfg["trainer"]
+    assert (model["mode"], model["forget_loss"], model["retain_loss"]) == ("pdu", "pdu_entropic", "nll")
+    assert (model["gamma"], model["alpha"], model["pdu_dual_step_size"], model["pdu_retain_eps"]) == (1.0, 100.0, 5.0,
+                                                                                                       0.3)  # fmt: skip
+    assert model["entropic_reduction"] == "token"
+    assert (model["optimizer"]["init_args"]["lr"], trainer["max_epochs"], trainer["devices"]) == (1e-5, 10, 1)
+    steps_per_epoch = math.ceil(TOFU_FORGET_ROWS["10"] / (data["batch_size"] * model["accumulate_grad_batches"]))
+    assert model["pdu_dual_warmup_steps"] == 5 * steps_per_epoch == 65
+    npo = parsed_config("configs/tofu/llama3.2-1b_forget10_npo.yaml", capsys)
+    for section, keys in (("data", set(data)), ("model", {"optimizer", "scheduler", "model", "model_dtype"})):
+        assert {k: cfg[section][k] for k in keys} == {k: npo[section][k] for k in keys}, section
+
+
+def test_pdu_tofu_config_runs_two_steps_on_tiny_model(tiny_model_dir, fake_hub, tmp_path):
+    """Through the CLI with the config's hub sets: finite losses, lambda logged, and with the warm-up cut to
+    one step, step 2 moves it by the rule: max(0, 100 + 5 (L_retain - 0.3))."""
+    cli = main(["fit", *tiny_args(PDU_TOFU, tiny_model_dir, str(tmp_path)), "--model.pdu_dual_warmup_steps", "1"])
+    assert cli.trainer.global_step == 2
+    keys = ("train/pdu_lambda", "train/forget_loss", "train/retain_loss")
+    with open(tmp_path / "metrics.csv") as f:  # a step's values may be written on two rows
+        rows = list(dict.fromkeys(tuple(float(r[k]) for k in keys) for r in csv.DictReader(f) if r[keys[0]]))
+    assert len(rows) == 2 and all(math.isfinite(v) for row in rows for v in row)
+    assert rows[0][0] == rows[1][0] == 100.0  # the warm-up step leaves it
+    assert float(cli.model.pdu_lambda) == pytest.approx(max(0.0, 100.0 + 5.0 * (rows[1][2] - 0.3)), rel=1e-6)

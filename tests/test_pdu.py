@@ -116,3 +116,34 @@ def test_a_run_moves_lambda_by_the_rule_and_checkpoints_it(tmp_path, one_thread)
     fresh = BLURUnlearner(build_tiny_llama(), mode="pdu", pdu_retain_eps=3.0)
     fresh.load_state_dict(torch.load(path, weights_only=False)["state_dict"])
     assert float(fresh.pdu_lambda) == float(saved)
+
+
+def test_lambda_stays_float64_when_the_module_is_cast_to_half():
+    """bf16-true / 16-true convert the whole module; lambda = 100 + 2^-20 would round to 100 in bf16."""
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    module = BLURUnlearner(build_tiny_llama(), mode="pdu", alpha=100.0, pdu_retain_eps=0.3, export_dir=None)
+    module.pdu_lambda.fill_(100.0 + 2**-20)
+    module = HalfPrecision("bf16-true").convert_module(module)
+    assert next(module.model.parameters()).dtype == torch.bfloat16
+    assert module.pdu_lambda.dtype == torch.float64 and float(module.pdu_lambda) == 100.0 + 2**-20
+    assert module.float().pdu_lambda.dtype == torch.float64
+
+
+def test_fused_blur_adamw_gets_lambda_as_its_retain_coefficient(one_thread):
+    """BLURFusedAdamW forms d inside its update from the step's coefficients: the same run as AdamW on d."""
+    from blur_lightning.kernels import BLURFusedAdamW
+
+    runs = {}
+    fused = functools.partial(BLURFusedAdamW, backend="torch")
+    for name, optimizer in (("adamw", torch.optim.AdamW), ("fused", fused)):
+        record = _Record()
+        module = BLURUnlearner(build_tiny_llama(), mode="pdu", forget_loss="pdu_entropic", alpha=2.0, gamma=0.5,
+                               pdu_retain_eps=3.0, pdu_dual_step_size=0.5,
+                               optimizer=functools.partial(optimizer, lr=1e-3, weight_decay=0.01),
+                               export_dir=None)  # fmt: skip
+        fit(module, [make_batch(seed=s) for s in range(3)], callbacks=[record])
+        runs[name] = (record.lambdas, module.model.state_dict())
+    assert runs["fused"][0] == pytest.approx(runs["adamw"][0], rel=1e-6) and runs["adamw"][0][-1] != 2.0
+    for key, want in runs["adamw"][1].items():
+        torch.testing.assert_close(runs["fused"][1][key], want, rtol=1e-5, atol=1e-6, msg=key)

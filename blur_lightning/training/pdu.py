@@ -7,12 +7,22 @@ step the multiplier follows the constraint's violation:
 
     lambda <- max(0, lambda + dual_step_size * (L_r - eps))
 
-with L_r the retain loss of the step just taken (computed before its update, as open-unlearning's
-trainer does, which updates inside the loss of the same step). Our L_r is the step's mean over its
-accumulation window and over ranks, so every rank holds the same lambda. open-unlearning counts
-its warm-up in epochs (dual_warmup_epochs, 5 in its PDU config) and also offers a once-per-epoch
-update over the whole retain set; ours counts optimizer steps (`pdu_dual_warmup_steps`) and
-updates per step only.
+with L_r the retain loss of the step just taken, i.e. computed before its parameter update: step t
+uses lambda_t and then sets lambda_{t+1} from its own L_r, as open-unlearning does (its compute_loss
+scales the loss by the current lambda, then moves lambda with the same L_r).
+
+Where ours differs, on purpose:
+- One update per optimizer step, from L_r averaged over the accumulation window and over ranks
+  (mean_over_ranks), so every rank holds the same lambda and a run's lambda does not depend on how
+  the batch is split. open-unlearning moves lambda inside compute_loss, i.e. once per micro-batch
+  (gradient_accumulation_steps times a step, the later micro-batches of a window scaled by a newer
+  lambda) and on each rank from its own micro-batch's loss (its ranks' lambdas drift apart). Its
+  TOFU run (8 GPUs x batch 4 x accumulation 4; 50 rows a rank an epoch) makes 13 dual updates an
+  epoch per rank: the count to match when translating dual_step_size.
+- The warm-up counts optimizer steps (`pdu_dual_warmup_steps`) like our schedules' totals, not
+  epochs (open-unlearning's dual_warmup_epochs: no update until that many epochs have ended);
+  epochs x steps an epoch gives the same point. open-unlearning's other option, one update per epoch
+  from the retain loss over the whole retain set in eval mode, is not offered.
 """
 
 from __future__ import annotations

@@ -337,6 +337,16 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
             self.log("train/pdu_lambda", self.pdu_lambda.float(), on_step=True, batch_size=1)
         self.log("train/coef_pbar", stats.coef, on_step=True, prog_bar=True, logger=False, batch_size=1)
 
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) casts floating buffers, and Lightning's bf16-true / 16-true convert the whole
+        # module: in bf16, lambda = 100 sits on a grid of 0.5, so a dual step 5 * (L_r - eps) under 0.25
+        # would round away. The multiplier follows the module's device but stays float64.
+        lam = self._buffers.get("pdu_lambda")
+        out = super()._apply(fn, recurse)
+        if lam is not None and self._buffers["pdu_lambda"].dtype != torch.float64:
+            self._buffers["pdu_lambda"] = lam.to(self._buffers["pdu_lambda"].device)
+        return out
+
     # ------------------------------------------------------------------ NPO's cached reference in checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)  # the open accumulation window

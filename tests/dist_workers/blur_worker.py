@@ -24,7 +24,8 @@ A case (all keys but name and layout optional):
     optimizer step's epoch and lr are recorded, and the lr after the last step), gradient_sync ("per_step" or
     "per_micro_batch"), count_collectives (record the gradient-sized collectives of every backward and every
     optimizer step: blur_lightning.testing.collectives), module ("blur", or "finetune": FineTuner on the retain
-    side of the same batches).
+    side of the same batches), pdu_retain_eps / pdu_dual_step_size / pdu_dual_warmup_steps (mode "pdu": then
+    each step's multiplier after its dual update is recorded in "lambdas").
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ DEFAULTS = dict(
     npo_reference="auto", data=None, max_steps=-1,
     lora_rank=None, lora_alpha=8.0, lora_dropout=0.0, lora_target_modules=None, activation_checkpointing=False,
     max_epochs=1, scheduler=None, gradient_sync="per_step", count_collectives=False, module="blur",
+    pdu_retain_eps=None, pdu_dual_step_size=1.0, pdu_dual_warmup_steps=0,
 )
 
 
@@ -149,7 +151,8 @@ def build_module(case: dict):
         projection_backend=case["backend"], attn_implementation="eager", npo_reference=case["npo_reference"],
         lora_rank=case["lora_rank"], lora_alpha=case["lora_alpha"], lora_dropout=case["lora_dropout"],
         lora_target_modules=case["lora_target_modules"], activation_checkpointing=case["activation_checkpointing"],
-        gradient_sync=case["gradient_sync"],
+        gradient_sync=case["gradient_sync"], pdu_retain_eps=case["pdu_retain_eps"],
+        pdu_dual_step_size=case["pdu_dual_step_size"], pdu_dual_warmup_steps=case["pdu_dual_warmup_steps"],
     )
 
 
@@ -160,6 +163,7 @@ def run_case(case: dict, rank: int) -> dict:
     case = {**DEFAULTS, **case}
     torch.manual_seed(0)
     stats: list[dict[str, float]] = []
+    lambdas: list[float] = []  # mode "pdu": the multiplier after each step's dual update
     lrs: list[tuple[int, float]] = []  # (epoch, lr) of each optimizer step
     step_lr = [0.0, 0]  # the lr in effect at the batch's start, and the global step then
 
@@ -174,6 +178,8 @@ def run_case(case: dict, rank: int) -> dict:
                 s = outputs["stats"]
                 stats.append({k: float(getattr(s, k))
                               for k in ("dot_rf", "sq_forget", "sq_retain", "coef", "direction_norm")})
+                if case["mode"] == "pdu":
+                    lambdas.append(float(pl_module.pdu_lambda))
             if batch_idx + 1 in case["save_at"]:
                 path = os.path.join(case["ckpt_dir"], f"{case['name']}.micro{batch_idx + 1}.ckpt")
                 trainer.save_checkpoint(path)
@@ -214,7 +220,7 @@ def run_case(case: dict, rank: int) -> dict:
             "has_reference": module.reference_model is not None, "lrs": lrs,
             "final_lr": trainer.optimizers[0].param_groups[0]["lr"],
             "schedule": None if schedule is None else (schedule.warmup_steps, schedule.total_steps),
-            "collectives": collectives}
+            "collectives": collectives, "lambdas": lambdas}
 
 
 def count_collectives(module, record: dict[str, list[int]]) -> None:
