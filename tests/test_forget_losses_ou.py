@@ -194,3 +194,26 @@ def test_bad_settings_name_the_field(field, value, expected):
 
     with pytest.raises(ValueError, match=rf"^{field}=.*: expected {expected}"):
         BLURUnlearner(build_tiny_llama(), export_dir=None, **{field: value})
+
+
+def test_dpo_k_micro_batches_over_k_equal_one_batch():
+    """DPO is a mean over sequences of log sigmoid(margin), so 3 micro-batches of 2, each /3, give the
+    gradient of the batch of 6 on both the refusal (preferred) and the forget (dispreferred) logits."""
+    side, logits_l, logits_w = fixed(seed=2, batch=6)
+    refusal = make_side(6, 9, seed=7, vocab_size=VOCAB)
+    g = torch.Generator().manual_seed(4)
+    ref_w, ref_l = (-5 * torch.rand(6, generator=g, dtype=torch.float64) for _ in range(2))
+
+    def grads(rows_list):
+        win, lose = logits_w.clone().requires_grad_(True), logits_l.clone().requires_grad_(True)
+        for rows in rows_list:
+            loss = losses.dpo_loss_from_logprobs(win[rows], refusal["labels"][rows], ref_w[rows],
+                                                 lose[rows], side["labels"][rows], ref_l[rows], beta=0.1)
+            (loss / len(rows_list)).backward()
+        return win.grad, lose.grad
+
+    full = grads([slice(0, 6)])
+    parts = grads([slice(0, 2), slice(2, 4), slice(4, 6)])
+    assert full[0].abs().sum() > 0 and full[1].abs().sum() > 0  # both sides carry gradient
+    for got, want in zip(parts, full):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
