@@ -335,27 +335,48 @@ def evaluate_privacy(
     batch_size: int = 8,
     show_progress: bool = True,
     name: str = "privacy",
+    mia_forget_rows: Sequence[EncodedRow] | None = None,
 ) -> dict[str, Any]:
     """Memorization on the forget rows and the attacks on forget against holdout, as ``options``
-    (:func:`privacy_options`) select; {} when nothing is selected."""
+    (:func:`privacy_options`) select; {} when nothing is selected.
+
+    Args:
+        model: the evaluated causal LM.
+        tokenizer: its tokenizer.
+        forget_rows: encoded forget rows (labels on the scored text).
+        holdout_rows: encoded holdout rows; None: no attack.
+        options: :func:`privacy_options`' output (``privleak_ref_auc`` None: no PrivLeak).
+        batch_size: rows per forward.
+        show_progress: show progress bars.
+        name: the progress bars' label.
+        mia_forget_rows: the attacks' member rows when they are not ``forget_rows`` (MUSE: the privleak
+            texts, while memorization reads verbmem's).
+    """
     attacks = list(options["mia_attacks"]) if holdout_rows else []
-    if not options["memorization"] and not attacks:
+    memorization = bool(options["memorization"]) and bool(forget_rows)
+    if not memorization and not attacks:
         return {}
     common = {
         "k": options["mia_k"], "no_match": options["extraction_no_match"], "drop_last": options["drop_last_token"],
         "batch_size": batch_size, "show_progress": show_progress,
     }  # fmt: skip
-    forget_stats = row_statistics(model, tokenizer, forget_rows, desc=f"{name} forget: score", **common)
     results: dict[str, Any] = {}
-    if options["memorization"]:
+    forget_stats = None
+    if memorization or (attacks and mia_forget_rows is None):
+        forget_stats = row_statistics(model, tokenizer, forget_rows, desc=f"{name} forget: score", **common)
+    if memorization:
         results.update(evaluate_memorization(forget_stats))
     if attacks:
+        members = forget_rows
+        if mia_forget_rows is not None:
+            members = mia_forget_rows
+            forget_stats = row_statistics(model, tokenizer, members, desc=f"{name} mia forget: score", **common)
         holdout_stats = row_statistics(model, tokenizer, holdout_rows, desc=f"{name} holdout: score", **common)
         reference = options.get("reference_model")
         if reference is None and "reference" in attacks:
             reference = load_reference_model(options["reference_model_path"], model)
         results.update(evaluate_mia(
-            model, tokenizer, (forget_rows, forget_stats), (holdout_rows, holdout_stats), attacks=attacks,
+            model, tokenizer, (members, forget_stats), (holdout_rows, holdout_stats), attacks=attacks,
             gradnorm_p=options["gradnorm_p"], drop_last=options["drop_last_token"], reference_model=reference,
             privleak_ref_auc=options["privleak_ref_auc"], batch_size=batch_size, show_progress=show_progress,
             name=name,
