@@ -33,6 +33,7 @@ __all__ = [
     "TOFU_HUB",
     "TOFU_SPLITS",
     "HOLDOUT_SPLIT",
+    "PRIVACY_TABLE_ROWS",
     "TofuBenchmark",
     "evaluate_tofu",
     "load_tofu",
@@ -57,6 +58,14 @@ SPLIT_NAMES = ("forget", "retain", "real_authors", "world_facts")
 # An optional fifth: questions the model never saw, for the membership-inference attacks (open-unlearning's
 # TOFU_MIA: forget10 against TOFU's holdout10, configs/eval/tofu.yaml holdout_split).
 HOLDOUT_SPLIT = "holdout"
+# The memorization and attack rows of the before/after tables (TOFU's, the fictitious benchmark's).
+PRIVACY_TABLE_ROWS: tuple[tuple[str, str, bool], ...] = (
+    ("exact_memorization", "forget: exact memorization", False),
+    ("extraction_strength", "forget: extraction strength", False),
+    *((f"mia_{attack}", f"{attack} attack AUC (forget vs holdout)", False)
+      for attack in ("loss", "zlib", "min_k", "min_k_plus_plus", "gradnorm", "reference")),
+    ("privleak", "PrivLeak (%, min_k)", False),
+)  # fmt: skip
 _PERTURBED_COLUMNS = ("question", "answer", "paraphrased_answer", "perturbed_answer")
 _NO_PARAPHRASE_COLUMNS = ("question", "answer", "perturbed_answer")
 
@@ -441,6 +450,7 @@ class TofuBenchmark(Benchmark):
         *((f"{split}/{stat}", f"{split}: {label}", False) for split in SPLIT_NAMES
           for stat, label in (("prob", "answer probability"), ("rouge_l_recall", "ROUGE-L recall"),
                               ("truth_ratio", "truth ratio"))),
+        *PRIVACY_TABLE_ROWS,
     )  # fmt: skip
     reference_title = "retain (ref)"
 
