@@ -44,6 +44,7 @@ from blur_lightning.training.progress import progress
 
 __all__ = [
     "DEFAULT_ATTACKS",
+    "RUN_REFERENCE",
     "evaluate_memorization",
     "evaluate_mia",
     "evaluate_privacy",
@@ -58,6 +59,9 @@ EncodedRow = dict[str, list[int]]
 # The attacks run unless an evaluation's options say otherwise: all but GradNorm (a backward per example,
 # docs/METRICS.md) and Reference (needs a reference model: on when one is named).
 DEFAULT_ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
+# options.reference_model_path naming the run's own frozen reference copy (the evaluation callback hands it
+# over): the Reference attack then measures the change from the model the run started from
+RUN_REFERENCE = "run"
 _STATISTICS = ("loss", "min_k", "min_k_plus_plus", "exact_memorization", "extraction_strength")
 
 
@@ -69,7 +73,9 @@ def privacy_options(options: Mapping[str, Any], *, has_holdout: bool) -> dict[st
     strength on the forget set), ``mia_attacks`` (list of :data:`~blur_lightning.evals.mia.ATTACKS`;
     default :data:`DEFAULT_ATTACKS`, plus ``reference`` when a reference model is named; ``[]``: none;
     they run only with a holdout set), ``mia_k`` (0.4: Min-K% and Min-K%++), ``gradnorm_p`` (2),
-    ``reference_model_path`` (a local model folder for the Reference attack), ``privleak_ref_auc``
+    ``reference_model_path`` (a local model folder for the Reference attack, e.g. the retain model as in
+    open-unlearning; ``run``: the run's frozen reference copy, the model before unlearning, which the
+    evaluation callback hands over), ``privleak_ref_auc``
     (the retain model's ``mia_min_k`` AUC for PrivLeak; default: the retain log's when one is given,
     else open-unlearning's ``ref_value`` 0.5), ``extraction_no_match`` ("open-unlearning" or "zero",
     see evals.memorization), ``drop_last_token`` (true: open-unlearning leaves each text's last
@@ -251,7 +257,6 @@ def evaluate_mia(
     holdout: tuple[Sequence[EncodedRow], Mapping[str, Tensor]],
     *,
     attacks: Sequence[str],
-    k: float = 0.4,
     gradnorm_p: float = 2,
     drop_last: bool = True,
     reference_model: torch.nn.Module | None = None,
@@ -268,7 +273,6 @@ def evaluate_mia(
         forget: (encoded rows, their :func:`row_statistics`), the member candidates.
         holdout: the same for texts the model never saw.
         attacks: names of :data:`~blur_lightning.evals.mia.ATTACKS`.
-        k: Min-K% / Min-K%++ fraction (only to document; the statistics were taken with it).
         gradnorm_p: GradNorm's norm.
         drop_last: GradNorm leaves each row's last labelled token out (open-unlearning).
         reference_model: the Reference attack's model (same tokenizer).
@@ -281,7 +285,6 @@ def evaluate_mia(
         ``mia_{attack}`` (AUC, open-unlearning's convention), ``privleak`` (with ``min_k`` and a
         reference AUC) and ``mia_{forget,holdout}/per_example``: {attack: per-row scores}.
     """
-    del k
     results: dict[str, Any] = {}
     parts = {"forget": forget, "holdout": holdout}
     scores: dict[str, dict[str, Tensor]] = {"forget": {}, "holdout": {}}

@@ -51,7 +51,7 @@ TOFU_SPLITS = (
     "full", "forget01", "forget05", "forget10", "retain90", "retain95", "retain99",
     "real_authors", "world_facts",
     "forget01_perturbed", "forget05_perturbed", "forget10_perturbed", "retain_perturbed",
-    "real_authors_perturbed", "world_facts_perturbed",
+    "real_authors_perturbed", "world_facts_perturbed", "holdout01", "holdout05", "holdout10",
 )  # fmt: skip
 # The evaluation's four sets (the *_perturbed configs).
 SPLIT_NAMES = ("forget", "retain", "real_authors", "world_facts")

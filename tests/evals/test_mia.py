@@ -346,3 +346,27 @@ def test_evaluate_mia_aucs_and_privleak_from_the_scores(tiny):
     assert results["privleak"] == privleak_from_auc(results["mia_min_k"], 0.5).item()
     assert np.isfinite(results["exact_memorization"]) and len(results["memorization/per_example"]
                                                               ["extraction_strength"]) == 4  # fmt: skip
+
+
+# ============================================================================ the demo's QA benchmark, the run's reference
+def test_qa_benchmark_reports_memorization_and_attacks_with_the_runs_reference(tiny):
+    from blur_lightning.evals.callback import EvaluationCallback
+
+    model, tokenizer = tiny
+    qa = Path(__file__).resolve().parent.parent / "fixtures" / "qa"
+    options = {"reference_model_path": "run", "mia_attacks": ["loss", "min_k", "reference"]}
+    callback = EvaluationCallback("qa", {"forget": str(qa / "forget.jsonl"), "retain_holdout": str(qa / "retain.jsonl")},
+                                  max_new_tokens=2, batch_size=8, options=options)  # fmt: skip
+    results = callback.evaluate(model, tokenizer, show_progress=False, reference_model=model)
+    # the model as its own reference: every score 0, one tie, AUC 1/2
+    assert set(results["mia_forget/per_example"]["reference"]) == {0.0} and results["mia_reference"] == 0.5
+    assert results["privleak"] == privleak_from_auc(results["mia_min_k"], 0.5).item()
+    n_forget = len(results["forget/per_example"]["correct"])
+    assert len(results["memorization/per_example"]["exact_memorization"]) == n_forget
+    report = callback.spec.report(results, results, {"forget": n_forget})
+    assert "| mia_reference | 0.5 | 0.5 |" in report
+    with pytest.raises(ValueError, match="reference_model_path: run needs the module's frozen reference"):
+        callback.evaluate(model, tokenizer, show_progress=False)
+    with pytest.raises(ValueError, match="mia_holdout_set='nope': no such set"):
+        EvaluationCallback("qa", {"forget": str(qa / "forget.jsonl")}, options={"mia_holdout_set": "nope"}).evaluate(
+            model, tokenizer, show_progress=False)  # fmt: skip
