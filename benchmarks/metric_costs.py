@@ -92,7 +92,7 @@ def main() -> None:
           f"(GradNorm: {len(few)}), least of {args.repeats} interleaved rounds\n")  # fmt: skip
     print("| metric | s / 100 questions | x baseline |\n|---|---:|---:|")
     for name, seconds in results.items():
-        print(f"| {name} | {seconds:.2f} | {seconds / base:.2f} |")
+        print(f"| {name} | {seconds:.3g} | {seconds / base:.3g} |")
 
 
 if __name__ == "__main__":
