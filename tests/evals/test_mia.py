@@ -348,15 +348,15 @@ def test_evaluate_mia_aucs_and_privleak_from_the_scores(tiny):
                                                               ["extraction_strength"]) == 4  # fmt: skip
 
 
-# ============================================================================ the demo's QA benchmark, the run's reference
+# ======================================================================= the demo's QA benchmark, the run's reference
 def test_qa_benchmark_reports_memorization_and_attacks_with_the_runs_reference(tiny):
     from blur_lightning.evals.callback import EvaluationCallback
 
     model, tokenizer = tiny
     qa = Path(__file__).resolve().parent.parent / "fixtures" / "qa"
     options = {"reference_model_path": "run", "mia_attacks": ["loss", "min_k", "reference"]}
-    callback = EvaluationCallback("qa", {"forget": str(qa / "forget.jsonl"), "retain_holdout": str(qa / "retain.jsonl")},
-                                  max_new_tokens=2, batch_size=8, options=options)  # fmt: skip
+    splits = {"forget": str(qa / "forget.jsonl"), "retain_holdout": str(qa / "retain.jsonl")}
+    callback = EvaluationCallback("qa", splits, max_new_tokens=2, batch_size=8, options=options)
     results = callback.evaluate(model, tokenizer, show_progress=False, reference_model=model)
     # the model as its own reference: every score 0, one tie, AUC 1/2
     assert set(results["mia_forget/per_example"]["reference"]) == {0.0} and results["mia_reference"] == 0.5
