@@ -50,6 +50,7 @@ def _interleaved_min(timed: dict[str, Callable[[], object]], rounds: int) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=MODEL, help="model and tokenizer (default: the embedded SmolLM2)")
     parser.add_argument("--rows", type=int, default=40, help="questions timed (of the 80 of qa_forget.jsonl)")
     parser.add_argument("--gradnorm-rows", type=int, default=10, help="questions GradNorm is timed on")
     parser.add_argument("--threads", type=int, default=1)
@@ -59,7 +60,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    model, tokenizer = load_causal_lm(MODEL).eval(), load_tokenizer(MODEL)
+    model, tokenizer = load_causal_lm(args.model).eval(), load_tokenizer(args.model)
     rows = load_rows("embedded:qa_forget.jsonl")[: args.rows]
     encoded = QABenchmark._scored_rows(tokenizer, rows, "question", "answer", "response", "auto")
     reference = copy.deepcopy(model)
@@ -88,7 +89,7 @@ def main() -> None:
     seconds = _interleaved_min({name: fn for name, (fn, _) in timed.items()}, args.repeats)
     results = {name: seconds[name] / n * 100 for name, (_, n) in timed.items()}
     base = results["answer probability forward (baseline)"]
-    print(f"SmolLM2-135M-Instruct, CPU, {args.threads} thread(s), batch {bs}, {len(encoded)} questions "
+    print(f"{args.model}, CPU, {args.threads} thread(s), batch {bs}, {len(encoded)} questions "
           f"(GradNorm: {len(few)}), least of {args.repeats} interleaved rounds\n")  # fmt: skip
     print("| metric | s / 100 questions | x baseline |\n|---|---:|---:|")
     for name, seconds in results.items():
