@@ -43,6 +43,7 @@ SCRIPTS = {
     "curate_qa.py": "test_curate_qa",
     "oracle_comparison.py": "test_oracle_comparison",
     "results_page.py": "test_results_page",
+    "metric_costs.py": "test_metric_costs",
 }
 
 
@@ -343,3 +344,17 @@ def test_results_page(tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/results_page.py", *map(str, page), "--check"], cwd=REPO,
                           capture_output=True, text=True, timeout=50)  # fmt: skip
     assert proc.returncode == 1 and "stale" in proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_metric_costs(random_model):
+    # 4 questions, GradNorm on 2, one timed round on the tiny model: a few seconds
+    out = run_script("metric_costs.py", "--model", random_model, "--rows", 4, "--gradnorm-rows", 2, "--repeats", 1,
+                     "--batch-size", 4, timeout=110)  # fmt: skip
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r[0].strip() for r in rows[1:]] == [
+        "answer probability forward (baseline)", "greedy answers, 16 tokens (QA accuracy)",
+        "forward + vocab stats: LOSS, Min-K%, Min-K%++, EM, ES", "ZLib on top (decode + compress)",
+        "Reference: the reference model's forward", "GradNorm: forward + backward per question",
+    ]  # fmt: skip
+    assert float(rows[1][2]) == 1.0 and all(float(r[1]) > 0 for r in rows[1:])

@@ -39,6 +39,7 @@ def _hub_fixtures() -> dict[tuple[str, str | None, str], str]:
         table["locuslab/TOFU", f"forget{n}", "train"] = "tofu/forget01.json"
         table["locuslab/TOFU", f"retain{retain}", "train"] = "tofu/retain_perturbed.json"
         table["locuslab/TOFU", f"forget{n}_perturbed", "train"] = "tofu/forget01_perturbed.json"
+        table["locuslab/TOFU", f"holdout{n}", "train"] = "tofu/forget01.json"  # question, answer: as holdout{n}
     table["locuslab/TOFU", "retain_perturbed", "train"] = "tofu/retain_perturbed.json"
     table["locuslab/TOFU", "real_authors_perturbed", "train"] = "tofu/real_authors_perturbed.json"
     table["locuslab/TOFU", "world_facts_perturbed", "train"] = "tofu/world_facts_perturbed.jsonl"

@@ -23,7 +23,7 @@ import torch
 from blur_lightning.models.loading import cache_dir
 
 # Bump when an evaluation's numbers change for the same weights, rows and settings.
-VERSION = 1
+VERSION = 2  # 2: memorization and membership-attack results (evals.membership)
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

@@ -40,6 +40,7 @@ from blur_lightning.data.prompts import get_prompt_format
 from blur_lightning.data.rows import Row
 from blur_lightning.evals.base import EvalSettings, Results, is_scalar
 from blur_lightning.evals.cache import EvalCache, cache_key, content_fingerprint, model_fingerprint
+from blur_lightning.evals.membership import RUN_REFERENCE
 from blur_lightning.evals.qa import DEFAULT_MAX_NEW_TOKENS
 from blur_lightning.evals.registry import evaluate_benchmark, get_benchmark
 from blur_lightning.evals.scoring import autocast_for
@@ -160,10 +161,22 @@ class EvaluationCallback(pl.Callback):
         self.rows()  # a bad path or spec fails now, not after an epoch of training
 
     # ----- evaluation
-    def evaluate(self, model: torch.nn.Module, tokenizer: Any, *, show_progress: bool = True) -> Results:
-        """The benchmark's results for a model: floats, plus per-example lists."""
+    def evaluate(
+        self, model: torch.nn.Module, tokenizer: Any, *, show_progress: bool = True,
+        reference_model: torch.nn.Module | None = None,
+    ) -> Results:  # fmt: skip
+        """The benchmark's results for a model: floats, plus per-example lists. ``reference_model``: the
+        run's frozen reference copy, for ``options.reference_model_path: run`` (the Reference attack)."""
         settings = EvalSettings(**{**self.settings.__dict__, "show_progress": show_progress})
-        return evaluate_benchmark(self.benchmark, model, tokenizer, self.rows(), settings, self.options)
+        options = self.options
+        if options.get("reference_model_path") == RUN_REFERENCE:
+            if reference_model is None:
+                raise ValueError(
+                    "options.reference_model_path: run needs the module's frozen reference model (a loss that "
+                    "keeps one, e.g. NPO without LoRA); name a model folder instead"
+                )
+            options = {**options, "reference_model_path": None, "reference_model": reference_model}
+        return evaluate_benchmark(self.benchmark, model, tokenizer, self.rows(), settings, options)
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> dict[str, float]:
         model, tokenizer = getattr(pl_module, "model", None), getattr(pl_module, "tokenizer", None)
@@ -180,7 +193,8 @@ class EvaluationCallback(pl.Callback):
                 # the training precision's autocast (bf16-mixed: bf16 matmuls on fp32 weights), as the
                 # model computes in training; outside it a mixed run would be evaluated in fp32
                 with autocast_for(str(trainer.precision), trainer.strategy.root_device):
-                    results = self.evaluate(model, tokenizer, show_progress=show)
+                    results = self.evaluate(model, tokenizer, show_progress=show,
+                                            reference_model=getattr(pl_module, "reference_model", None))
                 if key is not None:
                     self.cache.put(key, results)
         metrics = {k: float(v) for k, v in results.items() if is_scalar(v)}

@@ -11,7 +11,12 @@ the target and the oracle are built by blur_lightning.fictitious.build. What it 
 * ``forget/paraphrased_accuracy`` and ``forget/paraphrased_prob``: the same facts asked the other way
   (``paraphrased_question``, never trained on): knowledge, not a memorized string.
 
-Everything else (model utility, ROUGE-L, probabilities, truth ratios) is :func:`evaluate_tofu`'s.
+Everything else (model utility, ROUGE-L, probabilities, truth ratios, exact memorization and extraction
+strength of the forget answers) is :func:`evaluate_tofu`'s. The membership-inference attacks need people the
+evaluated model never saw, and a build has none for the target: it is fine-tuned on ``full``, every person
+(validation10 included; only the oracle is not). So they run only when a ``holdout`` split is named (e.g. the
+rows of another build's people, rendered the same way); by default the fictitious benchmark reports no
+attack, rather than an AUC against people the target was trained on.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from blur_lightning.data.fictitious_people import qa_rows
 from blur_lightning.data.rows import Row, require_columns
 from blur_lightning.evals.base import EvalSettings, Results
 from blur_lightning.evals.qa import evaluate_qa
-from blur_lightning.evals.tofu import SPLIT_NAMES, TofuBenchmark
+from blur_lightning.evals.tofu import PRIVACY_TABLE_ROWS, SPLIT_NAMES, TofuBenchmark
 
 __all__ = ["BENCHMARK", "FictitiousBenchmark"]
 
@@ -39,6 +44,7 @@ TABLE: tuple[tuple[str, str, bool], ...] = (
     ("retain/accuracy", "retain: accuracy", True),
     ("real_authors/accuracy", "real authors: accuracy", True),
     ("world_facts/accuracy", "world facts: accuracy", True),
+    *PRIVACY_TABLE_ROWS,
 )
 
 

@@ -7,12 +7,14 @@ reads back (a tested round trip), so one of our runs of a retain model is a forg
 the next, and the field's tools read our runs.
 
 Only the metrics we compute are written, each with the statistics open-unlearning's own entry holds
-where we have them (ROUGE entries: ``rougeL_recall`` or ``rougeL_f1`` only). Not written: TOFU's
-``exact_memorization``, ``extraction_strength``, ``mia_*``, ``privleak``, ``forget_Q_A_gibberish``,
-``forget_Q_A_PARA_ROUGE`` / ``PERT_ROUGE``; MUSE's ``exact_memorization``, ``extraction_strength``,
-``mia_*`` but ``mia_min_k``, ``forget_gibberish``. MUSE's ``mia_min_k`` is our PrivLeak's Min-K%
-membership test in open-unlearning's sign (score = minus the Min-K% log-prob, AUC = 1 - ours); our
-Min-K% follows MUSE's code, which scores every token of a text (open-unlearning's leaves out the last).
+where we have them (ROUGE entries: ``rougeL_recall`` or ``rougeL_f1`` only). ``exact_memorization`` and
+``extraction_strength`` (``value_by_index`` ``score``), ``mia_*`` (``forget`` and ``holdout`` each with
+``agg_value`` and per-example ``score``, then ``auc`` and ``agg_value``) and TOFU's ``privleak`` are
+written when the evaluation ran them (evals.membership). Not written: ``forget_Q_A_gibberish``,
+``forget_Q_A_PARA_ROUGE`` / ``PERT_ROUGE``, ``forget_gibberish``. MUSE's ``mia_min_k`` and ``privleak``
+are our MUSE PrivLeak's Min-K% membership test in open-unlearning's sign (score = minus the Min-K%
+log-prob, AUC = 1 - ours); that Min-K% follows MUSE's code, which scores every token of a text
+(open-unlearning's leaves out the last, as our other MUSE attacks do).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from blur_lightning.evals.metrics import normalized_probability, relative_answer_probability, truth_ratio
 from blur_lightning.evals.reference_logs import MUSE_NAMES, OPEN_UNLEARNING_SPLITS, tofu_metric_name
 
-__all__ = ["PER_EXAMPLE", "muse_logs", "tofu_logs"]
+__all__ = ["PER_EXAMPLE", "muse_logs", "privacy_logs", "tofu_logs"]
 
 PER_EXAMPLE = "per_example"  # results["{split}/per_example"]: a split's per-example values
 _MUSE_ROUGE_SPLITS = {"verbmem_f": "verbmem", "knowmem_f": "knowmem_forget", "knowmem_r": "knowmem_retain"}
@@ -96,10 +98,32 @@ def tofu_logs(results: Mapping[str, Any], perturbed_mean: str = "geometric") -> 
         )
     if not logs:
         return None
-    for key in ("forget_quality", "model_utility"):
+    for key in ("forget_quality", "model_utility", "privleak"):
         if key in results:
             logs[key] = _entry(results[key])
+    logs.update(privacy_logs(results))
     return _with_summary(logs, "TOFU")
+
+
+def privacy_logs(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The memorization and attack entries of an evaluation (evals.membership's results) in open-unlearning's
+    layout: ``exact_memorization`` / ``extraction_strength`` and ``mia_{attack}``; {} when none ran."""
+    logs: dict[str, Any] = {}
+    memorization = results.get(f"memorization/{PER_EXAMPLE}")
+    if isinstance(memorization, Mapping):
+        for key in ("exact_memorization", "extraction_strength"):
+            if key in results:
+                logs[key] = _entry(results[key], _by_index(memorization[key], "score"))
+    forget, holdout = (results.get(f"mia_{part}/{PER_EXAMPLE}") for part in ("forget", "holdout"))
+    if isinstance(forget, Mapping) and isinstance(holdout, Mapping):
+        for attack in forget:
+            name = f"mia_{attack}"
+            if name not in results:
+                continue
+            parts = {part: _entry(sum(v) / len(v), _by_index(v, "score"))
+                     for part, v in (("forget", forget[attack]), ("holdout", holdout[attack]))}  # fmt: skip
+            logs[name] = {**parts, "auc": results[name], "agg_value": results[name]}
+    return logs
 
 
 def muse_logs(results: Mapping[str, Any]) -> dict[str, dict[str, Any]] | None:
@@ -127,6 +151,7 @@ def muse_logs(results: Mapping[str, Any]) -> dict[str, dict[str, Any]] | None:
         logs[MUSE_NAMES["privleak_auc"]] = {**parts, "auc": auc, "agg_value": auc}
         if "privleak" in results:
             logs[MUSE_NAMES["privleak"]] = _entry(results["privleak"])
+    logs.update({name: entry for name, entry in privacy_logs(results).items() if name not in logs})
     return _with_summary(logs, "MUSE") if logs else None
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from blur_lightning.evals.memorization import NoMatch, exact_memorization, extraction_strength
 from blur_lightning.evals.metrics import (
     TOFU_UTILITY_SPLITS,
     KSMethod,
@@ -35,6 +36,8 @@ from blur_lightning.evals.metrics import (
 
 __all__ = [
     "AnswerProbability",
+    "ExactMemorization",
+    "ExtractionStrength",
     "ForgetQuality",
     "MembershipAUC",
     "MinKProbability",
@@ -76,6 +79,12 @@ class _PerExampleMetric(Metric):
             dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync
         ):
             return fn()
+
+    def add_values(self, values: Tensor) -> None:
+        """Add per-example values computed elsewhere (e.g. reduced per batch inside a sharded scoring pass)."""
+        self._update_count += 1  # what torchmetrics' wrapped update() counts
+        self._computed = None
+        self._append(values)
 
     def per_example(self) -> Tensor:
         """The per-example values of all ranks, concatenated (rank 0's first), as float64."""
@@ -225,8 +234,43 @@ class MinKProbability(_PerExampleMetric):
         self._append(min_k_scores(token_logprobs, mask, self.k))
 
 
+class ExactMemorization(_PerExampleMetric):
+    """Mean exact memorization: per example the share of answer tokens whose teacher-forced argmax is
+    the label (evals.memorization; rows without a scored token, NaN, are left out of the mean)."""
+
+    higher_is_better = None  # lower on forget after unlearning, higher elsewhere
+
+    def update(self, hits: Tensor, mask: Tensor) -> None:
+        """Add a batch: (B, T) argmax-equals-label and (B, T) scored-position mask."""
+        self._append(exact_memorization(hits, mask))
+
+    def compute(self) -> Tensor:
+        return _cat(self.values).double().nanmean()
+
+
+class ExtractionStrength(ExactMemorization):
+    """Mean extraction strength 1 - k / n (evals.memorization).
+
+    Args:
+        no_match: "open-unlearning" (a missed last token gives 1 / n, its loop's value) or "zero".
+        **kwargs: forwarded to `torchmetrics.Metric`.
+    """
+
+    def __init__(self, no_match: NoMatch = "open-unlearning", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if no_match not in ("open-unlearning", "zero"):
+            raise ValueError(f"no_match must be 'open-unlearning' or 'zero', got {no_match!r}")
+        self.no_match = no_match
+
+    def update(self, hits: Tensor, mask: Tensor) -> None:
+        """Add a batch: (B, T) argmax-equals-label and (B, T) scored-position mask."""
+        self._append(extraction_strength(hits, mask, self.no_match))
+
+
 class MembershipAUC(Metric):
-    """MUSE's membership AUC of Min-K% scores, forget set against holdout set (`min_k_auc`)."""
+    """Membership AUC of per-example attack scores, forget set against holdout set: P(holdout score >
+    forget score), ties 1/2. MUSE's Min-K% log-probs give its `min_k_auc`; open-unlearning's loss-signed
+    attack scores (evals.mia) give its ``mia_*`` AUC (`attack_auc`): the same function, opposite signs."""
 
     is_differentiable = False
     higher_is_better = None
@@ -238,7 +282,7 @@ class MembershipAUC(Metric):
         self.add_state("holdout_scores", default=[], dist_reduce_fx="cat")
 
     def update(self, forget_scores: Tensor | None = None, holdout_scores: Tensor | None = None) -> None:
-        """Add (B,) Min-K% scores of forget texts and/or of holdout texts."""
+        """Add (B,) scores of forget texts and/or of holdout texts."""
         for state, scores in ((self.forget_scores, forget_scores), (self.holdout_scores, holdout_scores)):
             if scores is not None:
                 state.append(scores.detach().to(device=self.device, dtype=torch.float64).flatten())

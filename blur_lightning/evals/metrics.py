@@ -342,11 +342,12 @@ def min_k_auc(forget_scores: Tensor, holdout_scores: Tensor) -> Tensor:
     return auroc(holdout_scores, forget_scores)
 
 
-def priv_leak(auc_unlearned: Tensor | float, auc_retrain: Tensor | float) -> Tensor:
-    """MUSE PrivLeak in percent: (AUC_unlearned - AUC_retrain) / AUC_retrain * 100 (0-dim float64)."""
+def priv_leak(auc_unlearned: Tensor | float, auc_retrain: Tensor | float, eps: float = 0.0) -> Tensor:
+    """MUSE PrivLeak in percent: (AUC_unlearned - AUC_retrain) / (AUC_retrain + eps) * 100 (0-dim float64);
+    eps 0 is MUSE's, open-unlearning's ``privleak`` adds 1e-10 (see evals.mia)."""
     auc_u = torch.as_tensor(auc_unlearned, dtype=torch.float64)
     auc_r = torch.as_tensor(auc_retrain, dtype=torch.float64)
-    return (auc_u - auc_r) / auc_r * 100.0
+    return (auc_u - auc_r) / (auc_r + eps) * 100.0
 
 
 def multiple_choice_accuracy(choice_logprobs: Tensor, gold: Tensor) -> Tensor:

@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from blur_lightning.data.encoding import encode_texts
+from blur_lightning.data.encoding import encode_continuations, encode_texts
 from blur_lightning.data.prompts import MUSE_QA_PROMPT
 from blur_lightning.data.rows import Row, require_columns
 from blur_lightning.evals.base import Benchmark, EvalSettings, Results, before_after_table, load_source
 from blur_lightning.evals.log_export import PER_EXAMPLE, muse_logs
+from blur_lightning.evals.membership import DEFAULT_ATTACKS, evaluate_privacy, privacy_options
 from blur_lightning.evals.metric_classes import MembershipAUC, RougeL
 from blur_lightning.evals.metrics import min_k_scores, priv_leak
 from blur_lightning.evals.reference_logs import read_reference_log
@@ -98,6 +99,7 @@ def evaluate_muse(
     batch_size: int = 8,
     rouge_stemmer: str | None = None,
     show_progress: bool = True,
+    privacy: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """MUSE's evaluation of one model (muse_bench eval.py); each part runs when its rows are given.
 
@@ -124,13 +126,19 @@ def evaluate_muse(
         batch_size: sequences per call.
         rouge_stemmer: None (MUSE's `use_stemmer=False`) or "porter" (open-unlearning's MUSE).
         show_progress: show progress bars (on a terminal).
+        privacy: memorization / attack options (:func:`muse_privacy_options`); None: neither. Exact
+            memorization and extraction strength score verbmem's gt after its prompt and a space (open-unlearning's
+            MUSE_forget_verbmem: prompt_key, insert_space, 2048 tokens); the attacks score the privleak texts
+            as PrivLeak's Min-K% does (whole texts, ``max_length`` tokens).
 
     Returns:
         Any of "verbmem_f", "knowmem_f", "knowmem_r" (mean ROUGE-L F1 in [0, 1]; MUSE prints
         x100), "privleak_auc" (MUSE convention, see `min_k_auc`) and "privleak" (percent); and
         per part its per-example values, "{split}/per_example" (rouge_l_f1 for verbmem,
         knowmem_forget, knowmem_retain; min_k for privleak_forget, privleak_holdout), for
-        open-unlearning's MUSE_EVAL.json (`log_export.muse_logs`).
+        open-unlearning's MUSE_EVAL.json (`log_export.muse_logs`); with ``privacy``, "exact_memorization",
+        "extraction_strength" (verbmem) and "mia_{attack}" (privleak forget against holdout) with their
+        per-example values.
     """
     auc_retrain = _retain_auc(auc_retrain, retain_logs_path)
     results: dict[str, Any] = {}
@@ -179,7 +187,37 @@ def evaluate_muse(
         results[f"privleak_holdout/{PER_EXAMPLE}"] = {"min_k": holdout_scores.tolist()}
         if auc_retrain is not None:
             results["privleak"] = priv_leak(results["privleak_auc"], auc_retrain).item()
+    if privacy is not None:
+        privacy = {**privacy, "memorization": privacy["memorization"] and verbmem_rows is not None,
+                   "privleak_ref_auc": None}  # MUSE's PrivLeak is the one above  # fmt: skip
+        has_texts = privleak_forget_rows is not None and privleak_holdout_rows is not None
+        memorized = encode_continuations(
+            tokenizer, [row["prompt"] for row in verbmem_rows or []], [" " + row["gt"] for row in verbmem_rows or []],
+            append_eos=False, max_length=max_length,
+        )  # fmt: skip
+        results.update(evaluate_privacy(
+            model, tokenizer, memorized if privacy["memorization"] else [],
+            encode_texts(tokenizer, [r["text"] for r in privleak_holdout_rows], max_length) if has_texts else None,
+            privacy, batch_size=batch_size, show_progress=show_progress, name="muse",
+            mia_forget_rows=encode_texts(tokenizer, [r["text"] for r in privleak_forget_rows], max_length)
+            if has_texts else None,
+        ))  # fmt: skip
     return results
+
+
+def muse_privacy_options(options: dict[str, Any], *, has_holdout: bool) -> dict[str, Any]:
+    """:func:`~blur_lightning.evals.membership.privacy_options` for MUSE: the attacks default to all of
+    :data:`~blur_lightning.evals.membership.DEFAULT_ATTACKS` but ``min_k``, which is MUSE's own PrivLeak
+    test above (its convention: every token of a text) and is written as ``mia_min_k``; asking for it
+    is an error."""
+    if "mia_attacks" not in options:
+        options = {**options, "mia_attacks": [a for a in DEFAULT_ATTACKS if a != "min_k"]}
+        if options.get("reference_model_path") is not None or options.get("reference_model") is not None:
+            options["mia_attacks"].append("reference")
+    elif "min_k" in (options["mia_attacks"] or []):
+        raise ValueError("muse options.mia_attacks: 'min_k' is MUSE's own PrivLeak test (the privleak splits, "
+                         "results privleak_auc / privleak); leave it out")  # fmt: skip
+    return privacy_options(options, has_holdout=has_holdout)
 
 
 def _retain_auc(auc_retrain: float | None, retain_logs_path: PathLike | None) -> float | None:
@@ -208,8 +246,9 @@ class MuseBenchmark(Benchmark):
 
     Options: ``corpus`` ("news" or "books": the hub dataset of ``hub:`` specs) and the keywords of
     :func:`evaluate_muse` (``auc_retrain`` or ``retain_logs_path``, ``k``, ``max_length``,
-    ``rouge_stemmer``). With ``retain_logs_path`` the before/after table has the retrained model's
-    own values beside ours ("retrain (ref)").
+    ``rouge_stemmer``) and the memorization / attack options of :func:`muse_privacy_options`. With
+    ``retain_logs_path`` the before/after table has the retrained model's own values beside ours
+    ("retrain (ref)").
     """
 
     name = "muse"
@@ -219,7 +258,11 @@ class MuseBenchmark(Benchmark):
         ("knowmem_r", "KnowMem on retain: ROUGE-L F1", False),
         ("privleak_auc", "Min-K% membership AUC", False),
         ("privleak", "PrivLeak (%)", False),
-    )
+        ("exact_memorization", "VerbMem texts: exact memorization", False),
+        ("extraction_strength", "VerbMem texts: extraction strength", False),
+        *((f"mia_{a}", f"{a} attack AUC (forget vs holdout)", False)
+          for a in ("loss", "zlib", "min_k_plus_plus", "gradnorm", "reference")),
+    )  # fmt: skip
 
     def repo(self, options: Mapping[str, Any]) -> str | None:
         corpus = options.get("corpus", "news")
@@ -235,6 +278,7 @@ class MuseBenchmark(Benchmark):
             raise ValueError("muse privleak needs both privleak_forget and privleak_holdout")
         self.repo(options)
         _retain_auc(options.get("auc_retrain"), options.get("retain_logs_path"))  # a bad log fails before training
+        muse_privacy_options(dict(options), has_holdout="privleak_holdout" in names)
 
     def report(
         self, before: Results | None, after: Results | None, sizes: Mapping[str, int],
@@ -252,13 +296,15 @@ class MuseBenchmark(Benchmark):
         options: Mapping[str, Any],
     ) -> Results:  # fmt: skip
         options = {k: v for k, v in options.items() if k != "corpus"}
+        privacy = muse_privacy_options(options, has_holdout="privleak_holdout" in rows)
+        options = {k: v for k, v in options.items() if k not in privacy and k != "reference_model"}
         if settings.max_new_tokens is not None:
             options.setdefault("verbmem_max_new_tokens", settings.max_new_tokens)
             options.setdefault("knowmem_max_new_tokens", settings.max_new_tokens)
         split_rows = {f"{name}_rows": split for name, split in rows.items()}
         return evaluate_muse(
             model, tokenizer, batch_size=settings.batch_size, show_progress=settings.show_progress,
-            **split_rows, **options,
+            privacy=privacy, **split_rows, **options,
         )  # fmt: skip
 
 

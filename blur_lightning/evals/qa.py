@@ -25,6 +25,7 @@ from blur_lightning.data.encoding import encode_prompts, encode_qa_rows
 from blur_lightning.data.prompts import PromptFormat
 from blur_lightning.data.rows import Row, require_columns
 from blur_lightning.evals.base import Benchmark, EvalSettings, Results
+from blur_lightning.evals.membership import evaluate_privacy, privacy_options
 from blur_lightning.evals.replay import DEFAULT_MIN_MARGIN, replay
 from blur_lightning.evals.scoring import (
     greedy_continuations,
@@ -283,8 +284,19 @@ class QABenchmark(Benchmark):
     """Question/answer sets of any names: greedy accuracy and answer probability per set.
 
     Options: ``question_column``, ``answer_column``, ``prob_column`` (default ``"response"``, the
-    model's own answer sentence, used for a set whose every row has it; others score the answer).
+    model's own answer sentence, used for a set whose every row has it; others score the answer);
+    ``mia_forget_set`` (default ``"forget"`` when a set has that name) and ``mia_holdout_set`` (default
+    the first of ``"holdout"``, ``"retain_holdout"`` that is a set: the demo's 90 facts the run never
+    trains on), and the memorization / attack options of
+    :func:`~blur_lightning.evals.membership.privacy_options`: exact memorization and extraction strength
+    of the forget set's scored text, the attacks on it against the holdout set's (results
+    ``exact_memorization``, ``mia_loss``, ..., ``privleak`` against ``privleak_ref_auc``, default 0.5).
     """
+
+    table_rows: tuple[str, ...] = (
+        "exact_memorization", "extraction_strength", "mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus",
+        "mia_gradnorm", "mia_reference", "privleak",
+    )  # fmt: skip
 
     name = "qa"
 
@@ -296,6 +308,8 @@ class QABenchmark(Benchmark):
         prob_column = options.pop("prob_column", "response")
         question_column = options.get("question_column", "question")
         answer_column = options.get("answer_column", "answer")
+        forget_set, holdout_set = self._privacy_sets(rows, options)
+        privacy = privacy_options(options, has_holdout=holdout_set is not None)
         results: Results = {}
         for name, split in rows.items():
             require_columns(split, (question_column, answer_column), f"qa set {name!r}")
@@ -310,7 +324,36 @@ class QABenchmark(Benchmark):
             results[f"{name}/accuracy"] = summary["accuracy"]
             results[f"{name}/answer_prob"] = summary["answer_prob"]
             results[f"{name}/per_example"] = per_example
+        if forget_set is not None:
+            encode = lambda name: self._scored_rows(  # noqa: E731
+                tokenizer, rows[name], question_column, answer_column, prob_column, settings.prompt_format
+            )
+            if privacy["privleak_ref_auc"] is None:
+                privacy["privleak_ref_auc"] = 0.5  # open-unlearning's privleak ref_value
+            results.update(evaluate_privacy(
+                model, tokenizer, encode(forget_set), encode(holdout_set) if holdout_set else None, privacy,
+                batch_size=settings.batch_size, show_progress=settings.show_progress, name=f"qa {forget_set}",
+            ))  # fmt: skip
         return results
+
+    @staticmethod
+    def _privacy_sets(rows: Mapping[str, Sequence[Row]], options: dict[str, Any]) -> tuple[str | None, str | None]:
+        """The sets memorization and the attacks read (``mia_forget_set``, ``mia_holdout_set``), popped and checked."""
+        forget = options.pop("mia_forget_set", "forget" if "forget" in rows else None)
+        holdout = options.pop("mia_holdout_set", next((n for n in ("holdout", "retain_holdout") if n in rows), None))
+        for key, name in (("mia_forget_set", forget), ("mia_holdout_set", holdout)):
+            if name is not None and name not in rows:
+                raise ValueError(f"qa options.{key}={name!r}: no such set (sets: {sorted(rows)})")
+        return forget, holdout if forget is not None else None
+
+    @staticmethod
+    def _scored_rows(tokenizer, rows, question_column, answer_column, prob_column, prompt_format) -> list:
+        """A set's rows encoded as the answer probability scores them (the ``prob_column`` text where every
+        row has it, else the answer); rows whose text has no token are left out."""
+        column = prob_column if prob_column is not None and all(prob_column in r for r in rows) else answer_column
+        encoded, _ = encode_qa_rows(tokenizer, [str(r[question_column]) for r in rows],
+                                    [str(r[column]) for r in rows], prompt_format=prompt_format)  # fmt: skip
+        return [r for r in encoded if r is not None]
 
     def _sets(self, results: Results) -> list[str]:
         return [key.removesuffix("/accuracy") for key in results if key.endswith("/accuracy")]
@@ -335,6 +378,10 @@ class QABenchmark(Benchmark):
             b_acc, a_acc = before.get(f"{name}/accuracy", nan), after.get(f"{name}/accuracy", nan)
             b_prob, a_prob = before.get(f"{name}/answer_prob", nan), after.get(f"{name}/answer_prob", nan)
             lines.append(f"| {name} | {n} | {b_acc:.1%} | {a_acc:.1%} | {b_prob:.3f} | {a_prob:.3f} |")
+        privacy = [key for key in self.table_rows if key in before or key in after]
+        if privacy:  # memorization of the forget set, attack AUCs forget vs holdout
+            lines += ["", "| metric | before | after |", "|---|---:|---:|"]
+            lines += [f"| {key} | {before.get(key, nan):.4g} | {after.get(key, nan):.4g} |" for key in privacy]
         return "\n".join(lines)
 
 

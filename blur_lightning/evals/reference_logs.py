@@ -30,6 +30,10 @@ Conventions matched (each checked against the reference code and, in the tests, 
   holdout 1, so its AUC is 1 - ours (MUSE's convention, evals.metrics ``min_k_auc``); its
   ``privleak`` flips both AUCs back, which makes it MUSE's PrivLeak. ``summary["privleak_auc"]`` is
   ours: 1 - its ``mia_min_k``.
+* Every ``mia_*`` entry's forget and holdout ``score`` values are kept as the log signs them (a loss's sign,
+  evals.mia) in ``attack_scores``, and ``exact_memorization`` / ``extraction_strength``'s per-example
+  ``score`` values in ``memorization``: :func:`attack_aucs`, :func:`memorization_means` and
+  :func:`privleak` recompute the log's aggregates from them with our code.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from blur_lightning.evals.metrics import (
     truth_ratio,
     truth_ratio_score,
 )
+from blur_lightning.evals.mia import attack_auc, privleak_from_auc
 
 __all__ = [
     "MUSE_NAMES",
@@ -64,7 +69,10 @@ __all__ = [
     "TOFU_FILES",
     "ReferenceLog",
     "SplitLog",
+    "attack_aucs",
     "membership_auc",
+    "memorization_means",
+    "privleak",
     "read_reference_log",
     "tofu_metric_name",
     "tofu_names",
@@ -164,6 +172,9 @@ class ReferenceLog:
         summary: the log's own aggregates under our result keys (open-unlearning: its ``agg_value``\\ s,
             privleak_auc flipped; TOFU: what ``aggregate_eval_stat.py`` computes, :func:`tofu_statistics`).
         raw_summary: every aggregate of the log under its own names (open-unlearning only).
+        attack_scores: open-unlearning metric name ("mia_loss", ...) -> "forget" / "holdout" -> (n,)
+            per-example attack scores, signed as the log signs them (higher: less likely a member).
+        memorization: "exact_memorization" / "extraction_strength" -> (n,) per-example scores.
     """
 
     source: str
@@ -173,6 +184,8 @@ class ReferenceLog:
     min_k_scores: dict[str, Tensor] = field(default_factory=dict)
     summary: dict[str, float] = field(default_factory=dict)
     raw_summary: dict[str, float] = field(default_factory=dict)
+    attack_scores: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    memorization: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def eps(self) -> float:
@@ -312,12 +325,20 @@ def _read_open_unlearning(data: Mapping[str, Any], path: str) -> ReferenceLog:
     splits = {}
     if benchmark == "tofu":
         splits = {s: split for s in OPEN_UNLEARNING_SPLITS if (split := _open_unlearning_split(data, s, path))}
-    min_k = {}
-    if isinstance(data.get("mia_min_k"), dict):
-        for part in ("forget", "holdout"):
-            scores = _by_index(_entry(data["mia_min_k"], part, f"{path} 'mia_min_k'"), f"mia_min_k {part}", path)
-            min_k[part] = -_column(scores, "score", f"mia_min_k {part}", path)  # its score is minus the log-prob
-    return ReferenceLog(path, OPEN_UNLEARNING, benchmark, splits, min_k, summary, raw)
+    attacks: dict[str, dict[str, Tensor]] = {}
+    for metric, entry in data.items():
+        if metric.startswith("mia_") and isinstance(entry, dict):
+            attacks[metric] = {}
+            for part in ("forget", "holdout"):
+                scores = _by_index(_entry(entry, part, f"{path} {metric!r}"), f"{metric} {part}", path)
+                attacks[metric][part] = _column(scores, "score", f"{metric} {part}", path)
+    # our Min-K% sign: its score is minus the log-prob
+    min_k = {part: -scores for part, scores in attacks.get("mia_min_k", {}).items()}
+    memorization = {
+        metric: _column(_by_index(data[metric], metric, path), "score", metric, path)
+        for metric in ("exact_memorization", "extraction_strength") if isinstance(data.get(metric), dict)
+    }  # fmt: skip
+    return ReferenceLog(path, OPEN_UNLEARNING, benchmark, splits, min_k, summary, raw, attacks, memorization)
 
 
 def _open_unlearning_split(data: Mapping[str, Any], split: str, path: str) -> SplitLog | None:
@@ -493,3 +514,35 @@ def membership_auc(log: ReferenceLog) -> float:
     if math.isnan(auc):
         raise ValueError(f"{log.source}: 'mia_min_k' scores gave no AUC")
     return auc
+
+
+def attack_aucs(log: ReferenceLog) -> dict[str, float]:
+    """Every ``mia_*`` AUC (open-unlearning's convention, evals.mia) computed by our code from the
+    log's per-example forget and holdout scores, under the log's metric names."""
+    return {
+        metric: attack_auc(parts["forget"], parts["holdout"]).item() for metric, parts in log.attack_scores.items()
+    }
+
+
+def memorization_means(log: ReferenceLog) -> dict[str, float]:
+    """``exact_memorization`` / ``extraction_strength`` as the mean of the log's per-example scores."""
+    return {metric: values.mean().item() for metric, values in log.memorization.items()}
+
+
+def privleak(log: ReferenceLog, retain: ReferenceLog | None = None, ref_value: float = 0.5) -> float:
+    """open-unlearning's ``privleak`` of a log: from its ``mia_min_k`` AUC (recomputed from the per-example
+    scores) against the retain model's log's ``mia_min_k`` AUC, or ``ref_value`` without one (its configs: 0.5).
+
+    Raises:
+        ValueError: a log without per-example ``mia_min_k`` scores.
+    """
+    aucs = attack_aucs(log)
+    if "mia_min_k" not in aucs:
+        raise ValueError(f"{log.source}: no per-example 'mia_min_k' forget and holdout scores")
+    reference = ref_value
+    if retain is not None:
+        retain_aucs = attack_aucs(retain)
+        if "mia_min_k" not in retain_aucs:
+            raise ValueError(f"{retain.source}: no per-example 'mia_min_k' scores to take PrivLeak's reference from")
+        reference = retain_aucs["mia_min_k"]
+    return privleak_from_auc(aucs["mia_min_k"], reference).item()

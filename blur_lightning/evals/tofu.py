@@ -20,6 +20,7 @@ from blur_lightning.data.prompts import TOFU_PROMPT, PromptFormat, get_prompt_fo
 from blur_lightning.data.rows import Row, is_str_list, require, require_columns
 from blur_lightning.evals.base import Benchmark, EvalSettings, Results, before_after_table, load_source
 from blur_lightning.evals.log_export import PER_EXAMPLE, tofu_logs
+from blur_lightning.evals.membership import evaluate_privacy, privacy_options
 from blur_lightning.evals.metric_classes import AnswerProbability, ForgetQuality, ModelUtility, RougeL, TruthRatio
 from blur_lightning.evals.qa import is_correct
 from blur_lightning.evals.reference_logs import read_reference_log
@@ -31,6 +32,8 @@ __all__ = [
     "SPLIT_NAMES",
     "TOFU_HUB",
     "TOFU_SPLITS",
+    "HOLDOUT_SPLIT",
+    "PRIVACY_TABLE_ROWS",
     "TofuBenchmark",
     "evaluate_tofu",
     "load_tofu",
@@ -48,10 +51,21 @@ TOFU_SPLITS = (
     "full", "forget01", "forget05", "forget10", "retain90", "retain95", "retain99",
     "real_authors", "world_facts",
     "forget01_perturbed", "forget05_perturbed", "forget10_perturbed", "retain_perturbed",
-    "real_authors_perturbed", "world_facts_perturbed",
+    "real_authors_perturbed", "world_facts_perturbed", "holdout01", "holdout05", "holdout10",
 )  # fmt: skip
 # The evaluation's four sets (the *_perturbed configs).
 SPLIT_NAMES = ("forget", "retain", "real_authors", "world_facts")
+# An optional fifth: questions the model never saw, for the membership-inference attacks (open-unlearning's
+# TOFU_MIA: forget10 against TOFU's holdout10, configs/eval/tofu.yaml holdout_split).
+HOLDOUT_SPLIT = "holdout"
+# The memorization and attack rows of the before/after tables (TOFU's, the fictitious benchmark's).
+PRIVACY_TABLE_ROWS: tuple[tuple[str, str, bool], ...] = (
+    ("exact_memorization", "forget: exact memorization", False),
+    ("extraction_strength", "forget: extraction strength", False),
+    *((f"mia_{attack}", f"{attack} attack AUC (forget vs holdout)", False)
+      for attack in ("loss", "zlib", "min_k", "min_k_plus_plus", "gradnorm", "reference")),
+    ("privleak", "PrivLeak (%, min_k)", False),
+)  # fmt: skip
 _PERTURBED_COLUMNS = ("question", "answer", "paraphrased_answer", "perturbed_answer")
 _NO_PARAPHRASE_COLUMNS = ("question", "answer", "perturbed_answer")
 
@@ -263,6 +277,8 @@ def evaluate_tofu(
     perturbed_mean: str = "geometric",
     show_progress: bool = True,
     prompt_format: str | PromptFormat | None = None,
+    holdout_rows: Sequence[Row] | None = None,
+    privacy: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """TOFU's evaluation of one model (definitions in `blur_lightning.evals.metrics`).
 
@@ -287,6 +303,12 @@ def evaluate_tofu(
         show_progress: show progress bars (on a terminal).
         prompt_format: a prompt format (:mod:`blur_lightning.data.prompts`) instead of
             ``prompt_template``: its prompt and answer rendering (see :func:`scoring_format`).
+        holdout_rows: questions the model never saw (TOFU's holdout10: question, answer), the
+            non-members of the membership-inference attacks.
+        privacy: memorization / attack options (:func:`~blur_lightning.evals.membership.privacy_options`);
+            None: neither. The forget and holdout answers are scored as the forget answers above
+            (prompt, answer, eos); PrivLeak's reference AUC defaults to the retain log's ``mia_min_k``
+            when ``retain_logs_path`` holds one, else 0.5 (open-unlearning's ``ref_value``).
 
     Returns:
         Floats "{split}/prob", "{split}/rouge_l_recall", "{split}/truth_ratio" for split in
@@ -297,7 +319,9 @@ def evaluate_tofu(
         and "forget/truth_ratios", the per-example list to save with `save_truth_ratios`
         when this model is the retain-only reference; "{split}/per_example" per split, the
         per-example answer_logprob, paraphrased_logprob (forget, retain), perturbed_logprobs and
-        rouge_l_recall (what open-unlearning's TOFU_EVAL.json holds: `log_export.tofu_logs`).
+        rouge_l_recall (what open-unlearning's TOFU_EVAL.json holds: `log_export.tofu_logs`); with
+        ``privacy``, "exact_memorization", "extraction_strength" (forget) and "mia_{attack}", "privleak"
+        (forget against holdout) and their per-example values (`membership.evaluate_privacy`).
     """
     require_columns(forget_rows, _PERTURBED_COLUMNS, "forget_rows")
     require_columns(retain_rows, _PERTURBED_COLUMNS, "retain_rows")
@@ -339,7 +363,34 @@ def evaluate_tofu(
         quality = ForgetQuality(reference, perturbed_mean=perturbed_mean, **GATHERED)
         quality.update(forget["paraphrased_logprob"], forget["perturbed_logprobs"])
         results["forget_quality"] = quality.compute().item()
+    if privacy is not None:
+        results.update(_privacy(model, tokenizer, forget_rows, holdout_rows, privacy, rendering, retain_logs_path,
+                                batch_size, show_progress))  # fmt: skip
     return results
+
+
+def _answer_rows(tokenizer: Any, rows: Sequence[Row], rendering: Mapping[str, Any]) -> list[dict[str, list[int]]]:
+    """Question-answer rows encoded as the forget answers are scored (prompt, answer, eos)."""
+    require_columns(rows, ("question", "answer"), "tofu rows")
+    return encode_continuations(
+        tokenizer, [rendering["prompt_template"].format(question=r["question"]) for r in rows],
+        [rendering.get("answer_template", "{answer}").format(answer=r["answer"]) for r in rows], append_eos=True,
+        whole_text=rendering.get("whole_text", False), specials=rendering.get("specials", True),
+    )  # fmt: skip
+
+
+def _privacy(model, tokenizer, forget_rows, holdout_rows, privacy, rendering, retain_logs_path, batch_size,
+             show_progress) -> dict[str, Any]:  # fmt: skip
+    """Memorization on forget, the attacks on forget against holdout (`membership.evaluate_privacy`)."""
+    privacy = dict(privacy)
+    if privacy.get("privleak_ref_auc") is None:
+        ref = read_reference_log(retain_logs_path).raw_summary.get("mia_min_k") if retain_logs_path else None
+        privacy["privleak_ref_auc"] = 0.5 if ref is None else ref  # open-unlearning's privleak ref_value: 0.5
+    holdout = _answer_rows(tokenizer, holdout_rows, rendering) if holdout_rows else None
+    return evaluate_privacy(
+        model, tokenizer, _answer_rows(tokenizer, forget_rows, rendering), holdout, privacy,
+        batch_size=batch_size, show_progress=show_progress, name="tofu",
+    )  # fmt: skip
 
 
 def _per_example(inputs: Mapping[str, Any], rouge_l_recall: Tensor) -> dict[str, list]:
@@ -381,7 +432,10 @@ class TofuBenchmark(Benchmark):
 
     Options: the keywords of :func:`evaluate_tofu` (``retain_model_truth_ratios`` or
     ``retain_logs_path``, ``rouge_stemmer``, ``perturbed_mean``, ``prompt_template``); without a
-    ``prompt_template`` the run's prompt format renders questions and answers (:func:`scoring_format`).
+    ``prompt_template`` the run's prompt format renders questions and answers (:func:`scoring_format`);
+    and the memorization / attack options of :func:`~blur_lightning.evals.membership.privacy_options`
+    (exact memorization and extraction strength on forget by default; the attacks when a ``holdout``
+    split, e.g. TOFU's ``holdout10``, is named).
     With ``retain_logs_path`` the before/after table has the reference log's own values beside ours
     ("retain (ref)").
     """
@@ -396,12 +450,15 @@ class TofuBenchmark(Benchmark):
         *((f"{split}/{stat}", f"{split}: {label}", False) for split in SPLIT_NAMES
           for stat, label in (("prob", "answer probability"), ("rouge_l_recall", "ROUGE-L recall"),
                               ("truth_ratio", "truth ratio"))),
+        *PRIVACY_TABLE_ROWS,
     )  # fmt: skip
     reference_title = "retain (ref)"
 
     def check_splits(self, names: Sequence[str], options: Mapping[str, Any]) -> None:
-        if set(names) != set(SPLIT_NAMES):
-            raise ValueError(f"{self.name} needs exactly the splits {SPLIT_NAMES}, got {sorted(names)}")
+        if set(names) - {HOLDOUT_SPLIT} != set(SPLIT_NAMES):
+            raise ValueError(f"{self.name} needs exactly the splits {SPLIT_NAMES} (and optionally "
+                             f"{HOLDOUT_SPLIT!r}, for the membership attacks), got {sorted(names)}")  # fmt: skip
+        privacy_options(dict(options), has_holdout=HOLDOUT_SPLIT in names)  # bad options fail before training
         if options.get("retain_logs_path") is not None:
             if options.get("retain_model_truth_ratios") is not None:
                 raise ValueError(f"{self.name} options: give retain_model_truth_ratios or retain_logs_path, not both")
@@ -430,9 +487,11 @@ class TofuBenchmark(Benchmark):
             options.setdefault("prompt_format", settings.prompt_format)
         if settings.max_new_tokens is not None:
             options.setdefault("max_new_tokens", settings.max_new_tokens)
+        privacy = privacy_options(options, has_holdout=HOLDOUT_SPLIT in rows)
         return evaluate_tofu(
             model, tokenizer, rows["forget"], rows["retain"], rows["real_authors"], rows["world_facts"],
-            batch_size=settings.batch_size, show_progress=settings.show_progress, **options,
+            batch_size=settings.batch_size, show_progress=settings.show_progress,
+            holdout_rows=rows.get(HOLDOUT_SPLIT), privacy=privacy, **options,
         )  # fmt: skip
 
 

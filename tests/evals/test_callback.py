@@ -15,8 +15,8 @@ import torch
 
 from blur_lightning.data.prompts import chat_prompt_template
 from blur_lightning.data.rows import parse_hub_spec
+from blur_lightning.evals import membership, tofu, wmdp
 from blur_lightning.evals import muse as muse_benchmark
-from blur_lightning.evals import tofu, wmdp
 from blur_lightning.evals.callback import EvaluationCallback, plot_evaluations
 from blur_lightning.evals.registry import BENCHMARKS, get_benchmark
 
@@ -99,7 +99,8 @@ def test_qa_eval_at_every_stage_logs_and_writes_files(tmp_path, tokenizer, tiny_
     assert stages == [("fit_start", 0), ("validation", 1), ("validation", 2), ("fit_end", 2), ("test", 2)]
     for evaluation in summary["evaluations"]:
         assert set(evaluation["metrics"]) == {"forget/accuracy", "forget/answer_prob", "retain/accuracy",
-                                              "retain/answer_prob"}  # fmt: skip
+                                              "retain/answer_prob", "exact_memorization",
+                                              "extraction_strength"}  # fmt: skip  (no holdout set: no attack)
         for key, value in evaluation["metrics"].items():
             assert 0.0 <= value <= 1.0, f"{evaluation['stage']} {key} = {value}"
             if key.endswith("accuracy"):
@@ -181,8 +182,9 @@ def test_tofu_matches_evaluate_tofu_with_the_training_prompt(tokenizer, tiny_mod
     expected = tofu.evaluate_tofu(
         tiny_model, tokenizer, rows["forget"], rows["retain"], rows["real_authors"], rows["world_facts"],
         prompt_template=template, max_new_tokens=4, batch_size=3,
+        privacy=membership.privacy_options({}, has_holdout=False),  # the benchmark's defaults: EM / ES on forget
     )  # fmt: skip
-    assert results == expected
+    assert results == expected and "exact_memorization" in results
     plain = EvaluationCallback("tofu", fixture_paths(TOFU_FILES), max_new_tokens=4, prompt_format="qa")
     assert plain.evaluate(tiny_model, tokenizer)["forget/prob"] != results["forget/prob"]  # TOFU's plain prompt
 
@@ -197,6 +199,7 @@ def test_muse_and_wmdp_match_their_evaluations(tmp_path, tokenizer, tiny_model):
         knowmem_retain_rows=rows["knowmem_retain"], privleak_forget_rows=rows["privleak_forget"],
         privleak_holdout_rows=rows["privleak_holdout"], auc_retrain=0.4772, max_length=64,
         verbmem_max_new_tokens=5, knowmem_max_new_tokens=5, batch_size=2,
+        privacy=muse_benchmark.muse_privacy_options({}, has_holdout=True),
     )  # fmt: skip
     assert results == expected and {k for k in results if not k.endswith("/per_example")} == {
         "verbmem_f",
@@ -204,6 +207,11 @@ def test_muse_and_wmdp_match_their_evaluations(tmp_path, tokenizer, tiny_model):
         "knowmem_r",
         "privleak_auc",
         "privleak",
+        "exact_memorization",
+        "extraction_strength",
+        "mia_loss",
+        "mia_zlib",
+        "mia_min_k_plus_plus",
     }
 
     wmdp_file = os.path.join(FIXTURES, "wmdp", "wmdp-bio.json")

@@ -227,7 +227,8 @@ def test_tofu_results_round_trip_through_open_unlearnings_layout(tiny, tmp_path)
     assert set(logs) == {"TOFU_EVAL.json", "TOFU_SUMMARY.json"}
     evals = logs["TOFU_EVAL.json"]
     assert "forget_quality" not in evals  # no reference given: nothing made up
-    assert not any(name.startswith(("mia_", "exact_", "extraction_", "privleak")) for name in evals)
+    assert not any(name.startswith(("mia_", "privleak")) for name in evals)  # no holdout split: no attack
+    assert {"exact_memorization", "extraction_strength"} <= set(evals)  # on by default, on forget
     assert len(evals["ra_Q_A_PERT_Prob"]["value_by_index"]["0"]["prob"]) == len(
         rows["real_authors"][0]["perturbed_answer"]
     )
@@ -251,6 +252,31 @@ def test_tofu_results_round_trip_through_open_unlearnings_layout(tiny, tmp_path)
     assert get_benchmark("tofu").field_logs(again)["TOFU_EVAL.json"]["forget_quality"] == {"agg_value": 1.0}
 
 
+def test_tofu_memorization_and_attacks_round_trip(tiny, tmp_path):
+    model, tokenizer = tiny
+    rows = _tofu_rows()
+    rows["holdout"] = [{"question": r["question"], "answer": r["answer"]} for r in rows["retain"]]  # unseen alike
+    attacks = ["loss", "zlib", "min_k", "min_k_plus_plus", "gradnorm"]
+    results = evaluate_benchmark("tofu", model, tokenizer, rows, SETTINGS, {"mia_attacks": attacks})
+    assert results["privleak"] == pytest.approx((0.5 - results["mia_min_k"]) / 0.5 * 100, rel=1e-8)  # ref 0.5
+    logs = get_benchmark("tofu").field_logs(results)
+    evals = logs["TOFU_EVAL.json"]
+    assert {f"mia_{a}" for a in attacks} | {"privleak", "exact_memorization", "extraction_strength"} <= set(evals)
+    assert len(evals["mia_loss"]["holdout"]["value_by_index"]) == len(rows["holdout"])
+    log = refs.read_reference_log(_write(logs, tmp_path / "ours"))
+    assert refs.attack_aucs(log) == {f"mia_{a}": results[f"mia_{a}"] for a in attacks}  # our AUC of what we wrote
+    means = refs.memorization_means(log)
+    for key in ("exact_memorization", "extraction_strength"):
+        assert means[key] == pytest.approx(results[key], abs=1e-15)
+    assert refs.privleak(log) == results["privleak"]
+    # the written log as the retain model's: PrivLeak's reference is its mia_min_k, the model's own: 0
+    again = evaluate_benchmark("tofu", model, tokenizer, rows, SETTINGS,
+                               {"mia_attacks": ["min_k"], "retain_logs_path": str(tmp_path / "ours")})  # fmt: skip
+    assert again["privleak"] == pytest.approx(0.0, abs=1e-7) and again["mia_min_k"] == results["mia_min_k"]
+    with pytest.raises(ValueError, match="unknown attacks"):
+        get_benchmark("tofu").check_splits(list(rows), {"mia_attacks": ["lira"]})
+
+
 def test_muse_results_round_trip_and_give_privleak_its_reference(tiny, tmp_path):
     model, tokenizer = tiny
     load = lambda subset, split, name: muse.load_muse(subset, split, FIXTURES / "muse" / name)
@@ -264,10 +290,21 @@ def test_muse_results_round_trip_and_give_privleak_its_reference(tiny, tmp_path)
     results = evaluate_benchmark("muse", model, tokenizer, rows, SETTINGS, options)
     logs = get_benchmark("muse").field_logs(results)
     evals = logs["MUSE_EVAL.json"]
-    assert set(evals) == {"forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "mia_min_k"}
-    assert evals["mia_min_k"]["agg_value"] == 1 - results["privleak_auc"]
+    assert set(evals) == {"forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "mia_min_k", "exact_memorization",
+                          "extraction_strength", "mia_loss", "mia_zlib", "mia_min_k_plus_plus"}  # fmt: skip
+    assert evals["mia_min_k"]["agg_value"] == 1 - results["privleak_auc"]  # MUSE's own Min-K%, not replaced
+    assert len(evals["exact_memorization"]["value_by_index"]) == len(rows["verbmem"])
+    assert len(evals["mia_loss"]["forget"]["value_by_index"]) == len(rows["privleak_forget"])
+    without = evaluate_benchmark("muse", model, tokenizer, rows, SETTINGS,
+                                 {**options, "memorization": False, "mia_attacks": []})  # fmt: skip
+    assert {k: v for k, v in results.items() if k in without} == without  # MUSE's own numbers unchanged
     log = refs.read_reference_log(_write(logs, tmp_path / "retrain") / "MUSE_EVAL.json")
     assert log.privleak_auc() == pytest.approx(results["privleak_auc"], abs=1e-15)
+    aucs = refs.attack_aucs(log)
+    assert {k: aucs[k] for k in ("mia_loss", "mia_zlib", "mia_min_k_plus_plus")} == {
+        k: results[k] for k in ("mia_loss", "mia_zlib", "mia_min_k_plus_plus")}  # fmt: skip
+    with pytest.raises(ValueError, match="'min_k' is MUSE's own PrivLeak"):
+        get_benchmark("muse").check_splits(list(rows), {"mia_attacks": ["min_k"]})
     assert refs.membership_auc(log) == results["privleak_auc"]  # our AUC of the scores written
     assert log.summary["verbmem_f"] == results["verbmem_f"]
 
