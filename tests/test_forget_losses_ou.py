@@ -181,9 +181,10 @@ def test_k_micro_batches_over_k_equal_one_batch(name):
 
 
 @pytest.mark.parametrize("field,value,expected", [
-    ("wga_beta", -1.0, "a number >= 0"), ("satimp_beta1", float("nan"), "a number >= 0"),
-    ("satimp_beta2", -0.5, "a number >= 0"),
-    ("undial_beta", -10.0, "a number >= 0"), ("dpo_beta", 0.0, "a number > 0"),
+    ("wga_beta", -1.0, "a finite number >= 0"), ("satimp_beta1", float("nan"), "a finite number >= 0"),
+    ("satimp_beta2", -0.5, "a finite number >= 0"), ("wga_beta", float("inf"), "a finite number >= 0"),
+    ("undial_beta", -10.0, "a finite number >= 0"), ("undial_beta", float("inf"), "a finite number >= 0"),
+    ("dpo_beta", 0.0, "a finite number > 0"), ("dpo_beta", float("inf"), "a finite number > 0"),
     ("ceu_ignore_first_n", -1, "an int >= 0"),
     ("ceu_ignore_first_n", 1.5, "an int >= 0"), ("ceu_ignore_first_n", True, "an int >= 0"),
 ])  # fmt: skip
