@@ -25,6 +25,12 @@ KL_MASKS = ("labels", "all")
 RMU_MASKS = ("attention", "labels", "none")
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    # bf16/fp16 logits are upcast to float32 for the softmax; float64 (the reference tests) stays float64,
+    # so a float64 test checks the formula to ~1e-12 rather than to float32's ~1e-7.
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # logits (B, T, V) -> (B, T-1, V) predicting labels (B, T-1)
     return logits[:, :-1, :], labels[:, 1:]
@@ -41,7 +47,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     safe = labels.masked_fill(~mask, 0)
     batch, steps, vocab = logits.shape
     # Rows of V contiguous logits: class-dim-1 input (B, V, T) is strided and 1.7x slower on CPU.
-    nll = F.cross_entropy(logits.reshape(-1, vocab).float(), safe.reshape(-1), reduction="none")
+    nll = F.cross_entropy(_compute_dtype(logits.reshape(-1, vocab)), safe.reshape(-1), reduction="none")
     return -nll.view(batch, steps) * mask, mask.float()
 
 
@@ -170,10 +176,10 @@ def rmu_retain_loss(hidden: torch.Tensor, ref_hidden: torch.Tensor, mask: torch.
 # open-unlearning averages WGA, SatImp and CE-U over the batch's answer tokens pooled together (a long
 # answer weighs more) and UNDIAL over every position; with answers of equal length the two agree.
 def _answer_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Shifted log-softmax (B, T-1, V) in float32+, the shifted labels made safe to gather, and the mask."""
+    """Shifted log-softmax (B, T-1, V) in float32 or wider, the shifted labels made safe to gather, and the mask."""
     logits, shifted = _shift(logits, labels)
     mask = shifted != IGNORE_INDEX
-    return F.log_softmax(logits.float(), dim=-1), shifted.masked_fill(~mask, 0), mask
+    return F.log_softmax(_compute_dtype(logits), dim=-1), shifted.masked_fill(~mask, 0), mask
 
 
 def wga_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
@@ -225,9 +231,8 @@ def undial_loss(
     """
     logp, safe, mask = _answer_logprobs(logits, labels)
     with torch.no_grad():
-        adjusted = ref_logits[:, :-1, :].float().scatter_add(
-            -1, safe.unsqueeze(-1), torch.full_like(safe, -beta, dtype=torch.float32).unsqueeze(-1)
-        )
+        ref = _compute_dtype(ref_logits[:, :-1, :])
+        adjusted = ref.scatter_add(-1, safe.unsqueeze(-1), torch.full_like(safe, -beta, dtype=ref.dtype).unsqueeze(-1))
         target = adjusted.softmax(dim=-1)
     return _masked_token_mean(-(target * logp).sum(dim=-1), mask)
 
@@ -263,7 +268,7 @@ def entropic_forget_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: 
     """
     if reduction not in ENTROPIC_REDUCTIONS:
         raise ValueError(f"entropic_reduction={reduction!r}: expected one of {ENTROPIC_REDUCTIONS}")
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64 (tests)
+    z = _compute_dtype(logits)
     gap = (z.amax(dim=-1) - z.mean(dim=-1)).pow(2)  # (B, T)
     mask = (labels != IGNORE_INDEX).to(gap.dtype)
     if reduction == "token":

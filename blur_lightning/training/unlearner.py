@@ -26,6 +26,8 @@ update: d is never written (pass 1, then one pass over g_r, g_f, p, m, v).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -204,10 +206,11 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
         # open-unlearning's defaults (configs/trainer/*.yaml): WGA 1, SatImp 5 and 1, CE-U 1, UNDIAL 10, DPO 0.1
         for name, value in (("wga_beta", wga_beta), ("satimp_beta1", satimp_beta1), ("satimp_beta2", satimp_beta2),
                             ("undial_beta", undial_beta)):
-            if not value >= 0:
-                raise ValueError(f"{name}={value!r}: expected a number >= 0")
-        if not dpo_beta > 0:  # the loss divides by it
-            raise ValueError(f"dpo_beta={dpo_beta!r}: expected a number > 0")
+            # finite: p^inf zeroes every weight but p == 1's (WGA, SatImp); UNDIAL's inf is a -inf target logit
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}={value!r}: expected a finite number >= 0")
+        if not (math.isfinite(dpo_beta) and dpo_beta > 0):  # divides by it; inf: (2/inf) * -inf = NaN loss
+            raise ValueError(f"dpo_beta={dpo_beta!r}: expected a finite number > 0")
         if isinstance(ceu_ignore_first_n, bool) or not isinstance(ceu_ignore_first_n, int) or ceu_ignore_first_n < 0:
             raise ValueError(f"ceu_ignore_first_n={ceu_ignore_first_n!r}: expected an int >= 0")
         reference_cache.check_setting(npo_reference, forget_loss)
