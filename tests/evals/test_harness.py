@@ -231,3 +231,37 @@ def test_lm_eval_scores_in_the_runs_precision(in_tasks_dir, tokenizer, precision
                                            include_defaults=False, per_example=True, batch_size=4)  # fmt: skip
     assert (ours - fp32).abs().max() > 1e-3
     torch.testing.assert_close(torch.tensor(results["bio/per_example"]["loglik"]), ours, atol=LOGLIK_ATOL, rtol=0)
+
+
+def test_our_prompts_match_lm_evals_shipped_wmdp_and_mmlu_task_files():
+    """Against the task files lm-eval ships (not our copies under fixtures): description + doc_to_text +
+    target_delimiter + choice rendered by lm-eval's own loader and template engine equal our prompt
+    + " A".." D", for wmdp_bio / wmdp_cyber with the WMDP configs' subjects and for all 57 mmlu_* tasks
+    with subject_columns' rule ("_" read as " ")."""
+    import yaml
+    from lm_eval.tasks._yaml_loader import load_yaml
+    from lm_eval.utils import apply_template
+
+    root = Path(__file__).parent.parent.parent
+    config_subjects = {}
+    for config in sorted((root / "configs" / "wmdp").glob("*.yaml")):
+        callbacks = yaml.safe_load(config.read_text())["trainer"]["callbacks"]
+        (options,) = [c["init_args"]["options"] for c in callbacks if c["class_path"].endswith("EvaluationCallback")]
+        config_subjects.update(options["subjects"])
+        assert options["subject_columns"] == {"mmlu": "subject"}, config
+    tasks = Path(harness._import_lm_eval()[0].__file__).parent / "tasks"
+    files = {f"wmdp_{name}": (tasks / "wmdp" / f"wmdp_{name}.yaml", subj) for name, subj in config_subjects.items()}
+    for path in sorted((tasks / "mmlu" / "default").glob("mmlu_*.yaml")):
+        files[path.stem] = (path, None)
+    assert len(files) == 2 + 57
+    row = {"question": "  Which one is it? \n", "choices": ["one", "two", "three", "four"], "answer": 2}
+    for task, (path, subject) in files.items():
+        config = load_yaml(path)
+        assert config["task"] == task and config["doc_to_target"] == "answer", task
+        if subject is None:  # MMLU: the subject is the dataset config's name
+            subject = config["dataset_name"].replace("_", " ")
+        theirs = [
+            config["description"] + apply_template(config["doc_to_text"], row) + config.get("target_delimiter", " ") + c
+            for c in config["doc_to_choice"]
+        ]  # fmt: skip
+        assert theirs == [wmdp.wmdp_prompt(row, subject) + f" {x}" for x in "ABCD"], task
