@@ -8,10 +8,14 @@ calls it with ``options: {scorer: lm_eval}`` (:mod:`blur_lightning.evals.wmdp`).
 What differs from our own scorer (measured in tests/evals/test_harness.py and docs/METRICS.md): the
 WMDP and MMLU task YAMLs of lm-eval 0.4.13 build the same text as :func:`~blur_lightning.evals.wmdp.wmdp_prompt`
 (description line, stripped question, "A. ..." lines, "Answer:", targets " A".." D"), and both
-prepend the tokenizer's own special tokens. lm-eval tokenizes prompt and answer together and splits
-after the prompt's tokens, where we tokenize them apart; with a tokenizer that merges ":" and " A" the
-scored tokens would differ (SmolLM2's and the test tokenizer do not). lm-eval also reports ``acc_norm``
-(log-likelihood per byte of the answer) on tasks that list it; WMDP and MMLU list only ``acc``.
+prepend the tokenizer's own special tokens. lm-eval tokenizes prompt and answer together and cuts
+at the prompt's own token count, where we tokenize them apart; with a tokenizer that merges across
+"Answer:" | " A" the scored tokens differ (SmolLM2's and the test tokenizer do not): the WMDP benchmark
+warns then (:func:`~blur_lightning.evals.wmdp.letter_split_mismatch`). lm-eval also reports ``acc_norm``
+(log-likelihood per character of the answer) on tasks that list it; WMDP and MMLU list only ``acc``.
+
+Precision: HFLM's forward runs in its own autocast, disabled unless given a dtype, which would switch
+off the callback's; we hand it the autocast in force and a float32 log-softmax, as our scorer.
 
 Supported models: any ``transformers`` causal LM in one process, a peft model included (HFLM reads
 ``.config`` and ``.device``, which peft forwards to the base model, and calls the adapted forward).
