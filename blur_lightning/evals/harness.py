@@ -8,10 +8,14 @@ calls it with ``options: {scorer: lm_eval}`` (:mod:`blur_lightning.evals.wmdp`).
 What differs from our own scorer (measured in tests/evals/test_harness.py and docs/METRICS.md): the
 WMDP and MMLU task YAMLs of lm-eval 0.4.13 build the same text as :func:`~blur_lightning.evals.wmdp.wmdp_prompt`
 (description line, stripped question, "A. ..." lines, "Answer:", targets " A".." D"), and both
-prepend the tokenizer's own special tokens. lm-eval tokenizes prompt and answer together and splits
-after the prompt's tokens, where we tokenize them apart; with a tokenizer that merges ":" and " A" the
-scored tokens would differ (SmolLM2's and the test tokenizer do not). lm-eval also reports ``acc_norm``
-(log-likelihood per byte of the answer) on tasks that list it; WMDP and MMLU list only ``acc``.
+prepend the tokenizer's own special tokens. lm-eval tokenizes prompt and answer together and cuts
+at the prompt's own token count, where we tokenize them apart; with a tokenizer that merges across
+"Answer:" | " A" the scored tokens differ (SmolLM2's and the test tokenizer do not): the WMDP benchmark
+warns then (:func:`~blur_lightning.evals.wmdp.letter_split_mismatch`). lm-eval also reports ``acc_norm``
+(log-likelihood per character of the answer) on tasks that list it; WMDP and MMLU list only ``acc``.
+
+Precision: HFLM's forward runs in its own autocast, disabled unless given a dtype, which would switch
+off the callback's; we hand it the autocast in force and a float32 log-softmax, as our scorer.
 
 Supported models: any ``transformers`` causal LM in one process, a peft model included (HFLM reads
 ``.config`` and ``.device``, which peft forwards to the base model, and calls the adapted forward).
@@ -30,7 +34,7 @@ from typing import Any
 import torch
 
 from blur_lightning.evals.base import Results
-from blur_lightning.evals.scoring import eval_mode
+from blur_lightning.evals.scoring import eval_mode, model_device
 from blur_lightning.evals.sharding import process_world
 
 __all__ = ["LM_EVAL_METRICS", "evaluate_lm_eval", "lm_eval_results"]
@@ -100,16 +104,35 @@ def evaluate_lm_eval(
     if missing:
         where = f"include_path {include_path!r} read" if include_path else "set lm_eval.include_path for local ones"
         raise ValueError(f"wmdp option lm_eval.tasks: lm-eval knows no task {missing} ({where})")
-    with eval_mode(model):
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        output = lm_eval.simple_evaluate(
-            model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-            log_samples=per_example,
-            # lm-eval reseeds python, numpy and torch by default: inside a training run that would
-            # replace the run's RNG state at every evaluation
-            random_seed=None, numpy_random_seed=None, torch_random_seed=None,
-        )  # fmt: skip
+    pad = tokenizer.pad_token
+    try:
+        with eval_mode(model):
+            lm = HFLM(
+                pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                # HFLM wraps each forward in its own autocast, disabled unless given a dtype, which
+                # switches off the callback's (bf16-mixed: measured 1.3e-3 nats off our scorer on
+                # the tiny Llama): hand it the autocast in force here
+                mixed_precision_dtype=_autocast_dtype(model),
+                # our scorer's log-softmax is float32 whatever the logits' dtype (bf16-true weights)
+                softmax_dtype=torch.float32,
+            )  # fmt: skip
+            output = lm_eval.simple_evaluate(
+                model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+                log_samples=per_example,
+                # lm-eval reseeds python, numpy and torch by default: inside a training run that would
+                # replace the run's RNG state at every evaluation
+                random_seed=None, numpy_random_seed=None, torch_random_seed=None,
+            )  # fmt: skip
+    finally:
+        if pad is None:  # HFLM gives a tokenizer without one its unk or eos as pad: the run's tokenizer keeps none
+            tokenizer.pad_token = None
     return lm_eval_results(output, tasks)
+
+
+def _autocast_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of the autocast enabled on the model's device, or None."""
+    device = model_device(model).type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
 def lm_eval_results(output: Mapping[str, Any], tasks: Mapping[str, str]) -> Results:

@@ -7,13 +7,14 @@ letter with the highest log-likelihood after lm-evaluation-harness's prompt.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from blur_lightning.data.encoding import encode_continuations
+from blur_lightning.data.encoding import encode_continuations, split_prompt_answer
 from blur_lightning.data.rows import Row, is_str_list, require, require_columns
 from blur_lightning.evals.base import Benchmark, EvalSettings, Results, load_source
 from blur_lightning.evals.harness import evaluate_lm_eval
@@ -29,6 +30,7 @@ __all__ = [
     "evaluate_wmdp",
     "load_wmdp",
     "load_wmdp_corpus",
+    "letter_split_mismatch",
     "wmdp_letter_scores",
     "wmdp_prompt",
 ]
@@ -104,6 +106,32 @@ def wmdp_letter_scores(
         model, tokenizer, encoded, batch_size=batch_size, desc=f"{name}: score", show_progress=show_progress
     )
     return total.view(len(rows), n_choices)
+
+
+# Any question does: the border lm-eval cuts at is always "...\nAnswer:" | " A", whatever comes before
+_BORDER_ROW = {"question": "Which one?", "choices": ["one", "two", "three", "four"], "answer": 0}
+
+
+def letter_split_mismatch(tokenizer: Any, n_choices: int = WMDP_CHOICES) -> dict[str, tuple[list[str], list[str]]]:
+    """The answer letters whose scored tokens differ between our split and lm-eval's, as
+    ``{" A": (our tokens, lm-eval's tokens)}``; empty when they agree (SmolLM2, the test tokenizer).
+
+    We tokenize prompt and letter apart (:func:`wmdp_letter_scores`); lm-eval 0.4.13 tokenizes
+    prompt + letter at once and scores what lies past the prompt's own token count. A tokenizer that
+    merges across "Answer:" | " A" (one whose pre-tokenizer does not split there) gets other tokens, or
+    none at all, from lm-eval: its scores are then not comparable with ours.
+    """
+    prompt = wmdp_prompt(_BORDER_ROW, "biology")
+    letters = [f" {WMDP_LETTERS[i]}" for i in range(n_choices)]
+    ours = split_prompt_answer(tokenizer, [prompt] * n_choices, letters, specials=True, whole_text=False)
+    theirs = split_prompt_answer(tokenizer, [prompt] * n_choices, letters, specials=True, whole_text=True)
+    eos = tokenizer.eos_token_id
+    found = {}
+    for letter, (prompt_a, cont_a), (prompt_j, cont_j) in zip(letters, ours, theirs, strict=True):
+        cont_j = cont_j[:-1] if cont_j and cont_j[-1] == eos else cont_j  # the whole-text split adds eos
+        if prompt_a != prompt_j or cont_a != cont_j:
+            found[letter] = (tokenizer.convert_ids_to_tokens(cont_a), tokenizer.convert_ids_to_tokens(cont_j))
+    return found
 
 
 def evaluate_wmdp(
@@ -205,6 +233,13 @@ class WmdpBenchmark(Benchmark):
         options: Mapping[str, Any],
     ) -> Results:  # fmt: skip
         self.check_splits(list(rows), options)
+        mismatch = letter_split_mismatch(tokenizer)
+        if mismatch:
+            warnings.warn(
+                f"wmdp: this tokenizer merges across 'Answer:' | ' A', so lm-eval scores other tokens than our "
+                f"scorer does (ours, lm-eval's per letter: {mismatch}); the two scorers are not comparable here",
+                RuntimeWarning, stacklevel=2,
+            )  # fmt: skip
         if options.get("scorer", "ours") == "lm_eval":
             harness = dict(options["lm_eval"])
             return evaluate_lm_eval(

@@ -167,3 +167,101 @@ def test_lm_eval_scores_a_peft_model_with_its_adapter(in_tasks_dir, tokenizer):
     ours = wmdp.wmdp_letter_scores(adapted, tokenizer, rows, subject="biology", show_progress=False)
     assert (ours - before).abs().max() > 1e-3  # the adapter is live
     torch.testing.assert_close(torch.tensor(results["bio/per_example"]["loglik"]), ours, atol=LOGLIK_ATOL, rtol=0)
+
+
+def test_lm_eval_leaves_a_tokenizer_without_pad_without_one(in_tasks_dir, model):
+    """HFLM gives a tokenizer without a pad token its unk as pad; the run's tokenizer must not keep it."""
+    bare = testing.tiny_tokenizer(pad_token=False)
+    results = harness.evaluate_lm_eval(model, bare, {"bio": "tiny_wmdp"}, include_path=".", include_defaults=False)
+    assert results["bio/n"] == 6.0
+    assert bare.pad_token is None and bare.pad_token_id is None
+
+
+def _merging_tokenizer():
+    """A byte-level BPE without the regex pre-split, trained on "...Answer: X" lines: it learns tokens
+    across the border (e.g. "ĊAnswer:ĠA"), as a tokenizer that does not split at spaces or punctuation can."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )  # fmt: skip
+    backend.train_from_iterator([f"Question {i}\nAnswer: {x}" for i in range(50) for x in "ABCD"], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def test_a_tokenizer_merging_across_the_border_is_reported(tokenizer):
+    """Our split and lm-eval's agree on the test tokenizer; one that merges "Answer:" with " A" leaves
+    lm-eval no letter token to score (its cut falls past the merged token), and the benchmark warns."""
+    assert wmdp.letter_split_mismatch(tokenizer) == {}
+    merging = _merging_tokenizer()
+    found = wmdp.letter_split_mismatch(merging)
+    assert sorted(found) == [" A", " B", " C", " D"]
+    assert found[" A"] == (["Ġ", "A"], [])  # ours: the letter's own tokens; lm-eval's: none left past the cut
+    model = testing.tiny_llama(vocab_size=len(merging), seed=0).eval()
+    from lm_eval.models.huggingface import HFLM
+
+    prompt = wmdp.wmdp_prompt({"question": "Which?", "choices": ["a", "b", "c", "d"]}, "biology")
+    lm = HFLM(pretrained=model, tokenizer=merging, batch_size=1)
+    assert lm._encode_pair(prompt, " A")[1] == []  # lm-eval's own cut: nothing left to score
+    callback = EvaluationCallback("wmdp", {"bio": str(TASKS / "tiny_wmdp.jsonl")}, batch_size=4)
+    with pytest.warns(RuntimeWarning, match=r"merges across 'Answer:' \| ' A'.*' A': \(\['Ġ', 'A'\], \[\]\)"):
+        callback.evaluate(model, merging, show_progress=False)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_lm_eval_scores_in_the_runs_precision(in_tasks_dir, tokenizer, precision):
+    """Under the callback's bf16 autocast lm-eval scores in bf16 too (HFLM's own forward autocast, off
+    by default, would switch it off: 1.3e-3 nats off ours), and with bf16 weights its log-softmax is
+    float32 as ours (bf16: 0.05 nats off). Measured 0 difference; the fp32 scores differ by > 1e-3."""
+    from blur_lightning.evals.scoring import autocast_for
+
+    model = testing.tiny_llama(vocab_size=len(tokenizer), seed=0).eval()
+    rows = read_rows(TASKS / "tiny_wmdp.jsonl")
+    fp32 = wmdp.wmdp_letter_scores(model, tokenizer, rows, subject="biology", show_progress=False)
+    if precision == "bf16-true":
+        model = model.to(torch.bfloat16)
+    with autocast_for(precision, torch.device("cpu")):
+        ours = wmdp.wmdp_letter_scores(model, tokenizer, rows, subject="biology", show_progress=False)
+        results = harness.evaluate_lm_eval(model, tokenizer, {"bio": "tiny_wmdp"}, include_path=".",
+                                           include_defaults=False, per_example=True, batch_size=4)  # fmt: skip
+    assert (ours - fp32).abs().max() > 1e-3
+    torch.testing.assert_close(torch.tensor(results["bio/per_example"]["loglik"]), ours, atol=LOGLIK_ATOL, rtol=0)
+
+
+def test_our_prompts_match_lm_evals_shipped_wmdp_and_mmlu_task_files():
+    """Against the task files lm-eval ships (not our copies under fixtures): description + doc_to_text +
+    target_delimiter + choice rendered by lm-eval's own loader and template engine equal our prompt
+    + " A".." D", for wmdp_bio / wmdp_cyber with the WMDP configs' subjects and for all 57 mmlu_* tasks
+    with subject_columns' rule ("_" read as " ")."""
+    import yaml
+    from lm_eval.tasks._yaml_loader import load_yaml
+    from lm_eval.utils import apply_template
+
+    root = Path(__file__).parent.parent.parent
+    config_subjects = {}
+    for config in sorted((root / "configs" / "wmdp").glob("*.yaml")):
+        callbacks = yaml.safe_load(config.read_text())["trainer"]["callbacks"]
+        (options,) = [c["init_args"]["options"] for c in callbacks if c["class_path"].endswith("EvaluationCallback")]
+        config_subjects.update(options["subjects"])
+        assert options["subject_columns"] == {"mmlu": "subject"}, config
+    tasks = Path(harness._import_lm_eval()[0].__file__).parent / "tasks"
+    files = {f"wmdp_{name}": (tasks / "wmdp" / f"wmdp_{name}.yaml", subj) for name, subj in config_subjects.items()}
+    for path in sorted((tasks / "mmlu" / "default").glob("mmlu_*.yaml")):
+        files[path.stem] = (path, None)
+    assert len(files) == 2 + 57
+    row = {"question": "  Which one is it? \n", "choices": ["one", "two", "three", "four"], "answer": 2}
+    for task, (path, subject) in files.items():
+        config = load_yaml(path)
+        assert config["task"] == task and config["doc_to_target"] == "answer", task
+        if subject is None:  # MMLU: the subject is the dataset config's name
+            subject = config["dataset_name"].replace("_", " ")
+        theirs = [
+            config["description"] + apply_template(config["doc_to_text"], row) + config.get("target_delimiter", " ") + c
+            for c in config["doc_to_choice"]
+        ]  # fmt: skip
+        assert theirs == [wmdp.wmdp_prompt(row, subject) + f" {x}" for x in "ABCD"], task
