@@ -218,3 +218,26 @@ def test_dpo_k_micro_batches_over_k_equal_one_batch():
     assert full[0].abs().sum() > 0 and full[1].abs().sum() > 0  # both sides carry gradient
     for got, want in zip(parts, full):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("loss", ["wga", "satimp", "ceu", "pdu_entropic"])
+def test_token_reduction_pools_the_batchs_answer_tokens(loss):
+    """token_reduction "token": one mean over every answer token of the batch (open-unlearning's), written out."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 7, 5, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 5, (2, 7), generator=g)
+    labels[0, :2] = losses.IGNORE_INDEX
+    labels[1, :5] = losses.IGNORE_INDEX  # 5 answer tokens against 2: the reductions differ
+    fn = {"wga": losses.wga_loss, "satimp": losses.satimp_loss, "ceu": losses.ceu_loss,
+          "pdu_entropic": losses.entropic_forget_loss}[loss]  # fmt: skip
+    kwargs = {"ignore_first_n": 0} if loss == "ceu" else {}
+    pooled = fn(logits, labels, reduction="token", **kwargs)
+    per_seq = fn(logits, labels, reduction="sequence", **kwargs)
+    # the pooled mean = the per-sequence means weighted by their token counts
+    kept = labels if loss == "pdu_entropic" else labels[:, 1:]  # pdu's positions are unshifted
+    counts = (kept != losses.IGNORE_INDEX).sum(1).double()
+    singles = torch.stack([fn(logits[i : i + 1], labels[i : i + 1], reduction="sequence", **kwargs) for i in range(2)])
+    torch.testing.assert_close(pooled, (singles * counts).sum() / counts.sum(), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(pooled, per_seq)
+    with pytest.raises(ValueError, match="token_reduction='mean'"):
+        fn(logits, labels, reduction="mean", **kwargs)

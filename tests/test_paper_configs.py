@@ -398,7 +398,7 @@ def test_pdu_tofu_settings(capsys):
     assert (model["mode"], model["forget_loss"], model["retain_loss"]) == ("pdu", "pdu_entropic", "nll")
     assert (model["gamma"], model["alpha"], model["pdu_dual_step_size"], model["pdu_retain_eps"]) == (1.0, 100.0, 5.0,
                                                                                                        0.3)  # fmt: skip
-    assert model["entropic_reduction"] == "token"
+    assert model["token_reduction"] == "token"
     assert (model["optimizer"]["init_args"]["lr"], trainer["max_epochs"], trainer["devices"]) == (1e-5, 10, 1)
     steps_per_epoch = math.ceil(TOFU_FORGET_ROWS["10"] / (data["batch_size"] * model["accumulate_grad_batches"]))
     assert model["pdu_dual_warmup_steps"] == 5 * steps_per_epoch == 65

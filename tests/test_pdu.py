@@ -70,7 +70,7 @@ def test_entropic_forget_loss_matches_its_definition(reduction, dtype, tol):
     got = losses.entropic_forget_loss(logits.to(dtype), labels, reduction)
     want = _entropic_by_hand(logits, labels, reduction)
     assert abs(float(got) - want) <= tol * want
-    with pytest.raises(ValueError, match="entropic_reduction='mean'"):
+    with pytest.raises(ValueError, match="token_reduction='mean'"):
         losses.entropic_forget_loss(logits, labels, "mean")
 
 

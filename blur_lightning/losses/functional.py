@@ -172,9 +172,25 @@ def rmu_retain_loss(hidden: torch.Tensor, ref_hidden: torch.Tensor, mask: torch.
 
 
 # ------------------------------------------------------------ open-unlearning's further forget losses
-# Each is a mean over sequences of a per-sequence mean over answer tokens (this file's convention).
-# open-unlearning averages WGA, SatImp and CE-U over the batch's answer tokens pooled together (a long
-# answer weighs more) and UNDIAL over every position; with answers of equal length the two agree.
+# By default each is a mean over sequences of a per-sequence mean over answer tokens (this file's
+# convention). open-unlearning averages WGA, SatImp, CE-U and PDU's loss over the batch's answer tokens
+# pooled together (a long answer weighs more): reduction="token" (the module's `token_reduction`) does
+# that; with answers of equal length the two agree. "token" breaks the rule that k micro-batches each
+# divided by k give one batch's gradient, as it does in open-unlearning's own accumulation.
+# UNDIAL there takes every position (see undial_loss); here only answer positions.
+TOKEN_REDUCTIONS = ("sequence", "token")
+
+
+def _reduce(per_token: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
+    """"sequence": mean per sequence, then over sequences; "token": one mean over the batch's masked positions."""
+    if reduction not in TOKEN_REDUCTIONS:
+        raise ValueError(f"token_reduction={reduction!r}: expected one of {TOKEN_REDUCTIONS}")
+    if reduction == "token":
+        mask = mask.to(per_token.dtype)
+        return (per_token * mask).sum() / mask.sum().clamp_min(1)
+    return _masked_token_mean(per_token, mask)
+
+
 def _answer_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Shifted log-softmax (B, T-1, V) in float32 or wider, the shifted labels made safe to gather, and the mask."""
     logits, shifted = _shift(logits, labels)
@@ -182,7 +198,9 @@ def _answer_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     return F.log_softmax(_compute_dtype(logits), dim=-1), shifted.masked_fill(~mask, 0), mask
 
 
-def wga_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+def wga_loss(
+    logits: torch.Tensor, labels: torch.Tensor, beta: float = 1.0, reduction: str = "sequence"
+) -> torch.Tensor:
     """WGA (Wang et al. 2025, weighted gradient ascent): minimise mean of w_t log p(y_t), w_t = p(y_t)^beta.
 
     The weight is held constant (no gradient through it): tokens the model already finds unlikely
@@ -190,10 +208,12 @@ def wga_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float = 1.0) -> t
     """
     logp, mask = token_logprobs(logits, labels)
     weight = logp.detach().exp() ** beta
-    return _masked_token_mean(weight * logp, mask)
+    return _reduce(weight * logp, mask, reduction)
 
 
-def satimp_loss(logits: torch.Tensor, labels: torch.Tensor, beta1: float = 5.0, beta2: float = 1.0) -> torch.Tensor:
+def satimp_loss(
+    logits: torch.Tensor, labels: torch.Tensor, beta1: float = 5.0, beta2: float = 1.0, reduction: str = "sequence"
+) -> torch.Tensor:
     """SatImp (Yang et al. 2025): WGA with w_t = p^beta1 (1 - p)^beta2, p = p(y_t) held constant.
 
     p^beta1 is the saturation weight (unlikely tokens get little ascent), (1 - p)^beta2 the importance
@@ -201,10 +221,12 @@ def satimp_loss(logits: torch.Tensor, labels: torch.Tensor, beta1: float = 5.0, 
     """
     logp, mask = token_logprobs(logits, labels)
     p = logp.detach().exp()
-    return _masked_token_mean(p**beta1 * (1.0 - p) ** beta2 * logp, mask)
+    return _reduce(p**beta1 * (1.0 - p) ** beta2 * logp, mask, reduction)
 
 
-def ceu_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_first_n: int = 1) -> torch.Tensor:
+def ceu_loss(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_first_n: int = 1, reduction: str = "sequence"
+) -> torch.Tensor:
     """CE-U (Yang et al. 2025, arXiv 2503.01224): cross-entropy to the model's own distribution without y_t.
 
     The target at each answer position is softmax(logits) with the label's logit at -inf, held
@@ -217,7 +239,7 @@ def ceu_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_first_n: int = 1
     logp, safe, mask = _answer_logprobs(logits, labels)
     with torch.no_grad():
         target = logp.detach().scatter(-1, safe.unsqueeze(-1), float("-inf")).softmax(dim=-1)
-    return _masked_token_mean(-(target * logp).sum(dim=-1), mask)
+    return _reduce(-(target * logp).sum(dim=-1), mask, reduction)
 
 
 def undial_loss(
@@ -253,9 +275,6 @@ def dpo_loss_from_logprobs(
     return -(2.0 / beta) * F.logsigmoid(beta * margin).mean()
 
 
-ENTROPIC_REDUCTIONS = ("sequence", "token")
-
-
 def entropic_forget_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "sequence") -> torch.Tensor:
     """PDU's forget loss (open-unlearning pdu.py): (max_v z_t,v - mean_v z_t,v)^2 per position, pushed to 0.
 
@@ -266,11 +285,6 @@ def entropic_forget_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: 
     reduction="sequence": mean per sequence, then over sequences (ours: k micro-batches / k == one
     batch); "token": one mean over every masked position of the batch (open-unlearning).
     """
-    if reduction not in ENTROPIC_REDUCTIONS:
-        raise ValueError(f"entropic_reduction={reduction!r}: expected one of {ENTROPIC_REDUCTIONS}")
     z = _compute_dtype(logits)
     gap = (z.amax(dim=-1) - z.mean(dim=-1)).pow(2)  # (B, T)
-    mask = (labels != IGNORE_INDEX).to(gap.dtype)
-    if reduction == "token":
-        return (gap * mask).sum() / mask.sum().clamp_min(1)
-    return _masked_token_mean(gap, mask)
+    return _reduce(gap, labels != IGNORE_INDEX, reduction)

@@ -187,18 +187,21 @@ def _rmu_forget(inputs: LossInputs) -> torch.Tensor:
 # ------------------------------------------------- open-unlearning's further forget losses (issue 20)
 @register("forget", "wga")
 def _wga(inputs: LossInputs) -> torch.Tensor:
-    return losses.wga_loss(inputs.logits(), inputs.side["labels"], beta=inputs.hparams.wga_beta)
+    return losses.wga_loss(inputs.logits(), inputs.side["labels"], beta=inputs.hparams.wga_beta,
+                           reduction=inputs.hparams.token_reduction)
 
 
 @register("forget", "satimp")
 def _satimp(inputs: LossInputs) -> torch.Tensor:
     hp = inputs.hparams
-    return losses.satimp_loss(inputs.logits(), inputs.side["labels"], beta1=hp.satimp_beta1, beta2=hp.satimp_beta2)
+    return losses.satimp_loss(inputs.logits(), inputs.side["labels"], beta1=hp.satimp_beta1, beta2=hp.satimp_beta2,
+                              reduction=hp.token_reduction)
 
 
 @register("forget", "ceu")
 def _ceu(inputs: LossInputs) -> torch.Tensor:
-    return losses.ceu_loss(inputs.logits(), inputs.side["labels"], ignore_first_n=inputs.hparams.ceu_ignore_first_n)
+    return losses.ceu_loss(inputs.logits(), inputs.side["labels"], ignore_first_n=inputs.hparams.ceu_ignore_first_n,
+                           reduction=inputs.hparams.token_reduction)
 
 
 @register("forget", "undial", needs={"reference_logits"})
@@ -220,7 +223,7 @@ def _idk_dpo(inputs: LossInputs) -> torch.Tensor:
 
 @register("forget", "pdu_entropic")
 def _pdu_entropic(inputs: LossInputs) -> torch.Tensor:
-    return losses.entropic_forget_loss(inputs.logits(), inputs.side["labels"], inputs.hparams.entropic_reduction)
+    return losses.entropic_forget_loss(inputs.logits(), inputs.side["labels"], inputs.hparams.token_reduction)
 
 
 # ---------------------------------------------------------------------------------- retain losses

@@ -72,8 +72,9 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
         pdu_retain_eps: mode "pdu": the retain loss level of the constraint L_r <= eps (required there).
         pdu_dual_step_size: mode "pdu": lambda <- max(0, lambda + step * (L_r - eps)) after each step.
         pdu_dual_warmup_steps: mode "pdu": optimizer steps before lambda starts moving.
-        entropic_reduction: forget loss "pdu_entropic" (PDU's): "sequence" (mean per sequence, ours) or
-            "token" (one mean over the batch's answer positions, open-unlearning).
+        token_reduction: how the token-level forget losses (wga, satimp, ceu, pdu_entropic) average:
+            "sequence" (mean per sequence, then over sequences: ours, exact under accumulation) or "token"
+            (one mean over the micro-batch's answer tokens: open-unlearning's).
         npo_beta: NPO's inverse temperature.
         npo_reference: where NPO's reference log-probs come from: "model" (a frozen copy, run on
             every forget batch), "cache" (computed once at fit start, no copy: reference_cache.py)
@@ -145,7 +146,7 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
         pdu_retain_eps: float | None = None,
         pdu_dual_step_size: float = 1.0,
         pdu_dual_warmup_steps: int = 0,
-        entropic_reduction: str = "sequence",
+        token_reduction: str = "sequence",
         npo_beta: float = 0.1,
         npo_reference: str = "auto",
         simnpo_beta: float = 2.5,
@@ -188,8 +189,8 @@ class BLURUnlearner(LossesMixin, CausalLMModule):
         )  # fmt: skip
         for role, name in (("forget", forget_loss), ("retain", retain_loss)):
             loss_registry.get(role, name)  # an unknown name: a ValueError naming the setting and the choices
-        if entropic_reduction not in losses.ENTROPIC_REDUCTIONS:
-            raise ValueError(f"entropic_reduction={entropic_reduction!r}: expected one of {losses.ENTROPIC_REDUCTIONS}")
+        if token_reduction not in losses.TOKEN_REDUCTIONS:
+            raise ValueError(f"token_reduction={token_reduction!r}: expected one of {losses.TOKEN_REDUCTIONS}")
         if kl_mask not in losses.KL_MASKS:
             raise ValueError(f"kl_mask={kl_mask!r}: expected one of {losses.KL_MASKS}")
         if rmu_mask not in losses.RMU_MASKS:
