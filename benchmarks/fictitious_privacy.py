@@ -32,7 +32,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, git_commit, today  # noqa: E402
+from common import REPO, device_name, git_commit, today  # noqa: E402
 from oracle_comparison import RESULTS, Profile, run_config  # noqa: E402
 
 ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus", "gradnorm", "reference")
@@ -126,13 +126,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-world", type=int, default=40)
     parser.add_argument("--holdout-people", type=int, default=5, help="forget10's size: 5 people, 20 questions")
     parser.add_argument("--holdout-seed", type=int, default=1000)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the CSV and the table go")
+    parser.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "fictitious_privacy",
+                        help="the holdout file and the BLUR run's logs (git-ignored)")
     args = parser.parse_args(argv)
 
     folder = args.build or oracle_build.build()
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = args.out / "fictitious_privacy_runs"
-    runs.mkdir(exist_ok=True)
+    runs = args.runs_dir
+    runs.mkdir(parents=True, exist_ok=True)
     holdout_path = runs / "holdout.jsonl"
     holdout_path.write_text("".join(json.dumps(r) + "\n" for r in holdout_rows(folder, args.holdout_people,
                                                                               args.holdout_seed)))  # fmt: skip

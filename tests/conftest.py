@@ -89,3 +89,15 @@ def one_thread():
 @pytest.fixture
 def tiny_llama():
     return build_tiny_llama()
+
+
+def save_tiny_model(folder: Path, layers: int | None = None) -> str:
+    """A tiny Llama and its tokenizer saved as an HF folder (what a config's model.model names); its path."""
+    from blur_lightning.testing.tiny import tiny_llama as make_tiny_llama
+    from blur_lightning.testing.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    kwargs = {} if layers is None else {"layers": layers}
+    make_tiny_llama(vocab_size=len(tokenizer), **kwargs).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

@@ -10,6 +10,7 @@ import zipfile
 
 import pytest
 import torch
+from conftest import save_tiny_model
 
 from blur_lightning.cli import main
 
@@ -33,14 +34,7 @@ def test_bad_config_value_names_the_field(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from blur_lightning.testing.tiny import tiny_llama, tiny_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny_model")
-    tokenizer = tiny_tokenizer()
-    model = tiny_llama(vocab_size=len(tokenizer))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
 
 def run_fit(tmp_path, model_dir, *extra):

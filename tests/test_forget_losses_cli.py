@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from conftest import save_tiny_model
 
 from blur_lightning.cli import main
 
@@ -44,13 +45,7 @@ def test_config_has_open_unlearnings_hyperparameters(loss, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from blur_lightning.testing.tiny import tiny_llama, tiny_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny_model")
-    tokenizer = tiny_tokenizer()
-    tiny_llama(vocab_size=len(tokenizer), layers=1).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_model"), layers=1)
 
 
 @pytest.mark.parametrize("mode", ["forget_lower", "penalty"])

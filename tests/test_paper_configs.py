@@ -18,6 +18,7 @@ import re
 import pytest
 import torch
 import yaml
+from conftest import save_tiny_model
 
 from blur_lightning.cli import main
 from blur_lightning.evals.muse import MUSE_AUC_RETRAIN
@@ -90,13 +91,7 @@ def fake_hub(monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """8 decoder layers: the WMDP configs' rmu_layer 7 and layers 5-7 regex apply unchanged."""
-    from blur_lightning.testing.tiny import tiny_llama, tiny_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny_model_8_layers")
-    tokenizer = tiny_tokenizer()
-    tiny_llama(vocab_size=len(tokenizer), layers=8).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_model_8_layers"), layers=8)
 
 
 def parsed_config(config: str, capsys, *overlays: str) -> dict:
