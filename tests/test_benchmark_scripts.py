@@ -44,6 +44,7 @@ SCRIPTS = {
     "oracle_comparison.py": "test_oracle_comparison",
     "results_page.py": "test_results_page",
     "metric_costs.py": "test_metric_costs",
+    "fictitious_privacy.py": "test_fictitious_privacy",
 }
 
 
@@ -278,15 +279,21 @@ def test_curate_qa(tmp_path, answering_model):
     assert len(paraphrased) == 4 and {r["answer"] for r in paraphrased} == {"Kabul"}  # the 4 wordings of it
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_oracle_comparison(tmp_path, random_model):
-    # A tiny build as tests/test_oracle.py makes it (2 fine-tuning steps each, 25 s), then the quick profile
-    # on it (19 s): 4 reference evaluations, 2 validation and 2 test runs of 4 steps, the probes; 45-70 s in all.
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory, random_model) -> Path:
+    """A tiny fictitious build as tests/test_oracle.py makes it (2 fine-tuning steps each, 25 s)."""
     from blur_lightning.fictitious import build as oracle
 
     recipe = oracle.Recipe(base_model=str(random_model), people=20, epochs=1, batch_size=40, lr=3e-2, max_length=64)
-    build = oracle.build(recipe, tmp_path / "builds", quiet=True, calibrate=False)
+    return oracle.build(recipe, tmp_path_factory.mktemp("builds"), quiet=True, calibrate=False)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_oracle_comparison(tmp_path, tiny_build):
+    # The quick profile on the tiny build (19 s): 4 reference evaluations, 2 validation and 2 test runs of 4
+    # steps, the probes; 45-70 s in all with the build.
+    build = tiny_build
     files = ["--build", build, "--csv", tmp_path / "c.csv", "--runs-dir", tmp_path / "runs",
              "--plot", tmp_path / "p.png"]  # fmt: skip
     out = run_script("oracle_comparison.py", "--quick", *files, timeout=200)
@@ -358,3 +365,23 @@ def test_metric_costs(random_model):
         "Reference: the reference model's forward", "GradNorm: forward + backward per question",
     ]  # fmt: skip
     assert float(rows[1][2]) == 1.0 and all(float(r[1]) > 0 for r in rows[1:])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_fictitious_privacy(tmp_path, tiny_build):
+    # target, oracle and a 2-step BLUR run on the tiny build, with 2 invented holdout people (8 questions)
+    run_script("fictitious_privacy.py", "--build", tiny_build, "--steps", 2, "--max-world", 4, "--holdout-people", 2,
+               "--out", tmp_path, "--runs-dir", tmp_path / "runs", timeout=240)  # fmt: skip
+    rows = read_csv(tmp_path / "fictitious_privacy.csv")
+    assert [r["model"].split(" ")[0] for r in rows] == ["target", "oracle", "BLUR-NPO"]
+    holdout = read_jsonl(tmp_path / "runs" / "holdout.jsonl")
+    seen = {r["person"] for r in read_jsonl(tiny_build / "data" / "full.jsonl")}
+    assert len({r["person"] for r in holdout}) == 2 and not {r["person"] for r in holdout} & seen
+    for r in rows:
+        for attack in ("loss", "zlib", "min_k", "min_k_plus_plus", "gradnorm", "reference"):
+            assert 0.0 <= float(r[f"mia_{attack}"]) <= 1.0, (r["model"], attack)
+        assert 0.0 <= float(r["exact_memorization"]) <= 1.0 and 0.0 <= float(r["extraction_strength"]) <= 1.0
+    assert float(rows[1]["mia_reference"]) == 0.5  # the oracle against itself: every score difference is 0
+    assert float(rows[1]["privleak"]) == 0.0
+    assert "| model | forget quality |" in (tmp_path / "fictitious_privacy.md").read_text()
