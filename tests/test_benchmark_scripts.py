@@ -111,13 +111,14 @@ def test_every_script_has_a_smoke_test():
     assert all(callable(globals().get(test)) for test in SCRIPTS.values())
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_bench_projection(tmp_path):
     # `tiny` is 205,120 elements in 21 tensors (embedding and head 1024 x 64 each, 2 layers of 36,992, the
     # final norm): one interpreted kernel call takes 0.07-0.3 s; 7 Triton providers x 2 dtypes x >= 6 calls
-    # (2 warm-up, 1 to size the repetitions, >= 3 timed): 15-19 s measured on 2 cores.
+    # (2 warm-up, 1 to size the repetitions, >= 3 timed): 15-19 s measured on 2 cores with 5 providers; with 7,
+    # 82 s while another test suite and a benchmark shared the cores (2026-12-05), hence the margin.
     out = run_script("bench_projection.py", "--models", "tiny", "--rep", 3, "--budget-s", 0.1, "--out", tmp_path,
-                     timeout=110, env={"TRITON_INTERPRET": "1"})  # fmt: skip
+                     timeout=280, env={"TRITON_INTERPRET": "1"})  # fmt: skip
     assert "the Triton providers run under the interpreter" in out
     rows = read_csv(tmp_path / "projection.csv")
     providers = ["reference", "torch", "triton", "triton_pass1", "triton_pass2", "triton_pass1_adam", "torch_adamw",
