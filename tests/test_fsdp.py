@@ -15,6 +15,8 @@ which is the gradient of the concatenated batch for per-sequence mean losses).
                                                     inside window 3, and both resumes
     2 processes (mode pdu)                          DDP and FSDP2: one lambda on both ranks, one process's;
                                                     its sharded-checkpoint resume
+    2 processes (projection_metric adam)            FSDP2 and DDP, AdamW: the coefficients from the 6 sums,
+                                                    the logged sums and the weights are one process's
     4 processes                                     HSDP on a 2x2 mesh
     torchrun --nnodes 2 --nproc-per-node 1          HSDP across two "nodes" on 127.0.0.1
 
@@ -557,6 +559,76 @@ def test_pdu_lambda_resumes_from_a_sharded_checkpoint(pdu_run):
         assert got["global_step"] == 3 and len(got["lambdas"]) == 1  # step 3 only, from the saved lambda
         assert got["lambdas"][-1] == full["lambdas"][-1]
         assert_same_weights(got["state"], full["state"], 1e-7, f"resume rank {rank}")
+
+
+# --------------------------------------------------------------------------------------------
+# 2 processes, projection_metric "adam": the 6 sums over FSDP2's shards of g and of AdamW's v
+# --------------------------------------------------------------------------------------------
+# forget_coef = gamma - s_rf^P / s_ff^P: the ratio cancels like a cosine, so its error is measured against
+# sqrt(s_rr / s_ff) (~1 here, GA vs NLL on random tokens); float32 gradients and sums, sharded vs one process.
+ADAM_METRIC_COEF_ATOL = 1e-5
+
+
+def adam_metric_cases() -> dict[str, dict]:
+    """4 AdamW steps: step 1 has no second moment (the identity), steps 2-4 project in P = 1 / (sqrt(v_hat) + eps).
+    FSDP2 holds v as DTensor shards beside the gradients' (vocab 101: uneven), DDP a whole copy per rank."""
+    common = dict(world=2, micro_batches=8, accumulate=2, mode="forget_lower", forget_loss="ga", retain_loss="nll",
+                  vocab=101, optimizer="adamw", lr=1e-3, projection_metric="adam")
+    cases = [dict(name="fsdp2_adam_metric", layout="fsdp2", **common),
+             dict(name="ddp_adam_metric", layout="ddp", **common)]
+    return {c["name"]: c for c in cases}
+
+
+@pytest.fixture(scope="module")
+def adam_metric_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("adam_metric"))
+    cases = adam_metric_cases()
+    start = time.monotonic()
+    launch(list(cases.values()), nproc=2, out=out)
+    print(f"adam-metric 2-process launch: {time.monotonic() - start:.1f}s")
+    return out, cases
+
+
+def coef_scale(step_stats: dict) -> float:
+    """The size a forget_coef error is measured against: sqrt(s_rr / s_ff), the bound of |s_rf / s_ff|."""
+    return (step_stats["sq_retain"] / step_stats["sq_forget"]) ** 0.5
+
+
+def assert_same_coefs(got: list[dict], want: list[dict], atol: float) -> float:
+    """Each step's coefficients within atol * coef_scale; returns the largest such relative error."""
+    worst = 0.0
+    for step, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g["retain_coef"] == w["retain_coef"] == 1.0, (step, g, w)  # forget_lower: d = g_r + c g_f
+        err = abs(g["forget_coef"] - w["forget_coef"]) / coef_scale(w)
+        assert err <= atol, f"step {step}: forget_coef {g['forget_coef']:.9g} vs {w['forget_coef']:.9g}"
+        worst = max(worst, err)
+    return worst
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("name", ["fsdp2_adam_metric", "ddp_adam_metric"])
+def test_adam_metric_two_ranks_equal_one_process(adam_metric_run, name, one_thread):
+    """The P-weighted sums count every element once (FSDP2: all-reduced with the plain three over the
+    shard group, v's local shard beside the gradient's; DDP: local, every rank holding the whole v), so
+    both ranks' coefficients, logged sums and weights are one process's on the concatenated batch."""
+    out, cases = adam_metric_run
+    case = cases[name]
+    want = single_process(case)
+    assert want["global_step"] == 4
+    # The metric was in use: step 1 (no v yet) has the identity's coefficient, steps 2-4 another one,
+    # far outside the tolerance (measured: 0.015, 0.0032, 0.011 of the scale; without the metric ~1e-8).
+    gamma = blur_worker.DEFAULTS["gamma"]
+    identity = [gamma - s["dot_rf"] / s["sq_forget"] for s in want["stats"]]
+    gaps = [abs(s["forget_coef"] - c) / coef_scale(s) for s, c in zip(want["stats"], identity)]
+    assert gaps[0] <= ADAM_METRIC_COEF_ATOL and min(gaps[1:]) > 100 * ADAM_METRIC_COEF_ATOL, gaps
+    for rank in range(2):
+        got = load(out, name, rank)
+        assert got["global_step"] == 4
+        coef_err = assert_same_coefs(got["stats"], want["stats"], ADAM_METRIC_COEF_ATOL)
+        assert_same_sums(got["stats"], want["stats"])
+        diff = assert_same_weights(got["state"], want["state"], ATOL, f"{name} rank {rank}")
+        print(f"{name} rank {rank}: max abs diff weights {diff:.3g}, forget_coef {coef_err:.3g} of the scale")
+    assert_moved(want["state"], case)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ A case (all keys but name and layout optional):
     "per_micro_batch"), count_collectives (record the gradient-sized collectives of every backward and every
     optimizer step: blur_lightning.testing.collectives), module ("blur", or "finetune": FineTuner on the retain
     side of the same batches), pdu_retain_eps / pdu_dual_step_size / pdu_dual_warmup_steps (mode "pdu": then
-    each step's multiplier after its dual update is recorded in "lambdas").
+    each step's multiplier after its dual update is recorded in "lambdas"), projection_metric ("identity" or
+    "adam": the inner product of AdamW's state before each step).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ DEFAULTS = dict(
     npo_reference="auto", data=None, max_steps=-1,
     lora_rank=None, lora_alpha=8.0, lora_dropout=0.0, lora_target_modules=None, activation_checkpointing=False,
     max_epochs=1, scheduler=None, gradient_sync="per_step", count_collectives=False, module="blur",
-    pdu_retain_eps=None, pdu_dual_step_size=1.0, pdu_dual_warmup_steps=0,
+    pdu_retain_eps=None, pdu_dual_step_size=1.0, pdu_dual_warmup_steps=0, projection_metric="identity",
 )
 
 
@@ -153,6 +154,7 @@ def build_module(case: dict):
         lora_target_modules=case["lora_target_modules"], activation_checkpointing=case["activation_checkpointing"],
         gradient_sync=case["gradient_sync"], pdu_retain_eps=case["pdu_retain_eps"],
         pdu_dual_step_size=case["pdu_dual_step_size"], pdu_dual_warmup_steps=case["pdu_dual_warmup_steps"],
+        projection_metric=case["projection_metric"],
     )
 
 
@@ -177,7 +179,8 @@ def run_case(case: dict, rank: int) -> dict:
             if outputs and "stats" in outputs:
                 s = outputs["stats"]
                 stats.append({k: float(getattr(s, k))
-                              for k in ("dot_rf", "sq_forget", "sq_retain", "coef", "direction_norm")})
+                              for k in ("dot_rf", "sq_forget", "sq_retain", "coef", "retain_coef", "forget_coef",
+                                        "direction_norm")})
                 if case["mode"] == "pdu":
                     lambdas.append(float(pl_module.pdu_lambda))
             if batch_idx + 1 in case["save_at"]:
