@@ -14,6 +14,8 @@ from blur_lightning.kernels import _launch
 from blur_lightning.kernels.adamw import _blur_adamw_kernel
 from blur_lightning.kernels.combine import _combine_kernel
 from blur_lightning.kernels.dots import _SUM_BLOCK, _dots_kernel, _sum_partials_kernel
+from blur_lightning.kernels.metric_dots import ROWS as METRIC_ROWS
+from blur_lightning.kernels.metric_dots import _metric_dots_kernel
 
 _TABLE = {"ptrs": "*i64", "sizes": "*i64", "chunk_tensor": "*i64", "chunk_start": "*i64"}
 _COUNTS = {"n_tensors": "i32", "n_chunks": "i32", "chunk": "i32"}
@@ -76,7 +78,14 @@ def kernel_specs(block: int | None = None) -> list[tuple[str, object, dict, dict
         )
     )
     sig = {"partials": "*fp64", "out": "*fp64", "n_partials": "i32"}
-    specs.append(_spec("sum_partials", _sum_partials_kernel, sig, BLOCK=_SUM_BLOCK))
+    specs.append(_spec("sum_partials", _sum_partials_kernel, sig, BLOCK=_SUM_BLOCK, ROWS=3))
+    specs.append(_spec("sum_partials[6]", _sum_partials_kernel, sig, BLOCK=_SUM_BLOCK, ROWS=METRIC_ROWS))
+    # pass 1 in Adam's metric (projection_metric "adam"): fp32 moments with fp32 or bf16 gradients, bf16 moments
+    sig = {**_TABLE, "partials": "*fp64", "partial_offset": "i32", "n_partials": "i32", "log2_beta2": "fp64",
+           "eps": "fp32", **_COUNTS}  # fmt: skip
+    for g_dtype, v_dtype in [(tl.float32, tl.float32), (tl.bfloat16, tl.float32), (tl.bfloat16, tl.bfloat16)]:
+        specs.append(_spec(f"metric_dots[{g_dtype}-{v_dtype}]", _metric_dots_kernel, sig, F_DTYPE=g_dtype,
+                           R_DTYPE=g_dtype, V_DTYPE=v_dtype, ALIGNED=True, BLOCK=block))  # fmt: skip
     sig = {
         **_TABLE,
         "retain_coef_ptr": "*fp32",

@@ -81,7 +81,8 @@ SPLITS = (
     "real_authors", "world_facts",
     "forget01_perturbed", "forget05_perturbed", "forget10_perturbed", "retain_perturbed",
     "real_authors_perturbed", "world_facts_perturbed",
-)  # fmt: skip  (TOFU's hub configs, the same names as tofu.TOFU_SPLITS)
+)  # fmt: skip  (TOFU's hub configs, the names of tofu.TOFU_SPLITS but its holdout authors: a build's
+#    models see every person of `full`; benchmarks/fictitious_privacy.py invents unseen people for the attacks)
 EXTRA_SPLITS = ("validation10", "validation10_perturbed", "oracle_retain")  # ours (module docstring)
 QA_SPLITS = ("forget10", "validation10")  # written also as QA rows (module docstring)
 DEFAULT_PERTURBED = 5  # TOFU has 5 perturbed answers per question

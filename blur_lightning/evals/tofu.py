@@ -31,6 +31,7 @@ __all__ = [
     "BENCHMARK",
     "SPLIT_NAMES",
     "TOFU_HUB",
+    "HOLDOUT_SPLITS",
     "TOFU_SPLITS",
     "HOLDOUT_SPLIT",
     "PRIVACY_TABLE_ROWS",
@@ -47,11 +48,13 @@ __all__ = [
 
 PathLike = str | Path
 TOFU_HUB = "locuslab/TOFU"
+# TOFU's holdout authors (never in full): the membership attacks' non-members
+HOLDOUT_SPLITS = ("holdout01", "holdout05", "holdout10")
 TOFU_SPLITS = (
     "full", "forget01", "forget05", "forget10", "retain90", "retain95", "retain99",
     "real_authors", "world_facts",
     "forget01_perturbed", "forget05_perturbed", "forget10_perturbed", "retain_perturbed",
-    "real_authors_perturbed", "world_facts_perturbed", "holdout01", "holdout05", "holdout10",
+    "real_authors_perturbed", "world_facts_perturbed", *HOLDOUT_SPLITS,
 )  # fmt: skip
 # The evaluation's four sets (the *_perturbed configs).
 SPLIT_NAMES = ("forget", "retain", "real_authors", "world_facts")
