@@ -58,13 +58,15 @@ def test_selection_takes_the_best_forget_quality_above_the_utility_floor(tmp_pat
     assert ledger.find(stage="validation", method="blur", knob=0.3, lr=1e-5) is not None
 
 
-def test_dominance_needs_both_axes_at_least_as_good():
-    def point(fq, mu):
-        return {"forget_quality": (fq, 0, 3), "model_utility": (mu, 0, 3)}
+def test_dominance_needs_one_axis_separated_and_the_other_not_worse():
+    def d(lo, hi, n=3):  # a paired difference a - b
+        return OC.Interval((lo + hi) / 2, lo, hi, n)
 
-    assert OC.dominates(point(0.5, 0.6), point(0.4, 0.6))
-    assert not OC.dominates(point(0.5, 0.5), point(0.4, 0.6))
-    assert not OC.dominates(point(0.5, 0.6), point(0.5, 0.6))
+    assert OC.dominates(d(0.1, 0.2), d(-0.1, 0.1))  # better in forget quality, utility not separated
+    assert OC.dominates(d(-0.1, 0.1), d(0.01, 0.02))
+    assert not OC.dominates(d(0.1, 0.2), d(-0.2, -0.1))  # better on one axis, worse on the other
+    assert not OC.dominates(d(-0.1, 0.1), d(0.0, 0.1))  # nothing separated (a CI touching 0 does not)
+    assert not OC.dominates(OC.Interval(0.5, None, None, 1), d(0.1, 0.2))  # one seed: no interval
 
 
 def test_the_summary_reads_the_ledger(tmp_path):
@@ -85,9 +87,12 @@ def test_the_summary_reads_the_ledger(tmp_path):
         rows.append((test | {"method": "graddiff", "knob": 1.0}, {"forget_quality": fq_g, "model_utility": 0.47}))
     ledger = _ledger(tmp_path, rows)
     text = OC.summary(ledger, 0.95, tmp_path / "plot.png")
-    assert "| BLUR (forget_lower, NPO + NLL) **(chosen)** | 0.3 | 1e-05 | 3 | 0.5 ± 0.1 | 98.0 ± 0.0 |" in text
+    # the bootstrap of (0.4, 0.6, 0.5): a resample of all 0.4 (or all 0.6) has chance 1/27 > 2.5 %, so the ends
+    assert (
+        "| BLUR (forget_lower, NPO + NLL) **(chosen)** | 0.3 | 1e-05 | 3 | 0.5 [0.4, 0.6] | 98.0 [98.0, 98.0] |" in text
+    )
     assert "10.0 ± 0.0" in text  # the removal gap: 20 % held back after relearning, the oracle's 10 %
-    assert "GradDiff (GA + NLL): dominated by BLUR at gamma 0.3" in text
+    assert "- GradDiff (GA + NLL): Dominated by BLUR at gamma 0.3: Δ forget quality +0.35 [0.3, 0.4]" in text
     assert (tmp_path / "plot.png").stat().st_size > 0
 
 
