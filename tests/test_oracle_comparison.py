@@ -101,3 +101,40 @@ def test_profiles_keep_the_quick_run_small():
     assert set(OC.FULL.methods) == set(OC.METHODS) and set(OC.QUICK.methods) <= set(OC.METHODS)
     with pytest.raises(SystemExit):
         OC.main(["--stages", "nonsense"])
+
+
+def test_the_twin_table_pairs_blur_and_npo_sum_by_seed(tmp_path):
+    ref = {"stage": "reference", "split": "forget10", "steps": 0}
+    rows = [
+        (ref | {"method": "target"}, {"forget_quality": 1e-6, "model_utility": 0.5}),
+        ({"stage": "reference", "split": "validation10", "method": "target", "steps": 0}, {"model_utility": 0.5}),
+        _val("blur", 1.0, 1e-5, 0.3, 0.49),
+        _val("npo_sum", 1.0, 1e-5, 0.3, 0.49),
+    ]
+    test = {"stage": "test", "split": "forget10", "lr": 1e-5, "steps": 20}
+    # a per-seed offset shared by both (seed 2's data order is easy): BLUR is 0.1 higher on every seed
+    for seed, base in enumerate((0.1, 0.2, 0.6)):
+        rows.append(
+            (
+                test | {"method": "blur", "knob": 1.0, "seed": seed},
+                {"forget_quality": base + 0.1, "model_utility": 0.45 + seed / 100},
+            )
+        )
+        rows.append(
+            (
+                test | {"method": "npo_sum", "knob": 1.0, "seed": seed},
+                {"forget_quality": base, "model_utility": 0.46 - seed / 100},
+            )
+        )
+    rows.append((test | {"method": "blur", "knob": 0.3, "seed": 0}, {"forget_quality": 0.5, "model_utility": 0.4}))
+    text = OC.summary(_ledger(tmp_path, rows), 0.95, None)
+    twin = text.split("paired by seed:")[1]
+    # forget quality: +0.1 on each seed, the interval the point; utility: -2, +2, +6 points of the target's (0.5)
+    assert (
+        "| 1 | 1e-05 | 1, 1e-05 | 0, 1, 2 | +0.1 [0.1, 0.1] | BLUR better than npo_sum "
+        "| +2.0 [-2.0, 6.0] | not separated |" in twin
+    )
+    assert "| 0.3 | 1e-05 | 1, 1e-05 | 0 | +0.4 [1 seed: no CI] | not separated (1 seed: no interval) |" in twin
+    assert "gamma 0.3: seeds 1, 2 have no twin run, left out." in twin
+    # unpaired, the two forget-quality intervals overlap; only the pairing separates them
+    assert "| 3 | 0.4 [0.2, 0.7] |" in text and "| 3 | 0.3 [0.1, 0.6] |" in text
