@@ -55,6 +55,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, device_name, git_commit, today  # noqa: E402
+from intervals import Interval, mean_ci, paired_difference, verdict  # noqa: E402
 
 CONFIG = REPO / "configs" / "fictitious" / "forget10.yaml"
 RESULTS = REPO / "benchmarks" / "results"
@@ -316,8 +317,13 @@ def _stats(values: Iterable[float | None]) -> tuple[float, float, int] | None:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0), len(xs)
 
 
+CI_COLUMNS = ("forget_quality", "model_utility")  # reported as mean [95 % bootstrap CI]; the rest mean ± sd
+TWIN = "npo_sum"  # BLUR's weighted-sum twin: the same NPO + NLL losses and seeds (so data order), summed
+
+
 def test_points(ledger: Ledger, floor: float) -> list[dict[str, Any]]:
-    """Mean/sd over seeds of every test setting, with the chosen ones marked."""
+    """Mean/sd over seeds of every test setting, the bootstrap intervals of CI_COLUMNS (``<column>_ci``) and
+    their per-seed values (``by_seed``, for the paired differences), with the chosen ones marked."""
     points = []
     for method in METHODS:
         chosen = choose(ledger, method, floor)
@@ -329,16 +335,50 @@ def test_points(ledger: Ledger, floor: float) -> list[dict[str, Any]]:
             point = {"method": method, "knob": knob, "lr": lr, "chosen": chosen == (knob, lr), "n": len(runs)}
             for column in COLUMNS[12:]:
                 point[column] = _stats(_num(r, column) for r in runs)
+            point["by_seed"] = {column: {int(r["seed"]): _num(r, column) for r in runs if _num(r, column) is not None}
+                                for column in CI_COLUMNS}  # fmt: skip
+            for column in CI_COLUMNS:
+                values = list(point["by_seed"][column].values())
+                point[f"{column}_ci"] = mean_ci(values) if values else None
             points.append(point)
     return points
 
 
-def dominates(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether point a is at least as good as b in mean forget quality and utility, and better in one by
-    more than the seeds' spread (the two sds added: a gap the seeds cannot explain)."""
-    (fa, sfa, _), (ua, sua, _) = a["forget_quality"], a["model_utility"]
-    (fb, sfb, _), (ub, sub, _) = b["forget_quality"], b["model_utility"]
-    return fa >= fb and ua >= ub and (fa - fb > sfa + sfb or ua - ub > sua + sub) and (fa, ua) != (fb, ub)
+def paired(a: dict[str, Any], b: dict[str, Any], column: str) -> tuple[Interval | None, list[int]]:
+    """Bootstrap interval of a - b in `column` over the seeds both points hold, and those seeds."""
+    xa, xb = a["by_seed"][column], b["by_seed"][column]
+    seeds = sorted(set(xa) & set(xb))
+    if not seeds:
+        return None, []
+    names = (f"{a['method']} {a['knob']:g}", f"{b['method']} {b['knob']:g}")
+    return paired_difference({s: xa[s] for s in seeds}, {s: xb[s] for s in seeds}, names), seeds
+
+
+def dominates(fq: Interval | None, mu: Interval | None) -> bool:
+    """Whether a dominates b, given the paired intervals of a - b in forget quality and utility (both higher is
+    better): better on one axis (interval above 0) and not worse on the other (interval not below 0). A
+    single matched seed has no interval, so it never dominates."""
+    if fq is None or mu is None or not (fq.has_interval and mu.has_interval):
+        return False
+    better = [d.lo > 0 for d in (fq, mu)]  # type: ignore[operator]
+    worse = [d.hi < 0 for d in (fq, mu)]  # type: ignore[operator]
+    return any(better) and not any(worse)
+
+
+def _ci(stat: Interval | None, scale: float = 1.0, digits: int = 3, percent: bool = False) -> str:
+    """mean [lo, hi]; a single value says it has no interval instead of showing a zero-width one."""
+    if stat is None:
+        return "-"
+    k = 100 * scale if percent else scale
+    form = (lambda v: f"{k * v:.1f}") if percent else (lambda v: f"{k * v:.{digits}g}")
+    if not stat.has_interval:
+        return f"{form(stat.mean)} [1 seed: no CI]"
+    return f"{form(stat.mean)} [{form(stat.lo)}, {form(stat.hi)}]"
+
+
+def _signed(stat: Interval | None, scale: float = 1.0, percent: bool = False) -> str:
+    text = _ci(stat, scale, percent=percent)
+    return text if text.startswith("-") else "+" + text
 
 
 def summary(ledger: Ledger, floor: float, plot_path: Path | None) -> str:
@@ -355,7 +395,8 @@ def summary(ledger: Ledger, floor: float, plot_path: Path | None) -> str:
             return f"{100 * mean:.1f}" + (f" ± {100 * sd:.1f}" if n > 1 else "")
         return f"{mean:.{digits}g}" + (f" ± {sd:.{digits}g}" if n > 1 else "")
 
-    header = ("method", "gamma / w", "lr", "seeds", "forget quality", "utility (% of target)", "forget acc %",
+    header = ("method", "gamma / w", "lr", "seeds", "forget quality, mean [95% CI]",
+              "utility (% of target), mean [95% CI]", "forget acc %",
               "paraphrased acc %", "retain acc %", "held back after relearning %", "removal gap (points)",
               "4-bit forget acc %")  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * (len(header) - 3)]
@@ -371,38 +412,90 @@ def summary(ledger: Ledger, floor: float, plot_path: Path | None) -> str:
             return (_num(ref, column), 0.0, 1)
 
         lines.append("| " + " | ".join([
-            TITLES[name], "-", "-", "1", cell(one("forget_quality")),
+            TITLES[name], "-", "-", "1", cell(one("forget_quality")),  # one evaluation, not a sample of seeds
             cell((mu / target_mu, 0.0, 1), True) if mu and target_mu else "-",
             cell(one("forget_acc"), True), cell(one("forget_para_acc"), True), cell(one("retain_acc"), True),
             cell(one("held_back_acc_after"), True), gap, cell(one("q4_acc"), True),
         ]) + " |")  # fmt: skip
     for p in points:
-        mu = p["model_utility"]
-        rel = None if mu is None or not target_mu else (mu[0] / target_mu, mu[1] / target_mu, mu[2])
+        rel = _ci(p["model_utility_ci"], 1 / target_mu, percent=True) if target_mu else "-"
         held = p["held_back_acc_after"]
         gap = None if held is None or oracle_held is None else (held[0] - oracle_held, held[1], held[2])
         name = TITLES[p["method"]] + (" **(chosen)**" if p["chosen"] else "")
         lines.append("| " + " | ".join([
-            name, f"{p['knob']:g}", f"{p['lr']:g}", str(p["n"]), cell(p["forget_quality"]), cell(rel, True),
+            name, f"{p['knob']:g}", f"{p['lr']:g}", str(p["n"]), _ci(p["forget_quality_ci"]), rel,
             cell(p["forget_acc"], True), cell(p["forget_para_acc"], True), cell(p["retain_acc"], True),
             cell(held, True), "-" if gap is None else cell(gap, True), cell(p["q4_acc"], True),
         ]) + " |")  # fmt: skip
-    blur = [p for p in points if p["method"] == "blur" and p["forget_quality"] and p["model_utility"]]
+    lines += [
+        "",
+        "Other columns: mean ± sd over seeds. CI: percentile bootstrap of the mean over seeds "
+        "(10000 resamples; with 3 seeds a coarse, rather narrow interval).",
+    ]
+    blur = [p for p in points if p["method"] == "blur" and p["forget_quality_ci"] and p["model_utility_ci"]]
+    lines += ["", *twin_table(blur, [p for p in points if p["method"] == TWIN and p["chosen"]], target_mu)]
     verdicts = []
     for p in points:
-        if p["method"] == "blur" or not p["chosen"] or not (p["forget_quality"] and p["model_utility"]):
+        if p["method"] == "blur" or not p["chosen"] or not (p["forget_quality_ci"] and p["model_utility_ci"]):
             continue
-        by = [f"gamma {b['knob']:g}" for b in blur if dominates(b, p)]
-        against = [f"gamma {b['knob']:g}" for b in blur if dominates(p, b)]
-        verdict = f"dominated by BLUR at {', '.join(by)}" if by else "not dominated by a BLUR point beyond the spread"
+        by, against, apart = [], [], []
+        for b in blur:
+            (fq, seeds), (mu, _) = paired(b, p, "forget_quality"), paired(b, p, "model_utility")
+            where = f"gamma {b['knob']:g}"
+            scale = 1 / target_mu if target_mu else 1.0
+            axes = (f"Δ forget quality {_signed(fq)}, Δ utility {_signed(mu, scale, percent=True)} points "
+                    f"(seeds {', '.join(map(str, seeds)) or 'none'})")  # fmt: skip
+            if dominates(fq, mu):
+                by.append(f"{where}: {axes}")
+            elif fq is not None and mu is not None and dominates(_negate(fq), _negate(mu)):
+                against.append(f"{where}: {axes}")
+            else:
+                apart.append(f"{where}: {axes}")
+        parts = []
+        if by:
+            parts.append(f"dominated by BLUR at {'; '.join(by)}")
         if against:
-            verdict += f"; it dominates BLUR at {', '.join(against)}"
-        verdicts.append(f"- {TITLES[p['method']]}: {verdict} (means over seeds).")
+            parts.append(f"it dominates BLUR at {'; '.join(against)}")
+        if apart:
+            parts.append(f"not separated from BLUR at {'; '.join(apart)}")
+        verdicts.append(f"- {TITLES[p['method']]}: {'. '.join(q[0].upper() + q[1:] for q in parts)}.")
+    if verdicts:
+        verdicts.insert(0, "Dominance (BLUR - baseline, paired 95% CIs on matched seeds): dominated = better on one "
+                           "axis (CI above 0) and not worse on the other (CI not below 0).")  # fmt: skip
     text = "\n".join(lines) + ("\n\n" + "\n".join(verdicts) if verdicts else "")
     if plot_path is not None and points:
         plot(points, target, oracle, plot_path)
         text += f"\n\nPlot: {plot_path.relative_to(REPO) if plot_path.is_relative_to(REPO) else plot_path}"
     return text
+
+
+def _negate(d: Interval) -> Interval:
+    return Interval(-d.mean, None if d.hi is None else -d.hi, None if d.lo is None else -d.lo, d.n)
+
+
+def twin_table(blur: Sequence[dict[str, Any]], twins: Sequence[dict[str, Any]], target_mu: float | None) -> list[str]:
+    """BLUR at each gamma minus its weighted-sum twin (chosen setting), paired by seed (same data order)."""
+    if not blur or not twins:
+        return []
+    (twin,) = twins
+    header = ("BLUR gamma", "BLUR lr", f"{TWIN} w, lr", "matched seeds", "Δ forget quality, mean [95% CI]",
+              "forget quality verdict", "Δ utility (points of target %), mean [95% CI]", "utility verdict")  # fmt: skip
+    lines = [f"BLUR minus its weighted-sum twin ({TITLES[TWIN]}, chosen setting), paired by seed:", "",
+             "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]  # fmt: skip
+    scale = 1 / target_mu if target_mu else 1.0
+    notes = []
+    for b in blur:
+        fq, seeds = paired(b, twin, "forget_quality")
+        mu, _ = paired(b, twin, "model_utility")
+        left = sorted(set(b["by_seed"]["forget_quality"]) ^ set(twin["by_seed"]["forget_quality"]))
+        if left:
+            notes.append(f"gamma {b['knob']:g}: seeds {', '.join(map(str, left))} have no twin run, left out")
+        lines.append("| " + " | ".join([
+            f"{b['knob']:g}", f"{b['lr']:g}", f"{twin['knob']:g}, {twin['lr']:g}", ", ".join(map(str, seeds)) or "-",
+            _signed(fq), verdict(fq, "BLUR", TWIN) if fq else "-",
+            _signed(mu, scale, percent=True), verdict(mu, "BLUR", TWIN) if mu else "-",
+        ]) + " |")  # fmt: skip
+    return lines + ([""] + [f"- {n}." for n in notes] if notes else [])
 
 
 def plot(points: Sequence[dict[str, Any]], target, oracle, path: Path) -> None:
@@ -421,8 +514,8 @@ def plot(points: Sequence[dict[str, Any]], target, oracle, path: Path) -> None:
             continue
         xs = [p["model_utility"][0] / target_mu for p in ps]
         ys = [max(p["forget_quality"][0], 1e-12) for p in ps]
-        xerr = [p["model_utility"][1] / target_mu for p in ps]
-        yerr = [p["forget_quality"][1] for p in ps]
+        xerr = _bars([p["model_utility_ci"] for p in ps], 1 / target_mu)
+        yerr = _bars([p["forget_quality_ci"] for p in ps], 1.0, floor=1e-12)
         ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker=markers[method], capsize=3, label=TITLES[method],
                     linestyle="-" if len(ps) > 1 else "none")  # fmt: skip
         if method == "blur":
@@ -437,12 +530,26 @@ def plot(points: Sequence[dict[str, Any]], target, oracle, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("model utility / target's")
     ax.set_ylabel("forget quality (KS p-value vs oracle)")
-    ax.set_title("Fictitious forget10: forget quality against utility (mean ± sd over seeds)")
+    ax.set_title("Fictitious forget10: forget quality against utility (mean, 95% bootstrap CI over seeds)", fontsize=10)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _bars(stats: Sequence[Interval], scale: float, floor: float | None = None) -> list[list[float]]:
+    """matplotlib's asymmetric error bars [[below...], [above...]]; a point without an interval gets none.
+    `floor` keeps the lower end on a log axis (the mean is drawn at max(mean, floor) too)."""
+    below, above = [], []
+    for s in stats:
+        mean = s.mean if floor is None else max(s.mean, floor)
+        lo = s.lo if s.lo is not None else s.mean
+        hi = s.hi if s.hi is not None else s.mean
+        lo = lo if floor is None else max(lo, floor)
+        below.append(scale * max(mean - lo, 0.0))
+        above.append(scale * max(hi - mean, 0.0))
+    return [below, above]
 
 
 # ============================================================================ the comparison

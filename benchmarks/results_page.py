@@ -253,8 +253,9 @@ def oracle_section(rows: list[dict[str, str]]) -> list[str]:
     return [
         "### Fictitious forget10: BLUR and the baselines against the retain oracle",
         "",
-        f"`benchmarks/oracle_comparison.py`, build `{recipe}` ({_provenance(mine)}); mean ± sd over seeds; "
-        "hyperparameters chosen on validation10; the probe columns (relearning, 4 bits) over the probed seeds "
+        f"`benchmarks/oracle_comparison.py`, build `{recipe}` ({_provenance(mine)}); forget quality and utility: mean "
+        "[95% bootstrap CI over seeds], the rest: mean ± sd; hyperparameters chosen on validation10; "
+        "the probe columns (relearning, 4 bits) over the probed seeds "
         "(the profile's probe_seeds: all of BLUR's, the baselines' first); "
         "plot `benchmarks/results/oracle_pareto.png`.",
         "",
