@@ -105,7 +105,8 @@ def answering_model(tmp_path_factory) -> Path:
 
 def test_every_script_has_a_smoke_test():
     # helpers run through the scripts, and the AOT compile check, which tests/test_kernels_aot.py runs
-    covered_elsewhere = {"common.py", "authors_projection.py", "step_memory.py", "aot_compile.py"}
+    # and the intervals library the oracle comparison's summary uses (tests/test_intervals.py)
+    covered_elsewhere = {"common.py", "authors_projection.py", "step_memory.py", "aot_compile.py", "intervals.py"}
     scripts = {p.name for p in BENCHMARKS.glob("*.py")} - covered_elsewhere
     assert scripts == set(SCRIPTS), "a script in benchmarks/ without its smoke test here (or a stale entry)"
     assert all(callable(globals().get(test)) for test in SCRIPTS.values())
