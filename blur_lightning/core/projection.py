@@ -150,8 +150,9 @@ def partial_sums_torch(
         r32 = r.reshape(-1).to(wide)
         sums = [torch.dot(r32, f32), torch.dot(f32, f32), torch.dot(r32, r32)]
         if metric is not None:
-            pf = f32 * metric.weight(i, f32)
-            sums += [torch.dot(r32, pf), torch.dot(f32, pf), torch.dot(r32, r32 * metric.weight(i, r32))]
+            w = metric.weight(i, f32)  # one temporary of this tensor's size, used for all three
+            pf = f32 * w
+            sums += [torch.dot(r32, pf), torch.dot(f32, pf), torch.dot(r32, r32 * w)]
         partials.append(torch.stack(sums))
     return torch.stack(partials).to(torch.float64).sum(dim=0)
 
