@@ -31,6 +31,10 @@ What is written (`write_splits`), one JSON Lines file per split, named as TOFU's
   ours: the same facts as QA rows (``qa_rows``: question, answer = the bare value, response = the answer
   sentence; the paraphrased ones ask paraphrased_question and respond with paraphrased_answer), for the
   QA benchmark and the relearning probe, which judge a generation by the bare answer.
+* With ``heldout_percent`` P above 10 (``write_splits``; the larger benchmark of benchmarks/oracle_comparison.py
+  uses 25): ``forgetP`` / ``retain(100-P)`` and ``validationP`` (+ ``_perturbed``, ``_qa``) take the place of
+  validation10: forget01/05/10 lie inside forgetP, validationP is the forgetP-sized block before it, and
+  oracle_retain the people before that. validation10 is then not written (it would overlap forgetP).
 * ``manifest.json``: seed, people, attributes, Faker's version and the row count of each split.
 
 Columns of a fictitious row: question, answer, paraphrased_question, paraphrased_answer,
@@ -65,9 +69,11 @@ __all__ = [
     "Attribute",
     "fictitious_facts",
     "generate_people",
+    "heldout_splits",
     "make_splits",
     "main",
     "qa_rows",
+    "qa_splits",
     "split_people",
     "world_knowledge_rows",
     "write_splits",
@@ -259,26 +265,49 @@ def _people_count(n: int, percent: int) -> int:
     return max(1, int(n * percent / 100 + 0.5))  # half up, at least one person
 
 
-def split_people(n: int) -> dict[str, list[int]]:
+def split_people(n: int, heldout_percent: int = 10) -> dict[str, list[int]]:
     """Indices of the people in each split: forgetXX the last XX % (nested), retain(100-XX) the rest;
-    validation10 the forget10-sized block before forget10 and oracle_retain everyone before that
-    (both empty when there are too few people: fewer than 3).
+    validation{P} the forget{P}-sized block before forget{P} and oracle_retain everyone before that
+    (both empty when there are too few people: fewer than 3), P = `heldout_percent`. With P = 10 (the
+    default) these are validation10 and forget10; a larger P (a bigger benchmark for the same build cost,
+    docs/FICTITIOUS.md) adds forget{P} / retain{100-P} and holds forget01/05/10 inside forget{P}.
 
     Raises:
-        ValueError: fewer than 2 people (with 2, each forget set is one person and retain the other).
+        ValueError: fewer than 2 people (with 2, each forget set is one person and retain the other), or a
+            `heldout_percent` outside 10..49 (below 10 forget10 would reach into validation; from 50 on
+            nothing is left for the oracle).
     """
     if n < 2:
         raise ValueError(f"people: need at least 2 (one to forget, one to retain), got {n}")
+    if not 10 <= heldout_percent <= 49:
+        raise ValueError(f"heldout_percent: expected 10..49 (the share of people in each of the forget and "
+                         f"validation splits), got {heldout_percent}")  # fmt: skip
     splits: dict[str, list[int]] = {}
-    for percent in FORGET_PERCENTS:
+    for percent in sorted({*FORGET_PERCENTS, heldout_percent}):
         k = _people_count(n, percent)  # < n for every n >= 2: 10% of n rounds to at most n - 1
         splits[f"forget{percent:02d}"] = list(range(n - k, n))
         splits[f"retain{100 - percent}"] = list(range(n - k))
-    k = len(splits["forget10"])
-    splits["retain_perturbed"] = list(range(k))
-    splits["validation10"] = list(range(max(0, n - 2 * k), n - k))
+    splits["retain_perturbed"] = list(range(len(splits["forget10"])))
+    k = len(splits[f"forget{heldout_percent:02d}"])
+    splits[f"validation{heldout_percent:02d}"] = list(range(max(0, n - 2 * k), n - k))
     splits["oracle_retain"] = list(range(max(0, n - 2 * k)))
     return splits
+
+
+def heldout_splits(heldout_percent: int = 10) -> tuple[str, ...]:
+    """The splits a build with this `heldout_percent` writes beyond `SPLITS` (EXTRA_SPLITS at 10)."""
+    p = f"{heldout_percent:02d}"
+    if p == "10":
+        return EXTRA_SPLITS
+    return (f"forget{p}", f"forget{p}_perturbed", f"retain{100 - heldout_percent}", f"validation{p}",
+            f"validation{p}_perturbed", "oracle_retain")  # fmt: skip
+
+
+def qa_splits(heldout_percent: int = 10) -> tuple[str, ...]:
+    """The splits also written as QA rows (QA_SPLITS at 10; forget{P} and validation{P} added otherwise)."""
+    if heldout_percent == 10:
+        return QA_SPLITS
+    return ("forget10", f"forget{heldout_percent:02d}", f"validation{heldout_percent:02d}")
 
 
 # ============================================================================ what the base model knows
@@ -347,8 +376,9 @@ def make_splits(
     seed: int = 0,
     attributes: Sequence[str] | None = None,
     n_perturbed: int = DEFAULT_PERTURBED,
+    heldout_percent: int = 10,
 ) -> dict[str, list[Row]]:
-    """All of `SPLITS` as lists of rows (see the module docstring for what each holds)."""
+    """All of `SPLITS` and `heldout_splits(heldout_percent)` as lists of rows (the module docstring)."""
     kinds = _attributes(attributes)
     facts = fictitious_facts(people, seed, [a.name for a in kinds], n_perturbed)
     per_person = len(kinds)  # facts are person by person, `per_person` each
@@ -358,10 +388,10 @@ def make_splits(
 
     real_authors, world_facts = world_knowledge_rows(seed, n_perturbed)
     perturbed: dict[str, list[Row]] = {"full": facts, "real_authors": real_authors, "world_facts": world_facts}
-    for name, indices in split_people(people).items():
+    for name, indices in split_people(people, heldout_percent).items():
         perturbed[name] = rows_of(indices)
     splits: dict[str, list[Row]] = {}
-    for name in SPLITS + EXTRA_SPLITS:
+    for name in SPLITS + heldout_splits(heldout_percent):
         if name.endswith("_perturbed"):
             splits[name] = perturbed[name.removesuffix("_perturbed") if name != "retain_perturbed" else name]
         else:
@@ -389,14 +419,15 @@ def write_splits(
     seed: int = 0,
     attributes: Sequence[str] | None = None,
     n_perturbed: int = DEFAULT_PERTURBED,
+    heldout_percent: int = 10,
 ) -> dict[str, int]:
     """Write every split as `out_dir/{split}.jsonl` and a manifest.json; returns the row count per split."""
     from importlib.metadata import version
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    splits = make_splits(people, seed, attributes, n_perturbed)
-    for name in QA_SPLITS:
+    splits = make_splits(people, seed, attributes, n_perturbed, heldout_percent)
+    for name in qa_splits(heldout_percent):
         splits[f"{name}_qa"] = qa_rows(splits[f"{name}_perturbed"])
         splits[f"{name}_paraphrased_qa"] = qa_rows(splits[f"{name}_perturbed"], paraphrased=True)
     counts = {}
@@ -410,6 +441,7 @@ def write_splits(
         "seed": seed,
         "attributes": [a.name for a in _attributes(attributes)],
         "n_perturbed": n_perturbed,
+        "heldout_percent": heldout_percent,
         "faker": version("faker"),  # Faker may change its seeded output between versions
         "rows": counts,
     }
@@ -434,9 +466,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
     parser.add_argument(
         "--perturbed", type=int, default=DEFAULT_PERTURBED, help="perturbed answers per question (default 5)"
     )
+    parser.add_argument("--heldout-percent", type=int, default=10,
+                        help="people in each of forget{P} and validation{P}, percent (default 10)")  # fmt: skip
     args = parser.parse_args(argv)
     attributes = [a.strip() for a in args.attributes.split(",") if a.strip()]
-    counts = write_splits(args.out, args.people, args.seed, attributes, args.perturbed)
+    counts = write_splits(args.out, args.people, args.seed, attributes, args.perturbed, args.heldout_percent)
     for name, count in counts.items():
         print(f"{name:24s} {count:6d} rows")
     return counts

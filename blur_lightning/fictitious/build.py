@@ -50,7 +50,7 @@ import yaml
 from blur_lightning.data import fictitious_people as fictitious
 from blur_lightning.training.runs import write_json
 
-__all__ = ["ORACLE_SPLITS", "PREFIX", "Recipe", "build", "build_dir", "main", "resolve", "resolve_names"]
+__all__ = ["LARGE", "ORACLE_SPLITS", "PREFIX", "Recipe", "build", "build_dir", "main", "resolve", "resolve_names"]
 
 PREFIX = "fictitious:"
 VERSION = 1  # bump when a build's outputs change meaning: old builds are then not reused
@@ -78,6 +78,11 @@ class Recipe:
     batch_size: int = 8
     max_length: int = 96
     model_dtype: str = "float32"
+    # The share of people (percent) in each of the held-out splits forget{P} and validation{P}; 10 is TOFU's
+    # forget10 beside our validation10. The larger benchmark (`LARGE`) takes 25 of 80 people: 80 questions
+    # in each split at 1.3x the default build's fine-tune cost, where 200 people x 4 facts (80 questions in
+    # TOFU's forget10) would cost 4x (docs/FICTITIOUS.md).
+    heldout_percent: int = 10
 
     def __post_init__(self) -> None:
         if self.people < 3:
@@ -87,12 +92,36 @@ class Recipe:
                 raise ValueError(f"{name}: expected at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr: expected a positive number, got {self.lr}")
+        fictitious.split_people(self.people, self.heldout_percent)  # a clear error for an impossible share
         object.__setattr__(self, "attributes", tuple(self.attributes))
 
     def key(self) -> str:
         fields = dataclasses.asdict(self) | {"version": VERSION}
+        if self.heldout_percent == 10:  # the field came later: builds made before it keep their key
+            del fields["heldout_percent"]
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
         return f"p{self.people}-s{self.seed}-{digest}"
+
+    @property
+    def forget_split(self) -> str:
+        """The held-out forget split the comparison reports on (forget10 by default)."""
+        return f"forget{self.heldout_percent:02d}"
+
+    @property
+    def validation_split(self) -> str:
+        """The split hyperparameters are chosen on (validation10 by default)."""
+        return f"validation{self.heldout_percent:02d}"
+
+    def oracle_splits(self) -> tuple[str, ...]:
+        """The splits whose oracle truth ratios a build saves (`ORACLE_SPLITS` by default)."""
+        if self.heldout_percent == 10:
+            return ORACLE_SPLITS
+        return ("forget01", "forget05", "forget10", self.forget_split, self.validation_split)
+
+
+# The larger benchmark of issue 21 (benchmarks/oracle_comparison.py --recipe large): 80 people x 4 facts, the
+# last 20 people forget25 (80 questions), the 20 before them validation25 (80), the first 40 the oracle's.
+LARGE = Recipe(people=80, heldout_percent=25)
 
 
 def build_dir(recipe: Recipe | None = None, root: str | os.PathLike | None = None) -> Path:
@@ -187,7 +216,7 @@ def _steps_taken(folder: Path, role: str) -> int | None:
 
 
 # ============================================================================ the oracle's truth ratios
-def _save_oracle_truth_ratios(folder: Path, batch_size: int = 32) -> None:
+def _save_oracle_truth_ratios(folder: Path, splits: Sequence[str] = ORACLE_SPLITS, batch_size: int = 32) -> None:
     from blur_lightning.data.rows import load_rows
     from blur_lightning.evals.tofu import prompt_template, truth_ratios
     from blur_lightning.models.loading import load_causal_lm, load_tokenizer
@@ -200,7 +229,7 @@ def _save_oracle_truth_ratios(folder: Path, batch_size: int = 32) -> None:
     template = prompt_template(tokenizer)
     out = folder / "oracle_truth_ratios"
     out.mkdir(exist_ok=True)
-    for split in ORACLE_SPLITS:
+    for split in splits:
         rows = load_rows(str(folder / "data" / f"{split}_perturbed.jsonl"))
         values = truth_ratios(model, tokenizer, rows, prompt_template=template, batch_size=batch_size,
                               show_progress=False).tolist()  # fmt: skip
@@ -212,15 +241,15 @@ def _save_oracle_truth_ratios(folder: Path, batch_size: int = 32) -> None:
         })  # fmt: skip
 
 
-def _calibration(folder: Path, batch_size: int = 32) -> dict[str, Any]:
+def _calibration(folder: Path, split: str = "forget10", batch_size: int = 32) -> dict[str, Any]:
     """Target and oracle on the forget10 facts: what the recipe must deliver (the target answers them,
     the oracle does not) and the forget quality of each against the oracle's file."""
     from blur_lightning.evals.base import EvalSettings
     from blur_lightning.evals.registry import evaluate_benchmark
     from blur_lightning.models.loading import load_causal_lm, load_tokenizer
 
-    rows = evaluation_rows(folder, "forget10")
-    options = {"oracle_truth_ratios": str(folder / "oracle_truth_ratios" / "forget10.json")}
+    rows = evaluation_rows(folder, split)
+    options = {"oracle_truth_ratios": str(folder / "oracle_truth_ratios" / f"{split}.json")}
     settings = EvalSettings(batch_size=batch_size, show_progress=False)
     keep = ("forget_quality", "model_utility", "forget/accuracy", "forget/paraphrased_accuracy", "forget/prob",
             "retain/accuracy", "real_authors/accuracy", "world_facts/accuracy")  # fmt: skip
@@ -286,14 +315,15 @@ def build(
         times: dict[str, float] = {}
         start = time.perf_counter()
         if not (folder / "data" / "manifest.json").exists():
-            fictitious.write_splits(folder / "data", recipe.people, recipe.seed, recipe.attributes, recipe.n_perturbed)
+            fictitious.write_splits(folder / "data", recipe.people, recipe.seed, recipe.attributes, recipe.n_perturbed,
+                                    recipe.heldout_percent)  # fmt: skip
         times["data_s"] = time.perf_counter() - start
         for role, split in (("target", "full"), ("oracle", "oracle_retain")):
             if not (folder / role / "config.json").exists():
                 times[f"{role}_s"] = _finetune(recipe, folder, role, split, quiet)
         start = time.perf_counter()
-        if not all((folder / "oracle_truth_ratios" / f"{s}.json").exists() for s in ORACLE_SPLITS):
-            _save_oracle_truth_ratios(folder)
+        if not all((folder / "oracle_truth_ratios" / f"{s}.json").exists() for s in recipe.oracle_splits()):
+            _save_oracle_truth_ratios(folder, recipe.oracle_splits())
         times["oracle_truth_ratios_s"] = time.perf_counter() - start
         summary: dict[str, Any] = {
             "recipe": dataclasses.asdict(recipe), "version": VERSION, "times": times,
@@ -301,7 +331,7 @@ def build(
         }  # fmt: skip
         if calibrate:
             start = time.perf_counter()
-            summary["calibration"] = _calibration(folder)
+            summary["calibration"] = _calibration(folder, recipe.forget_split)
             times["calibration_s"] = time.perf_counter() - start
         write_json(str(summary_path), summary)
     return folder
@@ -352,18 +382,22 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(
         prog="python -m blur_lightning.fictitious.build", description=__doc__.split("\n")[0]
     )
-    for field in ("people", "seed", "epochs", "batch_size"):
+    for field in ("people", "seed", "epochs", "batch_size", "heldout_percent"):
         parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(defaults, field))
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--attributes", default=",".join(defaults.attributes))
     parser.add_argument("--base-model", default=defaults.base_model)
     parser.add_argument("--root", default=None, help="folder of builds (default <cache>/fictitious)")
+    parser.add_argument("--no-calibration", action="store_true",
+                        help="skip evaluating target and oracle into build.json (the comparison's reference stage "
+                             "measures the same)")  # fmt: skip
     args = parser.parse_args(argv)
     recipe = Recipe(
         people=args.people, seed=args.seed, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         attributes=tuple(a.strip() for a in args.attributes.split(",") if a.strip()), base_model=args.base_model,
+        heldout_percent=args.heldout_percent,
     )  # fmt: skip
-    folder = build(recipe, args.root)
+    folder = build(recipe, args.root, calibrate=not args.no_calibration)
     print(folder)
     print((folder / "build.json").read_text())
     return folder
