@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
 import gc
 import statistics
 import sys
@@ -70,19 +71,34 @@ class Method:
     mode: str
     knobs: tuple[float, ...]  # gamma: the forget target (forget_lower) or the retain weight (penalty)
     sweep_on_test: bool = False  # every knob on the test split (the front), not only the chosen one
+    optimizer: str = "adamw"  # "adamw" (the config's) or "sgd" (plain: where BLUR's guarantee holds as stated)
+    metric: str = "identity"  # BLUR's projection_metric
+    lrs: tuple[float, ...] | None = None  # its own lr grid (SGD's are not AdamW's); None: the profile's
+    twin: str | None = None  # the weighted sum of the same losses and optimizer, paired with it by seed
 
 
+# SGD's lrs: AdamW at 1e-4 moves each of SmolLM2's 1.35e8 weights by ~1e-4 at first (a step of norm ~1.2); NPO's
+# forget gradient starts near norm 80, so plain SGD takes a like first step at ~1.5e-2.
+SGD_LRS = (1e-2, 3e-2)
 METHODS: dict[str, Method] = {
-    "blur": Method("npo", "forget_lower", (0.1, 0.3, 1.0), sweep_on_test=True),
+    "blur": Method("npo", "forget_lower", (0.1, 0.3, 1.0), sweep_on_test=True, twin="npo_sum"),
     "graddiff": Method("ga", "penalty", (1.0,)),
-    "npo_sum": Method("npo", "penalty", (1.0,)),
+    "npo_sum": Method("npo", "penalty", (0.3, 1.0, 3.0), sweep_on_test=True),
     "simnpo": Method("simnpo", "penalty", (1.0,)),
+    "blur_adam": Method("npo", "forget_lower", (0.1, 0.3, 1.0), sweep_on_test=True, metric="adam", twin="npo_sum"),
+    "blur_sgd": Method(
+        "npo", "forget_lower", (0.1, 0.3, 1.0), sweep_on_test=True, optimizer="sgd", lrs=SGD_LRS, twin="npo_sum_sgd"
+    ),
+    "npo_sum_sgd": Method("npo", "penalty", (0.3, 1.0, 3.0), sweep_on_test=True, optimizer="sgd", lrs=SGD_LRS),
 }
 TITLES = {
     "blur": "BLUR (forget_lower, NPO + NLL)",
     "graddiff": "GradDiff (GA + NLL)",
     "npo_sum": "NPO + NLL weighted sum",
     "simnpo": "SimNPO + NLL weighted sum",
+    "blur_adam": "BLUR in AdamW's metric (projection_metric adam)",
+    "blur_sgd": "BLUR under SGD",
+    "npo_sum_sgd": "NPO + NLL weighted sum under SGD",
     "target": "target (before unlearning)",
     "oracle": "retain oracle",
 }
@@ -112,6 +128,13 @@ class Profile:
     knobs: dict[str, tuple[float, ...]] | None = None  # per method, instead of its own
     sweep_seeds: int | None = None  # seeds of a swept knob that was not chosen (None: all of `seeds`)
     probe_seeds: dict[str, int] | None = None  # per method, how many seeds of its chosen setting are probed
+    recipe: str = "default"  # the build it runs on: "default" (50 people, forget10) or "large" (RECIPES)
+
+    def knobs_of(self, method: str) -> tuple[float, ...]:
+        return (self.knobs or {}).get(method, METHODS[method].knobs)
+
+    def lrs_of(self, method: str) -> tuple[float, ...]:
+        return METHODS[method].lrs or self.lrs
 
 
 # lrs: the quick run's 4 steps at 3e-5 took the target's forget10 accuracy only from 100 % to 80 % (its facts
@@ -119,9 +142,20 @@ class Profile:
 # What a 3-hour session on 2 cores affords (a run is ~140 s, its probes ~60 s more): every method's chosen
 # setting gets all 3 seeds; BLUR's other gammas 1 seed; the probes run on BLUR's 3 seeds and the baselines'
 # first seed (the CSV is resumable: a later session can add the rest with these fields raised).
-FULL = Profile("full", tuple(METHODS), (3e-5, 1e-4), (0, 1, 2), 20, 40, 10, PROBE_BITS, sweep_seeds=1,
+FULL = Profile("full", ("blur", "graddiff", "npo_sum", "simnpo"), (3e-5, 1e-4), (0, 1, 2), 20, 40, 10, PROBE_BITS,
+               knobs={"npo_sum": (1.0,)}, sweep_seeds=1,
                probe_seeds={"graddiff": 1, "npo_sum": 1, "simnpo": 1})  # fmt: skip
-QUICK = Profile("quick", ("blur", "npo_sum"), (3e-5,), (0,), 4, 10, 2, (4,), knobs={"blur": (0.3,)})
+QUICK = Profile("quick", ("blur", "npo_sum"), (3e-5,), (0,), 4, 10, 2, (4,), knobs={"blur": (0.3,), "npo_sum": (1.0,)})
+# Issue 21's benchmark: the LARGE recipe (80 forget and 80 validation questions), 5 seeds of every test setting
+# (the swept knobs too: the paired differences at equal forget quality need them), the relearning and 4-bit probes
+# on every seed of the chosen settings. Methods in the order they run: BLUR and its twin first, then the rest.
+# lr 1e-4 is the small benchmark's choice; 20 steps of batch 8 see each of the 80 questions twice.
+LARGE = Profile("large", ("blur", "npo_sum", "blur_adam", "blur_sgd", "npo_sum_sgd", "simnpo", "graddiff"), (1e-4,),
+                (0, 1, 2, 3, 4), 20, 40, 10, (4,), recipe="large")  # fmt: skip
+QUICK_LARGE = dataclasses.replace(QUICK, name="quick_large", methods=("blur", "blur_adam", "npo_sum"),
+                                  knobs={"blur": (1.0,), "blur_adam": (1.0,), "npo_sum": (1.0,)}, lrs=(1e-4,),
+                                  recipe="large")  # fmt: skip
+PROFILES = {p.name: p for p in (FULL, QUICK, LARGE, QUICK_LARGE)}
 
 
 # ============================================================================ runs
@@ -136,13 +170,14 @@ def _metrics(results: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _probes(model, tokenizer, folder: Path, profile: Profile, oracle_q: dict[int, list[float]] | None) -> dict:
-    """Relearning and quantization probes on forget10 (the oracle's quantized ratios as the reference)."""
+def _probes(model, tokenizer, folder: Path, profile: Profile, oracle_q: dict[int, list[float]] | None,
+            split: str = "forget10") -> dict:  # fmt: skip
+    """Relearning and quantization probes on the test split (the oracle's quantized ratios as the reference)."""
     from blur_lightning.data.rows import load_rows
     from blur_lightning.evals.removal import fictitious_relearning, quantization_probe
 
     t0 = time.perf_counter()
-    rows = load_rows(str(folder / "data" / "forget10_perturbed.jsonl"))
+    rows = load_rows(str(folder / "data" / f"{split}_perturbed.jsonl"))
     relearn = fictitious_relearning(model, tokenizer, rows, steps=profile.relearn_steps)
     quant = quantization_probe(model, tokenizer, rows, bits=profile.bits, reference_ratios=oracle_q)
     out: dict[str, Any] = {
@@ -194,8 +229,13 @@ def run_config(folder: Path, run_dir: Path, method: str, knob: float, lr: float,
     trainer["callbacks"] = callbacks
     config["seed_everything"] = seed
     config["model"].update({"model": str(folder / "target"), "forget_loss": spec.forget_loss, "mode": spec.mode,
-                            "gamma": knob, "export_dir": None})  # fmt: skip
-    config["model"]["optimizer"]["init_args"]["lr"] = lr
+                            "gamma": knob, "export_dir": None, "projection_metric": spec.metric})  # fmt: skip
+    if spec.optimizer == "sgd":  # plain SGD, no momentum: the step is -lr d, the step BLUR's guarantee is about
+        config["model"]["optimizer"] = {"class_path": "torch.optim.SGD", "init_args": {"lr": lr}}
+    elif spec.optimizer == "adamw":
+        config["model"]["optimizer"]["init_args"]["lr"] = lr
+    else:
+        raise ValueError(f"method {method}: optimizer {spec.optimizer!r}, expected 'adamw' or 'sgd'")
     config["data"].update({"forget_path": str(folder / "data" / f"{split}.jsonl"),
                            "retain_path": str(folder / "data" / "oracle_retain.jsonl"), "seed": seed})  # fmt: skip
     return config
@@ -218,7 +258,7 @@ def unlearn(folder: Path, run_dir: Path, method: str, knob: float, lr: float, se
     row["train_s"] = round(time.perf_counter() - t0 - evaluation["seconds"], 1)
     if probe:
         cli.model.model.eval()
-        row.update(_probes(cli.model.model, cli.model.tokenizer, folder, profile, oracle_q))
+        row.update(_probes(cli.model.model, cli.model.tokenizer, folder, profile, oracle_q, split))
     del cli
     gc.collect()
     return row
@@ -246,8 +286,10 @@ def evaluate_as_is(folder: Path, role: str, split: str, profile: Profile) -> dic
 class Ledger:
     """The CSV of finished runs: what to skip, and what the selection and the summary read."""
 
-    def __init__(self, path: Path, recipe: str, profile: Profile, rows: list[dict[str, str]] | None = None) -> None:
+    def __init__(self, path: Path, recipe: str, profile: Profile, rows: list[dict[str, str]] | None = None,
+                 splits: tuple[str, str] = ("validation10", "forget10")) -> None:  # fmt: skip
         self.path, self.recipe, self.profile = path, recipe, profile
+        self.validation_split, self.test_split = splits
         rows = _read(path) if rows is None else rows
         self.rows = [r for r in rows if r["recipe"] == recipe and r["profile"] == profile.name]
 
@@ -296,8 +338,8 @@ def _num(row: dict[str, str] | None, column: str) -> float | None:
 
 # ============================================================================ selection and summary
 def choose(ledger: Ledger, method: str, floor: float) -> tuple[float, float] | None:
-    """(knob, lr) of `method` chosen on validation10 (module docstring), or None before any run."""
-    target = ledger.find(stage="reference", split="validation10", method="target")
+    """(knob, lr) of `method` chosen on the validation split (module docstring), or None before any run."""
+    target = ledger.find(stage="reference", split=ledger.validation_split, method="target")
     runs = [r for r in ledger.rows if r["stage"] == "validation" and r["method"] == method]
     if not runs or target is None:
         return None
@@ -319,6 +361,12 @@ def _stats(values: Iterable[float | None]) -> tuple[float, float, int] | None:
 
 CI_COLUMNS = ("forget_quality", "model_utility")  # reported as mean [95 % bootstrap CI]; the rest mean ± sd
 TWIN = "npo_sum"  # BLUR's weighted-sum twin: the same NPO + NLL losses and seeds (so data order), summed
+BY_SEED = (*CI_COLUMNS, "held_back_acc_after")  # kept per seed: the paired differences and the goals read them
+
+
+def blur_family() -> tuple[str, ...]:
+    """The BLUR methods (mode forget_lower): the ones compared with their twins and the baselines."""
+    return tuple(name for name, m in METHODS.items() if m.mode == "forget_lower")
 
 
 def test_points(ledger: Ledger, floor: float) -> list[dict[str, Any]]:
@@ -336,7 +384,7 @@ def test_points(ledger: Ledger, floor: float) -> list[dict[str, Any]]:
             for column in COLUMNS[12:]:
                 point[column] = _stats(_num(r, column) for r in runs)
             point["by_seed"] = {column: {int(r["seed"]): _num(r, column) for r in runs if _num(r, column) is not None}
-                                for column in CI_COLUMNS}  # fmt: skip
+                                for column in BY_SEED}  # fmt: skip
             for column in CI_COLUMNS:
                 values = list(point["by_seed"][column].values())
                 point[f"{column}_ci"] = mean_ci(values) if values else None
@@ -382,8 +430,8 @@ def _signed(stat: Interval | None, scale: float = 1.0, percent: bool = False) ->
 
 
 def summary(ledger: Ledger, floor: float, plot_path: Path | None) -> str:
-    target = ledger.find(stage="reference", split="forget10", method="target")
-    oracle = ledger.find(stage="reference", split="forget10", method="oracle")
+    target = ledger.find(stage="reference", split=ledger.test_split, method="target")
+    oracle = ledger.find(stage="reference", split=ledger.test_split, method="oracle")
     points = test_points(ledger, floor)
     target_mu = _num(target, "model_utility")
 
@@ -430,18 +478,24 @@ def summary(ledger: Ledger, floor: float, plot_path: Path | None) -> str:
     lines += [
         "",
         "Other columns: mean ± sd over seeds. CI: percentile bootstrap of the mean over seeds "
-        "(10000 resamples; with 3 seeds a coarse, rather narrow interval).",
+        "(10000 resamples; with 3-5 seeds a coarse, rather narrow interval).",
     ]
-    blur = [p for p in points if p["method"] == "blur" and p["forget_quality_ci"] and p["model_utility_ci"]]
-    lines += ["", *twin_table(blur, [p for p in points if p["method"] == TWIN and p["chosen"]], target_mu)]
+    family = blur_family()
+    complete = [p for p in points if p["forget_quality_ci"] and p["model_utility_ci"]]
+    blur = [p for p in complete if p["method"] in family]
+    for name in family:
+        twin = METHODS[name].twin
+        mine = [p for p in blur if p["method"] == name]
+        table = twin_table(mine, [p for p in complete if p["method"] == twin], target_mu)
+        lines += ["", *table] if table else []
     verdicts = []
-    for p in points:
-        if p["method"] == "blur" or not p["chosen"] or not (p["forget_quality_ci"] and p["model_utility_ci"]):
+    for p in complete:
+        if p["method"] in family or not p["chosen"]:
             continue
         by, against, apart = [], [], []
         for b in blur:
             (fq, seeds), (mu, _) = paired(b, p, "forget_quality"), paired(b, p, "model_utility")
-            where = f"gamma {b['knob']:g}"
+            where = f"gamma {b['knob']:g}" if b["method"] == "blur" else f"{b['method']} gamma {b['knob']:g}"
             scale = 1 / target_mu if target_mu else 1.0
             axes = (f"Δ forget quality {_signed(fq)}, Δ utility {_signed(mu, scale, percent=True)} points "
                     f"(seeds {', '.join(map(str, seeds)) or 'none'})")  # fmt: skip
@@ -458,13 +512,16 @@ def summary(ledger: Ledger, floor: float, plot_path: Path | None) -> str:
             parts.append(f"it dominates BLUR at {'; '.join(against)}")
         if apart:
             parts.append(f"not separated from BLUR at {'; '.join(apart)}")
-        verdicts.append(f"- {TITLES[p['method']]}: {'. '.join(q[0].upper() + q[1:] for q in parts)}.")
+        if parts:
+            verdicts.append(f"- {TITLES[p['method']]}: {'. '.join(q[0].upper() + q[1:] for q in parts)}.")
     if verdicts:
         verdicts.insert(0, "Dominance (BLUR - baseline, paired 95% CIs on matched seeds): dominated = better on one "
                            "axis (CI above 0) and not worse on the other (CI not below 0).")  # fmt: skip
+    if blur:
+        verdicts += ["", *goals(blur, complete, target_mu, oracle_held)]
     text = "\n".join(lines) + ("\n\n" + "\n".join(verdicts) if verdicts else "")
     if plot_path is not None and points:
-        plot(points, target, oracle, plot_path)
+        plot(points, target, oracle, plot_path, ledger.test_split)
         text += f"\n\nPlot: {plot_path.relative_to(REPO) if plot_path.is_relative_to(REPO) else plot_path}"
     return text
 
@@ -474,31 +531,76 @@ def _negate(d: Interval) -> Interval:
 
 
 def twin_table(blur: Sequence[dict[str, Any]], twins: Sequence[dict[str, Any]], target_mu: float | None) -> list[str]:
-    """BLUR at each gamma minus its weighted-sum twin (chosen setting), paired by seed (same data order)."""
+    """BLUR at each gamma minus its weighted-sum twin, paired by seed (same data order): against the twin's chosen
+    weight and against the weight whose mean forget quality is nearest (the comparison at equal forget quality)."""
     if not blur or not twins:
         return []
-    (twin,) = twins
-    header = ("BLUR gamma", "BLUR lr", f"{TWIN} w, lr", "matched seeds", "Δ forget quality, mean [95% CI]",
+    name, twin_name = blur[0]["method"], twins[0]["method"]
+    who = "BLUR" if name == "blur" else name
+    header = ("BLUR gamma", "BLUR lr", f"{twin_name} w, lr", "matched seeds", "Δ forget quality, mean [95% CI]",
               "forget quality verdict", "Δ utility (points of target %), mean [95% CI]", "utility verdict")  # fmt: skip
-    lines = [f"BLUR minus its weighted-sum twin ({TITLES[TWIN]}, chosen setting), paired by seed:", "",
+    lines = [f"{TITLES[name]} minus its weighted-sum twin ({TITLES[twin_name]}), paired by seed:", "",
              "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]  # fmt: skip
     scale = 1 / target_mu if target_mu else 1.0
     notes = []
     for b in blur:
-        fq, seeds = paired(b, twin, "forget_quality")
-        mu, _ = paired(b, twin, "model_utility")
-        left = sorted(set(b["by_seed"]["forget_quality"]) ^ set(twin["by_seed"]["forget_quality"]))
-        if left:
-            notes.append(f"gamma {b['knob']:g}: seeds {', '.join(map(str, left))} have no twin run, left out")
-        lines.append("| " + " | ".join([
-            f"{b['knob']:g}", f"{b['lr']:g}", f"{twin['knob']:g}, {twin['lr']:g}", ", ".join(map(str, seeds)) or "-",
-            _signed(fq), verdict(fq, "BLUR", TWIN) if fq else "-",
-            _signed(mu, scale, percent=True), verdict(mu, "BLUR", TWIN) if mu else "-",
-        ]) + " |")  # fmt: skip
+        nearest = min(twins, key=lambda t: abs(t["forget_quality_ci"].mean - b["forget_quality_ci"].mean))
+        for twin in [t for t in twins if t["chosen"] or t is nearest]:
+            fq, seeds = paired(b, twin, "forget_quality")
+            mu, _ = paired(b, twin, "model_utility")
+            left = sorted(set(b["by_seed"]["forget_quality"]) ^ set(twin["by_seed"]["forget_quality"]))
+            if left:
+                notes.append(f"gamma {b['knob']:g} vs w {twin['knob']:g}: seeds {', '.join(map(str, left))} have no "
+                             f"partner run, left out")  # fmt: skip
+            tags = [t for t, on in (("chosen", twin["chosen"]), ("nearest FQ", twin is nearest)) if on]
+            lines.append("| " + " | ".join([
+                f"{b['knob']:g}", f"{b['lr']:g}", f"{twin['knob']:g}, {twin['lr']:g} ({', '.join(tags)})",
+                ", ".join(map(str, seeds)) or "-",
+                _signed(fq), verdict(fq, who, twin_name) if fq else "-",
+                _signed(mu, scale, percent=True), verdict(mu, who, twin_name) if mu else "-",
+            ]) + " |")  # fmt: skip
     return lines + ([""] + [f"- {n}." for n in notes] if notes else [])
 
 
-def plot(points: Sequence[dict[str, Any]], target, oracle, path: Path) -> None:
+def goals(blur: Sequence[dict[str, Any]], points: Sequence[dict[str, Any]], target_mu: float | None,
+          oracle_held: float | None) -> list[str]:  # fmt: skip
+    """Issue 21's goals, measured: (1) forget quality >= 0.1 at utility >= 95 % of the target's on every seed;
+    (2) a paired utility difference against the twin at the nearest forget quality outside its 95 % CI; (3) the
+    removal gap after relearning within 10 points of the oracle's, on every probed seed."""
+    out = ["Goals (issue 21), as measured:"]
+    met = []
+    for b in blur:
+        fq, mu = b["by_seed"]["forget_quality"], b["by_seed"]["model_utility"]
+        if target_mu and fq and all(fq[s] >= 0.1 and mu.get(s, 0.0) / target_mu >= 0.95 for s in fq):
+            met.append(f"{b['method']} gamma {b['knob']:g} lr {b['lr']:g} ({len(fq)} seeds)")
+    out.append("1. forget quality >= 0.1 with utility >= 95 % of the target's on every seed: "
+               + (f"met by {'; '.join(met)}." if met else "not met by any BLUR setting."))  # fmt: skip
+    separated = []
+    for b in blur:
+        twins = [p for p in points if p["method"] == METHODS[b["method"]].twin]
+        if not twins:
+            continue
+        nearest = min(twins, key=lambda t: abs(t["forget_quality_ci"].mean - b["forget_quality_ci"].mean))
+        mu, seeds = paired(b, nearest, "model_utility")
+        if mu is not None and mu.has_interval and (mu.lo > 0 or mu.hi < 0):  # type: ignore[operator]
+            scale = 100 / target_mu if target_mu else 100.0
+            separated.append(f"{b['method']} gamma {b['knob']:g} vs w {nearest['knob']:g}: Δ utility "
+                             f"{scale * mu.mean:+.1f} [{scale * mu.lo:.1f}, {scale * mu.hi:.1f}] points")  # fmt: skip
+    out.append("2. paired utility difference from the weighted sum at the nearest forget quality outside the 95 % CI: "
+               + (f"yes: {'; '.join(separated)}." if separated else "no pair separated."))  # fmt: skip
+    gaps = []
+    for b in blur:
+        held = b["by_seed"]["held_back_acc_after"]
+        if b["chosen"] and held and oracle_held is not None:
+            worst = max(v - oracle_held for v in held.values())  # above the oracle = knowledge came back
+            gaps.append(f"{b['method']} gamma {b['knob']:g}: largest gap {100 * worst:+.1f} points over {len(held)} "
+                        f"seeds ({'within' if worst <= 0.10 else 'outside'} 10)")  # fmt: skip
+    out.append("3. removal gap after relearning within 10 points of the oracle: "
+               + ("; ".join(gaps) + "." if gaps else "no probed BLUR run yet."))  # fmt: skip
+    return out
+
+
+def plot(points: Sequence[dict[str, Any]], target, oracle, path: Path, split: str = "forget10") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -506,7 +608,8 @@ def plot(points: Sequence[dict[str, Any]], target, oracle, path: Path) -> None:
 
     target_mu = _num(target, "model_utility") or 1.0
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = {"blur": "o", "graddiff": "s", "npo_sum": "^", "simnpo": "D"}
+    markers = {"blur": "o", "graddiff": "s", "npo_sum": "^", "simnpo": "D", "blur_adam": "P", "blur_sgd": "v",
+               "npo_sum_sgd": "<"}  # fmt: skip
     for method in METHODS:
         ps = sorted((p for p in points if p["method"] == method and p["forget_quality"] and p["model_utility"]),
                     key=lambda p: p["knob"])  # fmt: skip
@@ -518,7 +621,7 @@ def plot(points: Sequence[dict[str, Any]], target, oracle, path: Path) -> None:
         yerr = _bars([p["forget_quality_ci"] for p in ps], 1.0, floor=1e-12)
         ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker=markers[method], capsize=3, label=TITLES[method],
                     linestyle="-" if len(ps) > 1 else "none")  # fmt: skip
-        if method == "blur":
+        if method in blur_family():
             for p, x, y in zip(ps, xs, ys):
                 ax.annotate(f"γ={p['knob']:g}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     for ref, marker, label in ((oracle, "*", "retain oracle"), (target, "X", "target")):
@@ -530,7 +633,8 @@ def plot(points: Sequence[dict[str, Any]], target, oracle, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("model utility / target's")
     ax.set_ylabel("forget quality (KS p-value vs oracle)")
-    ax.set_title("Fictitious forget10: forget quality against utility (mean, 95% bootstrap CI over seeds)", fontsize=10)
+    ax.set_title(f"Fictitious {split}: forget quality against utility (mean, 95% bootstrap CI over seeds)",
+                 fontsize=10)  # fmt: skip
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -553,30 +657,52 @@ def _bars(stats: Sequence[Interval], scale: float, floor: float | None = None) -
 
 
 # ============================================================================ the comparison
-def compare(profile: Profile, stages: Sequence[str], csv_path: Path, runs_dir: Path, floor: float,
-            folder: Path | None = None) -> Ledger:  # fmt: skip
-    """Run the stages on `folder`'s build (None: the default recipe's, built first when missing)."""
+def splits_of(folder: Path) -> tuple[str, str]:
+    """(validation split, test split) of a finished build: validation10/forget10, or the recipe's held-out share."""
+    import json
+
+    percent = json.loads((folder / "build.json").read_text())["recipe"].get("heldout_percent", 10)
+    return f"validation{percent:02d}", f"forget{percent:02d}"
+
+
+def recipe_folder(profile: Profile) -> Path:
+    """The build a profile runs on by default, built first when missing (LARGE: ~40 min on 2 cores)."""
     from blur_lightning.fictitious import build as oracle_build
 
-    folder = folder or oracle_build.build()
-    ledger = Ledger(csv_path, folder.name, profile)
+    recipe = oracle_build.LARGE if profile.recipe == "large" else oracle_build.Recipe()
+    if profile.recipe == "large":  # its calibration is the reference stage's own evaluation
+        return oracle_build.build(recipe, calibrate=False)
+    return oracle_build.build(recipe)
+
+
+def compare(profile: Profile, stages: Sequence[str], csv_path: Path, runs_dir: Path, floor: float,
+            folder: Path | None = None, methods: Sequence[str] | None = None) -> Ledger:  # fmt: skip
+    """Run the stages on `folder`'s build (None: the profile's recipe, built first when missing).
+
+    Order: the reference stage; then method by method (`methods`, default the profile's, in that order) its
+    validation grid and the test runs of its chosen setting (probed); then the unchosen knobs of the swept
+    methods. Every finished run is a CSV row at once, so an interrupted comparison resumes where it stopped.
+    """
+    folder = folder or recipe_folder(profile)
+    val_split, test_split = splits_of(folder)
+    ledger = Ledger(csv_path, folder.name, profile, splits=(val_split, test_split))
     t_all = time.perf_counter()
-    oracle_q: dict[int, list[float]] | None = None
+    methods = tuple(methods or profile.methods)
 
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - t_all:7.0f} s] {message}", flush=True)
 
     if "reference" in stages:
         for role in ("target", "oracle"):
-            for split in ("validation10", "forget10"):
+            for split in (val_split, test_split):
                 key = {"stage": "reference", "split": split, "method": role, "knob": None, "lr": None, "seed": None,
                        "steps": 0}  # fmt: skip
                 if ledger.find(**key) is not None:
                     continue
                 out = evaluate_as_is(folder, role, split, profile)
                 row = out["row"]
-                if split == "forget10":
-                    probes = _probes(out["model"], out["tokenizer"], folder, profile, None)
+                if split == test_split:
+                    probes = _probes(out["model"], out["tokenizer"], folder, profile, None, test_split)
                     _save_quant_ratios(runs_dir, role, probes.pop("_quant_ratios"))
                     row.update(probes)
                 ledger.add(key, row)
@@ -586,48 +712,48 @@ def compare(profile: Profile, stages: Sequence[str], csv_path: Path, runs_dir: P
                 gc.collect()
     oracle_q = _load_quant_ratios(runs_dir, "oracle")
 
-    def knobs(method: str) -> tuple[float, ...]:
-        return (profile.knobs or {}).get(method, METHODS[method].knobs)
+    def test_run(method: str, knob: float, lr: float, seed: int, probe: bool) -> None:
+        key = {"stage": "test", "split": test_split, "method": method, "knob": knob, "lr": lr, "seed": seed,
+               "steps": profile.steps}  # fmt: skip
+        if ledger.find(**key) is not None:
+            return
+        run_dir = runs_dir / f"test_{method}_k{knob:g}_lr{lr:g}_s{seed}"
+        row = unlearn(folder, run_dir, method, knob, lr, seed, test_split, profile, probe, oracle_q)
+        row.pop("_quant_ratios", None)
+        ledger.add(key, row)
+        log(f"test {method} knob {knob:g} lr {lr:g} seed {seed}: FQ {row['forget_quality']:.3g}, "
+            f"MU {row['model_utility']:.3g}, forget acc {row['forget_acc']:.2f}")  # fmt: skip
 
-    if "validation" in stages:
-        for method in profile.methods:
-            for knob in knobs(method):
-                for lr in profile.lrs:
-                    key = {"stage": "validation", "split": "validation10", "method": method, "knob": knob, "lr": lr,
+    for method in methods:
+        if "validation" in stages:
+            for knob in profile.knobs_of(method):
+                for lr in profile.lrs_of(method):
+                    key = {"stage": "validation", "split": val_split, "method": method, "knob": knob, "lr": lr,
                            "seed": 0, "steps": profile.steps}  # fmt: skip
                     if ledger.find(**key) is not None:
                         continue
                     run_dir = runs_dir / f"val_{method}_k{knob:g}_lr{lr:g}"
-                    row = unlearn(folder, run_dir, method, knob, lr, 0, "validation10", profile, False, None)
+                    row = unlearn(folder, run_dir, method, knob, lr, 0, val_split, profile, False, None)
                     ledger.add(key, row)
                     log(f"validation {method} knob {knob:g} lr {lr:g}: FQ {row['forget_quality']:.3g}, "
                         f"MU {row['model_utility']:.3g}, forget acc {row['forget_acc']:.2f}")  # fmt: skip
-
-    if "test" in stages:
-        for method in profile.methods:
+        if "test" in stages:
             chosen = choose(ledger, method, floor)
             if chosen is None:
                 log(f"test {method}: no validation run yet, skipped")
                 continue
-            knob_c, lr_c = chosen
-            settings = [(knob_c, lr_c)]
-            if METHODS[method].sweep_on_test:
-                settings += [(k, lr_c) for k in knobs(method) if k != knob_c]
-            for knob, lr in settings:
-                seeds = profile.seeds if (knob, lr) == chosen else profile.seeds[: profile.sweep_seeds]
-                for seed in seeds:
-                    key = {"stage": "test", "split": "forget10", "method": method, "knob": knob, "lr": lr,
-                           "seed": seed, "steps": profile.steps}  # fmt: skip
-                    if ledger.find(**key) is not None:
-                        continue
-                    probed = (profile.probe_seeds or {}).get(method, len(profile.seeds))
-                    probe = (knob, lr) == chosen and seed in profile.seeds[:probed]
-                    run_dir = runs_dir / f"test_{method}_k{knob:g}_lr{lr:g}_s{seed}"
-                    row = unlearn(folder, run_dir, method, knob, lr, seed, "forget10", profile, probe, oracle_q)
-                    row.pop("_quant_ratios", None)
-                    ledger.add(key, row)
-                    log(f"test {method} knob {knob:g} lr {lr:g} seed {seed}: FQ {row['forget_quality']:.3g}, "
-                        f"MU {row['model_utility']:.3g}, forget acc {row['forget_acc']:.2f}")  # fmt: skip
+            probed = (profile.probe_seeds or {}).get(method, len(profile.seeds))
+            for seed in profile.seeds:
+                test_run(method, *chosen, seed, probe=seed in profile.seeds[:probed])
+    if "test" in stages:  # the fronts: the swept methods' other knobs at their chosen lr
+        for method in methods:
+            chosen = choose(ledger, method, floor)
+            if chosen is None or not METHODS[method].sweep_on_test:
+                continue
+            for knob in profile.knobs_of(method):
+                if knob != chosen[0]:
+                    for seed in profile.seeds[: profile.sweep_seeds]:
+                        test_run(method, knob, chosen[1], seed, probe=False)
     log("done")
     return ledger
 
@@ -650,24 +776,31 @@ def _load_quant_ratios(runs_dir: Path, role: str) -> dict[int, list[float]] | No
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the smoke profile (2 methods, 1 seed, 4 steps)")
+    parser.add_argument("--quick", action="store_true", help="the smoke profile (2-3 methods, 1 seed, 4 steps)")
+    parser.add_argument("--recipe", choices=["default", "large"], default="default",
+                        help="default: 50 people, forget10 / validation10 (20 questions each); large: issue 21's "
+                             "80 people, forget25 / validation25 (80 questions each), 5 seeds")  # fmt: skip
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=None,
+                        help="run only these methods, in this order (default: the profile's)")  # fmt: skip
     parser.add_argument("--stages", nargs="+", default=["reference", "validation", "test"],
                         choices=["reference", "validation", "test"])  # fmt: skip
     parser.add_argument("--summary", action="store_true", help="only print the table and draw the plot")
     parser.add_argument("--csv", type=Path, default=None,
-                        help="default benchmarks/results/oracle_comparison[_quick].csv")  # fmt: skip
-    parser.add_argument("--runs-dir", type=Path, default=None, help="default runs/oracle_comparison[_quick]")
-    parser.add_argument("--plot", type=Path, default=None, help="default benchmarks/results/oracle_pareto[_quick].png")
+                        help="default benchmarks/results/oracle_comparison[_quick][_large].csv")  # fmt: skip
+    parser.add_argument("--runs-dir", type=Path, default=None, help="default runs/oracle_comparison[_quick][_large]")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="default benchmarks/results/oracle_pareto[_quick][_large].png")  # fmt: skip
     parser.add_argument("--utility-floor", type=float, default=0.95)
     parser.add_argument("--build", type=Path, default=None,
                         help="a finished build folder to compare on, e.g. a tiny model's for a smoke test (python "
                              "-m blur_lightning.fictitious.build --base-model PATH --root DIR prints it); default: the "
-                             "default recipe's, built first when missing")  # fmt: skip
+                             "recipe's, built first when missing")  # fmt: skip
     args = parser.parse_args(argv)
     if args.build is not None and not (args.build / "build.json").is_file():
         parser.error(f"--build {args.build}: not a finished build (no build.json)")
-    profile = QUICK if args.quick else FULL
-    suffix = "_quick" if args.quick else ""
+    large = args.recipe == "large"
+    profile = (QUICK_LARGE if large else QUICK) if args.quick else (LARGE if large else FULL)
+    suffix = ("_quick" if args.quick else "") + ("_large" if large else "")
     csv_path = args.csv or RESULTS / f"oracle_comparison{suffix}.csv"
     runs_dir = args.runs_dir or REPO / "runs" / f"oracle_comparison{suffix}"
     plot_path = args.plot or RESULTS / f"oracle_pareto{suffix}.png"
@@ -675,9 +808,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.summary:
         from blur_lightning.fictitious import build as oracle_build
 
-        ledger = Ledger(csv_path, (args.build or oracle_build.build_dir()).name, profile)
+        recipe = oracle_build.LARGE if large else oracle_build.Recipe()
+        folder = args.build or oracle_build.build_dir(recipe)
+        splits = splits_of(folder) if (folder / "build.json").is_file() else (recipe.validation_split,
+                                                                             recipe.forget_split)  # fmt: skip
+        ledger = Ledger(csv_path, folder.name, profile, splits=splits)
     else:
-        ledger = compare(profile, args.stages, csv_path, runs_dir, args.utility_floor, args.build)
+        ledger = compare(profile, args.stages, csv_path, runs_dir, args.utility_floor, args.build, args.methods)
     print(summary(ledger, args.utility_floor, plot_path))
     print(f"\n{time.perf_counter() - t0:.0f} s")
     return 0

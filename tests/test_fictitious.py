@@ -240,3 +240,23 @@ def test_two_people_are_enough():
     assert FX.split_people(2)["forget10"] == [1] and FX.split_people(2)["retain90"] == [0]
     with pytest.raises(ValueError, match="people: need at least 2"):
         FX.split_people(1)
+
+
+def test_a_larger_heldout_share_gives_forget_and_validation_splits_of_that_size(tmp_path):
+    # LARGE's shape: 80 people, 25 % in each held-out split, the forget01/05/10 sets inside forget25
+    split = FX.split_people(80, heldout_percent=25)
+    forget, validation, oracle = set(split["forget25"]), set(split["validation25"]), set(split["oracle_retain"])
+    assert len(forget) == len(validation) == 20 and len(oracle) == 40 and "validation10" not in split
+    assert forget.isdisjoint(validation) and oracle.isdisjoint(forget | validation)
+    assert oracle | validation | forget == set(range(80)) and split["retain75"] == list(range(60))
+    assert set(split["forget01"]) <= set(split["forget05"]) <= set(split["forget10"]) <= forget
+    assert set(split["retain_perturbed"]) <= oracle and len(split["retain_perturbed"]) == len(split["forget10"]) == 8
+    assert FX.split_people(80) == {k: v for k, v in FX.split_people(80, 10).items()}  # the default is 10
+    for bad in (5, 50):
+        with pytest.raises(ValueError, match="heldout_percent: expected 10..49"):
+            FX.split_people(80, heldout_percent=bad)
+    counts = FX.write_splits(tmp_path, people=12, seed=0, attributes=["book", "birth_year"], heldout_percent=25)
+    assert counts["forget25"] == counts["validation25"] == counts["validation25_qa"] == 3 * 2
+    assert counts["forget25_paraphrased_qa"] == counts["forget10_qa"] * 3 == 6 and counts["oracle_retain"] == 12
+    assert not (tmp_path / "validation10.jsonl").exists()  # it would overlap forget25
+    assert json.loads((tmp_path / "manifest.json").read_text())["heldout_percent"] == 25

@@ -144,8 +144,10 @@ def test_a_bad_name_says_what_is_expected(name, match):
 
 
 @pytest.mark.parametrize(
-    "kwargs, match", [({"people": 2}, "people: need at least 3"), ({"epochs": 0}, "epochs"), ({"lr": 0.0}, "lr")]
-)
+    "kwargs, match",
+    [({"people": 2}, "people: need at least 3"), ({"epochs": 0}, "epochs"), ({"lr": 0.0}, "lr"),
+     ({"heldout_percent": 60}, "heldout_percent: expected 10..49")],
+)  # fmt: skip
 def test_a_bad_recipe_names_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         oracle.Recipe(**kwargs)
@@ -158,3 +160,12 @@ def test_a_failed_fine_tune_names_its_config_and_keeps_the_data(tmp_path):
     folder = oracle.build_dir(recipe, tmp_path)
     assert (folder / "data" / "manifest.json").is_file() and not (folder / "build.json").exists()
     assert os.path.isfile(folder / "target.yaml")
+
+
+def test_the_default_key_is_unchanged_by_the_heldout_field_and_large_names_its_splits():
+    # builds made before heldout_percent existed keep their folder (a new key would rebuild 20 minutes)
+    assert oracle.Recipe().key() == "p50-s0-4fe66bf93e"
+    assert oracle.LARGE.key() != oracle.Recipe(people=80).key()
+    assert (oracle.LARGE.forget_split, oracle.LARGE.validation_split) == ("forget25", "validation25")
+    assert oracle.LARGE.oracle_splits()[-2:] == ("forget25", "validation25")
+    assert oracle.Recipe().oracle_splits() == oracle.ORACLE_SPLITS

@@ -98,7 +98,13 @@ def test_the_summary_reads_the_ledger(tmp_path):
 
 def test_profiles_keep_the_quick_run_small():
     assert OC.QUICK.steps < OC.FULL.steps and len(OC.QUICK.seeds) == 1 and len(OC.FULL.seeds) >= 3
-    assert set(OC.FULL.methods) == set(OC.METHODS) and set(OC.QUICK.methods) <= set(OC.METHODS)
+    assert set(OC.LARGE.methods) == set(OC.METHODS) and set(OC.QUICK.methods) <= set(OC.FULL.methods)
+    assert len(OC.LARGE.seeds) >= 5 and OC.LARGE.recipe == "large" and OC.QUICK_LARGE.recipe == "large"
+    # every BLUR method has a weighted-sum twin with the same losses and optimizer
+    for name in OC.blur_family():
+        twin = OC.METHODS[OC.METHODS[name].twin]
+        assert (twin.mode, twin.forget_loss, twin.optimizer) == ("penalty", OC.METHODS[name].forget_loss,
+                                                                 OC.METHODS[name].optimizer)  # fmt: skip
     with pytest.raises(SystemExit):
         OC.main(["--stages", "nonsense"])
 
@@ -131,10 +137,59 @@ def test_the_twin_table_pairs_blur_and_npo_sum_by_seed(tmp_path):
     twin = text.split("paired by seed:")[1]
     # forget quality: +0.1 on each seed, the interval the point; utility: -2, +2, +6 points of the target's (0.5)
     assert (
-        "| 1 | 1e-05 | 1, 1e-05 | 0, 1, 2 | +0.1 [0.1, 0.1] | BLUR better than npo_sum "
+        "| 1 | 1e-05 | 1, 1e-05 (chosen, nearest FQ) | 0, 1, 2 | +0.1 [0.1, 0.1] | BLUR better than npo_sum "
         "| +2.0 [-2.0, 6.0] | not separated |" in twin
     )
-    assert "| 0.3 | 1e-05 | 1, 1e-05 | 0 | +0.4 [1 seed: no CI] | not separated (1 seed: no interval) |" in twin
-    assert "gamma 0.3: seeds 1, 2 have no twin run, left out." in twin
+    assert (
+        "| 0.3 | 1e-05 | 1, 1e-05 (chosen, nearest FQ) | 0 | +0.4 [1 seed: no CI] "
+        "| not separated (1 seed: no interval) |" in twin
+    )
+    assert "gamma 0.3 vs w 1: seeds 1, 2 have no partner run, left out." in twin
+    # the goals: utility 90-94 % of the target's misses goal 1; the paired utility interval holds 0 (goal 2)
+    assert "1. forget quality >= 0.1 with utility >= 95 % of the target's on every seed: not met" in text
+    assert "at the nearest forget quality outside the 95 % CI: no pair separated." in text
     # unpaired, the two forget-quality intervals overlap; only the pairing separates them
     assert "| 3 | 0.4 [0.2, 0.7] |" in text and "| 3 | 0.3 [0.1, 0.6] |" in text
+
+
+def test_sgd_and_adam_metric_runs_change_only_the_optimizer_and_the_metric(tmp_path):
+    folder = tmp_path / "build"
+    sgd = OC.run_config(folder, tmp_path / "r", "blur_sgd", 0.3, 1e-2, 1, "validation25", OC.LARGE)["model"]
+    assert sgd["optimizer"] == {"class_path": "torch.optim.SGD", "init_args": {"lr": 1e-2}}  # no momentum
+    assert (sgd["mode"], sgd["gamma"], sgd["projection_metric"]) == ("forget_lower", 0.3, "identity")
+    adam = OC.run_config(folder, tmp_path / "r", "blur_adam", 1.0, 1e-4, 1, "validation25", OC.LARGE)["model"]
+    assert adam["projection_metric"] == "adam" and adam["optimizer"]["class_path"] == "torch.optim.AdamW"
+    assert adam["optimizer"]["init_args"]["lr"] == 1e-4
+    assert OC.LARGE.lrs_of("blur_sgd") == OC.SGD_LRS and OC.LARGE.lrs_of("blur") == OC.LARGE.lrs
+
+
+def test_the_goals_are_read_from_every_seed(tmp_path):
+    ref = {"stage": "reference", "split": "forget25", "steps": 0}
+    rows = [
+        (ref | {"method": "target"}, {"forget_quality": 1e-6, "model_utility": 0.5}),
+        (ref | {"method": "oracle"}, {"forget_quality": 1.0, "model_utility": 0.5, "held_back_acc_after": 0.1}),
+        ({"stage": "reference", "split": "validation25", "method": "target", "steps": 0}, {"model_utility": 0.5}),
+    ]
+    for method in ("blur", "npo_sum"):
+        key, values = _val(method, 1.0, 1e-4, 0.3, 0.49)
+        rows.append((key | {"split": "validation25"}, values))
+    test = {"stage": "test", "split": "forget25", "lr": 1e-4, "steps": 20, "knob": 1.0}
+    for seed, fq in enumerate((0.2, 0.3, 0.4, 0.25, 0.35)):
+        # BLUR keeps 3 points more utility than its twin on every seed, at the same forget quality
+        rows.append((test | {"method": "blur", "seed": seed},
+                     {"forget_quality": fq, "model_utility": 0.49 - seed / 1000, "held_back_acc_after": 0.15}))
+        rows.append((test | {"method": "npo_sum", "seed": seed},
+                     {"forget_quality": fq, "model_utility": 0.475 - seed / 1000}))  # fmt: skip
+    ledger = OC.Ledger(tmp_path / "c.csv", "p80-x", OC.LARGE, splits=("validation25", "forget25"))
+    for key, values in rows:
+        ledger.add(key, values)
+    text = OC.summary(OC.Ledger(tmp_path / "c.csv", "p80-x", OC.LARGE, splits=("validation25", "forget25")), 0.95,
+                      None)  # fmt: skip
+    assert "1. forget quality >= 0.1 with utility >= 95 % of the target's on every seed: met by blur gamma 1" in text
+    assert "yes: blur gamma 1 vs w 1: Δ utility +3.0 [3.0, 3.0] points" in text
+    assert "blur gamma 1: largest gap +5.0 points over 5 seeds (within 10)" in text
+    # a seed under the utility floor loses goal 1
+    ledger.add(test | {"method": "blur", "seed": 5}, {"forget_quality": 0.5, "model_utility": 0.3})
+    again = OC.summary(OC.Ledger(tmp_path / "c.csv", "p80-x", OC.LARGE, splits=("validation25", "forget25")), 0.95,
+                       None)  # fmt: skip
+    assert "on every seed: not met by any BLUR setting." in again
