@@ -41,9 +41,10 @@ demo: $(STAMP)
 fictitious: $(STAMP)
 	$(VENV)/bin/blur-lightning fit --config configs/fictitious/forget10.yaml
 
-# BLUR against the baselines on the fictitious benchmark (resumable; QUICK=1 for the smoke run)
+# BLUR against the baselines on the fictitious benchmark (resumable; QUICK=1 for the smoke run; LARGE=1 for
+# issue 21's larger benchmark: 80 forget and 80 validation questions, 5 seeds, built once in ~35 min)
 oracle-comparison: $(STAMP)
-	$(PY) benchmarks/oracle_comparison.py $(if $(QUICK),--quick,)
+	$(PY) benchmarks/oracle_comparison.py $(if $(QUICK),--quick,) $(if $(LARGE),--recipe large,)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q
