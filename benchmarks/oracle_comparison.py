@@ -148,10 +148,14 @@ FULL = Profile("full", ("blur", "graddiff", "npo_sum", "simnpo"), (3e-5, 1e-4), 
 QUICK = Profile("quick", ("blur", "npo_sum"), (3e-5,), (0,), 4, 10, 2, (4,), knobs={"blur": (0.3,), "npo_sum": (1.0,)})
 # Issue 21's benchmark: the LARGE recipe (80 forget and 80 validation questions), 5 seeds of every test setting
 # (the swept knobs too: the paired differences at equal forget quality need them), the relearning and 4-bit probes
-# on every seed of the chosen settings. Methods in the order they run: BLUR and its twin first, then the rest.
-# lr 1e-4 is the small benchmark's choice; 20 steps of batch 8 see each of the 80 questions twice.
+# on every seed of the BLUR methods' chosen settings and on the baselines' first seed (measured on 2026-12-05: a
+# run is ~340 s, 160 s for 20 steps and 180 s for the evaluation of 80 + 80 paraphrased forget questions; the
+# probes ~190 s more). lr 1e-4 is the small benchmark's choice; 20 steps of batch 8 see each of the 80 questions
+# twice. The weighted sums' weights: 1 (the small benchmark's) and 3 (more retain weight, the side utility needs).
+_BASELINES = ("npo_sum", "npo_sum_sgd", "simnpo", "graddiff")
 LARGE = Profile("large", ("blur", "npo_sum", "blur_adam", "blur_sgd", "npo_sum_sgd", "simnpo", "graddiff"), (1e-4,),
-                (0, 1, 2, 3, 4), 20, 40, 10, (4,), recipe="large")  # fmt: skip
+                (0, 1, 2, 3, 4), 20, 40, 10, (4,), knobs={"npo_sum": (1.0, 3.0), "npo_sum_sgd": (1.0, 3.0)},
+                probe_seeds=dict.fromkeys(_BASELINES, 1), recipe="large")  # fmt: skip
 QUICK_LARGE = dataclasses.replace(QUICK, name="quick_large", methods=("blur", "blur_adam", "npo_sum"),
                                   knobs={"blur": (1.0,), "blur_adam": (1.0,), "npo_sum": (1.0,)}, lrs=(1e-4,),
                                   recipe="large")  # fmt: skip
@@ -679,8 +683,9 @@ def compare(profile: Profile, stages: Sequence[str], csv_path: Path, runs_dir: P
             folder: Path | None = None, methods: Sequence[str] | None = None) -> Ledger:  # fmt: skip
     """Run the stages on `folder`'s build (None: the profile's recipe, built first when missing).
 
-    Order: the reference stage; then method by method (`methods`, default the profile's, in that order) its
-    validation grid and the test runs of its chosen setting (probed); then the unchosen knobs of the swept
+    Order: the reference stage; the validation grid of each method (`methods`, default the profile's, in that
+    order); the test runs of the chosen settings seed by seed across the methods (so a comparison stopped early
+    holds matched seeds of BLUR and its twin), probed on `probe_seeds`; then the unchosen knobs of the swept
     methods. Every finished run is a CSV row at once, so an interrupted comparison resumes where it stopped.
     """
     folder = folder or recipe_folder(profile)
@@ -724,27 +729,27 @@ def compare(profile: Profile, stages: Sequence[str], csv_path: Path, runs_dir: P
         log(f"test {method} knob {knob:g} lr {lr:g} seed {seed}: FQ {row['forget_quality']:.3g}, "
             f"MU {row['model_utility']:.3g}, forget acc {row['forget_acc']:.2f}")  # fmt: skip
 
-    for method in methods:
-        if "validation" in stages:
-            for knob in profile.knobs_of(method):
-                for lr in profile.lrs_of(method):
-                    key = {"stage": "validation", "split": val_split, "method": method, "knob": knob, "lr": lr,
-                           "seed": 0, "steps": profile.steps}  # fmt: skip
-                    if ledger.find(**key) is not None:
-                        continue
-                    run_dir = runs_dir / f"val_{method}_k{knob:g}_lr{lr:g}"
-                    row = unlearn(folder, run_dir, method, knob, lr, 0, val_split, profile, False, None)
-                    ledger.add(key, row)
-                    log(f"validation {method} knob {knob:g} lr {lr:g}: FQ {row['forget_quality']:.3g}, "
-                        f"MU {row['model_utility']:.3g}, forget acc {row['forget_acc']:.2f}")  # fmt: skip
-        if "test" in stages:
-            chosen = choose(ledger, method, floor)
-            if chosen is None:
-                log(f"test {method}: no validation run yet, skipped")
-                continue
-            probed = (profile.probe_seeds or {}).get(method, len(profile.seeds))
-            for seed in profile.seeds:
-                test_run(method, *chosen, seed, probe=seed in profile.seeds[:probed])
+    for method in methods if "validation" in stages else ():
+        for knob in profile.knobs_of(method):
+            for lr in profile.lrs_of(method):
+                key = {"stage": "validation", "split": val_split, "method": method, "knob": knob, "lr": lr,
+                       "seed": 0, "steps": profile.steps}  # fmt: skip
+                if ledger.find(**key) is not None:
+                    continue
+                run_dir = runs_dir / f"val_{method}_k{knob:g}_lr{lr:g}"
+                row = unlearn(folder, run_dir, method, knob, lr, 0, val_split, profile, False, None)
+                ledger.add(key, row)
+                log(f"validation {method} knob {knob:g} lr {lr:g}: FQ {row['forget_quality']:.3g}, "
+                    f"MU {row['model_utility']:.3g}, forget acc {row['forget_acc']:.2f}")  # fmt: skip
+    if "test" in stages:  # seed by seed across the methods: a run stopped early still holds matched seeds
+        chosen_of = {m: choose(ledger, m, floor) for m in methods}
+        for method in [m for m, c in chosen_of.items() if c is None]:
+            log(f"test {method}: no validation run yet, skipped")
+        for seed in profile.seeds:
+            for method, chosen in chosen_of.items():
+                if chosen is not None:
+                    probed = (profile.probe_seeds or {}).get(method, len(profile.seeds))
+                    test_run(method, *chosen, seed, probe=seed in profile.seeds[:probed])
     if "test" in stages:  # the fronts: the swept methods' other knobs at their chosen lr
         for method in methods:
             chosen = choose(ledger, method, floor)
