@@ -263,9 +263,49 @@ def oracle_section(rows: list[dict[str, str]]) -> list[str]:
     ]
 
 
+def oracle_large_section(rows: list[dict[str, str]]) -> list[str]:
+    """Issue 21's larger fictitious benchmark (oracle_comparison.py --recipe large): what its CSV holds so far."""
+    import oracle_comparison
+
+    large = [r for r in rows if r["profile"] == "large"]
+    if not large:
+        return []
+    recipe = large[-1]["recipe"]
+    mine = [r for r in large if r["recipe"] == recipe]
+    splits = sorted({r["split"] for r in mine})
+    validation = next(s for s in splits if s.startswith("validation"))
+    test = next(s for s in splits if s.startswith("forget"))
+    ledger = oracle_comparison.Ledger(RESULTS_DIR / "oracle_comparison_large.csv", recipe, oracle_comparison.LARGE,
+                                      mine, splits=(validation, test))  # fmt: skip
+    validation_rows = [r for r in mine if r["stage"] == "validation"]
+    target = ledger.find(stage="reference", split=validation, method="target")
+    target_mu = target["model_utility"] if target else ""
+    body = [[r["method"], r["knob"], r["lr"], _fmt3(r["forget_quality"]), _fmt3(r["model_utility"]),
+             _pct(_num(r["forget_acc"]))] for r in validation_rows]  # fmt: skip
+    return [
+        f"### Fictitious {test}: the larger benchmark (issue 21; resumable, partial until every setting has run)",
+        "",
+        f"`benchmarks/oracle_comparison.py --recipe large`, build `{recipe}` ({_provenance(mine)}); forget quality and "
+        f"utility: mean [95% bootstrap CI over seeds]; hyperparameters chosen on {validation}; plot "
+        "`benchmarks/results/oracle_pareto_large.png`.",
+        "",
+        f"Validation runs ({validation}, seed 0; the target's utility there {_fmt3(target_mu)}, the selection floor "
+        f"95 % of it):",
+        "",
+        *_table(["method", "gamma / w", "lr", "forget quality", "utility", "forget acc %"], body),
+        "",
+        oracle_comparison.summary(ledger, 0.95, None),
+    ]
+
+
+def _fmt3(value: str) -> str:
+    return f"{float(value):.3g}" if value not in ("", None) else "-"
+
+
 SECTIONS: dict[str, Callable[[list[dict[str, str]]], list[str]]] = {
     "demo.csv": demo_section,
     "oracle_comparison.csv": oracle_section,
+    "oracle_comparison_large.csv": oracle_large_section,
     "unlearning_quality.csv": unlearning_quality_section,
     "relearning.csv": relearning_section,
     "bench_step.csv": step_section,
