@@ -6,23 +6,30 @@ the method, its knob, the lr, the seed and the split change), then reads the fit
 quality (KS p-value of the truth ratios against the oracle's saved ones), model utility (TOFU's
 harmonic mean), accuracy on the facts and on their paraphrases.
 
-Methods (a registry: one entry each), all at the same step budget (``--steps``) and batch:
+Methods (a registry, `METHODS`: one entry each), all at the profile's step budget and batch:
 
-* ``blur``      mode forget_lower, NPO + NLL; its knob gamma (the forget target) is swept: the front.
-* ``graddiff``  mode penalty, GA + NLL (d = g_f + w g_r), w = 1.
-* ``npo_sum``   mode penalty, NPO + NLL, w = 1.
+* ``blur``      mode forget_lower, NPO + NLL, AdamW; its knob gamma (the forget target) is swept: the front.
+* ``blur_adam`` the same, projected in AdamW's inner product (``projection_metric: adam``).
+* ``blur_sgd``  the same under plain SGD (its own lr grid), where BLUR's guarantee is about the step taken.
+* ``npo_sum``   mode penalty, NPO + NLL (d = g_f + w g_r): the twin of blur and blur_adam; w swept.
+* ``npo_sum_sgd`` the same under SGD: blur_sgd's twin.
+* ``graddiff``  mode penalty, GA + NLL, w = 1.
 * ``simnpo``    mode penalty, SimNPO + NLL, w = 1.
 * ``oracle`` and ``target``: evaluated as they are (stage ``reference``): the goal and the start.
+
+Recipes: ``default`` (50 people; validation10 and forget10, 20 questions each; profiles full and quick) and
+``large`` (``--recipe large``: 80 people; validation25 and forget25, 80 questions each; profiles large and
+quick_large). The split names come from the build's build.json.
 
 Stages, in order, each run appended to the CSV as it finishes (a rerun skips what the CSV holds, so the
 comparison can be split across sessions; ``--stages`` runs some):
 
-1. ``reference``: target and oracle on both splits, and the removal probes on the oracle (forget10).
-2. ``validation``: every method x knob x lr on ``validation10`` (seed 0). Selection per method: among
+1. ``reference``: target and oracle on both splits, and the removal probes on the oracle (test split).
+2. ``validation``: every method x knob x lr on the validation split (seed 0). Selection per method: among
    the settings whose validation utility is at least ``--utility-floor`` (95 %) of the target's, the
    highest forget quality (ties: higher utility); when none is, the highest utility.
-3. ``test``: on ``forget10``, each method's chosen setting for every seed, and BLUR's whole gamma sweep
-   at its chosen lr (the unchosen gammas with the profile's ``sweep_seeds``); the removal probes
+3. ``test``: on the test split, each method's chosen setting for every seed (seed by seed across the methods),
+   then the swept methods' other knobs at the chosen lr (``sweep_seeds`` of them); the removal probes
    (relearning, 8/4-bit quantization) on the chosen settings (``probe_seeds`` of them).
 
 Then ``--summary`` (or the end of a run) prints the table (mean and sd over seeds), the removal gap
@@ -43,6 +50,7 @@ import copy
 import csv
 import dataclasses
 import gc
+import math
 import statistics
 import sys
 import time
@@ -128,7 +136,7 @@ class Profile:
     knobs: dict[str, tuple[float, ...]] | None = None  # per method, instead of its own
     sweep_seeds: int | None = None  # seeds of a swept knob that was not chosen (None: all of `seeds`)
     probe_seeds: dict[str, int] | None = None  # per method, how many seeds of its chosen setting are probed
-    recipe: str = "default"  # the build it runs on: "default" (50 people, forget10) or "large" (RECIPES)
+    recipe: str = "default"  # the build it runs on: "default" (50 people, forget10) or "large" (build.LARGE)
 
     def knobs_of(self, method: str) -> tuple[float, ...]:
         return (self.knobs or {}).get(method, METHODS[method].knobs)
@@ -298,7 +306,9 @@ class Ledger:
         self.path, self.recipe, self.profile = path, recipe, profile
         self.validation_split, self.test_split = splits
         rows = _read(path) if rows is None else rows
-        self.rows = [r for r in rows if r["recipe"] == recipe and r["profile"] == profile.name]
+        # A row of another step budget is another setting: left out, so a changed profile never mixes the two.
+        self.rows = [r for r in rows if r["recipe"] == recipe and r["profile"] == profile.name
+                     and (r["stage"] == "reference" or r["steps"] == str(profile.steps))]  # fmt: skip
 
     def find(self, **key: Any) -> dict[str, str] | None:
         want = {k: _fmt(v) for k, v in key.items()}
@@ -347,7 +357,8 @@ def _num(row: dict[str, str] | None, column: str) -> float | None:
 def choose(ledger: Ledger, method: str, floor: float) -> tuple[float, float] | None:
     """(knob, lr) of `method` chosen on the validation split (module docstring), or None before any run."""
     target = ledger.find(stage="reference", split=ledger.validation_split, method="target")
-    runs = [r for r in ledger.rows if r["stage"] == "validation" and r["method"] == method]
+    runs = [r for r in ledger.rows if r["stage"] == "validation" and r["method"] == method
+            and all(math.isfinite(_num(r, c) or math.nan) for c in CI_COLUMNS)]  # a diverged run is never chosen
     if not runs or target is None:
         return None
     bar = floor * float(target["model_utility"])
@@ -367,7 +378,6 @@ def _stats(values: Iterable[float | None]) -> tuple[float, float, int] | None:
 
 
 CI_COLUMNS = ("forget_quality", "model_utility")  # reported as mean [95 % bootstrap CI]; the rest mean ± sd
-TWIN = "npo_sum"  # BLUR's weighted-sum twin: the same NPO + NLL losses and seeds (so data order), summed
 BY_SEED = (*CI_COLUMNS, "held_back_acc_after")  # kept per seed: the paired differences and the goals read them
 
 
@@ -525,7 +535,7 @@ def summary(ledger: Ledger, floor: float, plot_path: Path | None) -> str:
         verdicts.insert(0, "Dominance (BLUR - baseline, paired 95% CIs on matched seeds): dominated = better on one "
                            "axis (CI above 0) and not worse on the other (CI not below 0).")  # fmt: skip
     if blur:
-        verdicts += ["", *goals(blur, complete, target_mu, oracle_held)]
+        verdicts += ["", *goals(blur, complete, target_mu, oracle_held, len(ledger.profile.seeds))]
     text = "\n".join(lines) + ("\n\n" + "\n".join(verdicts) if verdicts else "")
     if plot_path is not None and points:
         plot(points, target, oracle, plot_path, ledger.test_split)
@@ -551,7 +561,7 @@ def twin_table(blur: Sequence[dict[str, Any]], twins: Sequence[dict[str, Any]], 
     scale = 1 / target_mu if target_mu else 1.0
     notes = []
     for b in blur:
-        nearest = min(twins, key=lambda t: abs(t["forget_quality_ci"].mean - b["forget_quality_ci"].mean))
+        nearest = _nearest(b, twins)
         for twin in [t for t in twins if t["chosen"] or t is nearest]:
             fq, seeds = paired(b, twin, "forget_quality")
             mu, _ = paired(b, twin, "model_utility")
@@ -569,17 +579,34 @@ def twin_table(blur: Sequence[dict[str, Any]], twins: Sequence[dict[str, Any]], 
     return lines + ([""] + [f"- {n}." for n in notes] if notes else [])
 
 
+def _nearest(point: dict[str, Any], others: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The point of `others` whose mean forget quality is nearest `point`'s, on a log scale: KS p-values span
+    orders of magnitude (6e-24 to 1 here), and a linear distance would always pick the smallest."""
+
+    def log_fq(p: dict[str, Any]) -> float:
+        return math.log10(max(p["forget_quality_ci"].mean, 1e-300))
+
+    return min(others, key=lambda t: abs(log_fq(t) - log_fq(point)))
+
+
+def _tag(point: dict[str, Any], seeds: int, expected: int) -> str:
+    chosen = "chosen on validation" if point["chosen"] else "not chosen: indicative only"
+    return f"{chosen}; {seeds} of {expected} seeds" + ("" if seeds >= expected else ", partial")
+
+
 def goals(blur: Sequence[dict[str, Any]], points: Sequence[dict[str, Any]], target_mu: float | None,
-          oracle_held: float | None) -> list[str]:  # fmt: skip
+          oracle_held: float | None, expected: int = 5) -> list[str]:  # fmt: skip
     """Issue 21's goals, measured: (1) forget quality >= 0.1 at utility >= 95 % of the target's on every seed;
     (2) a paired utility difference against the twin at the nearest forget quality outside its 95 % CI; (3) the
-    removal gap after relearning within 10 points of the oracle's, on every probed seed."""
+    removal gap after relearning within 10 points of the oracle's, on every probed seed. Each finding says
+    whether its setting was chosen on validation and how many of the `expected` seeds it holds: a setting with
+    fewer is partial, and one picked on the test split is not a result."""
     out = ["Goals (issue 21), as measured:"]
     met = []
     for b in blur:
         fq, mu = b["by_seed"]["forget_quality"], b["by_seed"]["model_utility"]
         if target_mu and fq and all(fq[s] >= 0.1 and mu.get(s, 0.0) / target_mu >= 0.95 for s in fq):
-            met.append(f"{b['method']} gamma {b['knob']:g} lr {b['lr']:g} ({len(fq)} seeds)")
+            met.append(f"{b['method']} gamma {b['knob']:g} lr {b['lr']:g} ({_tag(b, len(fq), expected)})")
     out.append("1. forget quality >= 0.1 with utility >= 95 % of the target's on every seed: "
                + (f"met by {'; '.join(met)}." if met else "not met by any BLUR setting."))  # fmt: skip
     separated = []
@@ -587,12 +614,13 @@ def goals(blur: Sequence[dict[str, Any]], points: Sequence[dict[str, Any]], targ
         twins = [p for p in points if p["method"] == METHODS[b["method"]].twin]
         if not twins:
             continue
-        nearest = min(twins, key=lambda t: abs(t["forget_quality_ci"].mean - b["forget_quality_ci"].mean))
+        nearest = _nearest(b, twins)
         mu, seeds = paired(b, nearest, "model_utility")
         if mu is not None and mu.has_interval and (mu.lo > 0 or mu.hi < 0):  # type: ignore[operator]
             scale = 100 / target_mu if target_mu else 100.0
             separated.append(f"{b['method']} gamma {b['knob']:g} vs w {nearest['knob']:g}: Δ utility "
-                             f"{scale * mu.mean:+.1f} [{scale * mu.lo:.1f}, {scale * mu.hi:.1f}] points")  # fmt: skip
+                             f"{scale * mu.mean:+.1f} [{scale * mu.lo:.1f}, {scale * mu.hi:.1f}] points "
+                             f"({_tag(b, len(seeds), expected)})")  # fmt: skip
     out.append("2. paired utility difference from the weighted sum at the nearest forget quality outside the 95 % CI: "
                + (f"yes: {'; '.join(separated)}." if separated else "no pair separated."))  # fmt: skip
     gaps = []
@@ -600,8 +628,8 @@ def goals(blur: Sequence[dict[str, Any]], points: Sequence[dict[str, Any]], targ
         held = b["by_seed"]["held_back_acc_after"]
         if b["chosen"] and held and oracle_held is not None:
             worst = max(v - oracle_held for v in held.values())  # above the oracle = knowledge came back
-            gaps.append(f"{b['method']} gamma {b['knob']:g}: largest gap {100 * worst:+.1f} points over {len(held)} "
-                        f"seeds ({'within' if worst <= 0.10 else 'outside'} 10)")  # fmt: skip
+            gaps.append(f"{b['method']} gamma {b['knob']:g}: largest gap {100 * worst:+.1f} points, "
+                        f"{'within' if worst <= 0.10 else 'outside'} 10 ({_tag(b, len(held), expected)})")  # fmt: skip
     out.append("3. removal gap after relearning within 10 points of the oracle: "
                + ("; ".join(gaps) + "." if gaps else "no probed BLUR run yet."))  # fmt: skip
     return out
@@ -711,14 +739,18 @@ def compare(profile: Profile, stages: Sequence[str], csv_path: Path, runs_dir: P
                 row = out["row"]
                 if split == test_split:
                     probes = _probes(out["model"], out["tokenizer"], folder, profile, None, test_split)
-                    _save_quant_ratios(runs_dir, role, probes.pop("_quant_ratios"))
+                    _save_quant_ratios(_quant_path(runs_dir, folder, role, test_split), probes.pop("_quant_ratios"))
                     row.update(probes)
                 ledger.add(key, row)
                 log(f"reference {role} on {split}: FQ {row['forget_quality']:.3g}, MU {row['model_utility']:.3g}, "
                     f"forget acc {row['forget_acc']:.2f}")  # fmt: skip
                 del out
                 gc.collect()
-    oracle_q = _load_quant_ratios(runs_dir, "oracle")
+    oracle_q = _load_quant_ratios(_quant_path(runs_dir, folder, "oracle", test_split))
+    if oracle_q is None and "test" in stages:  # resumed without the reference stage's file (another checkout)
+        oracle_q = _oracle_quant_ratios(folder, test_split, profile)
+        _save_quant_ratios(_quant_path(runs_dir, folder, "oracle", test_split), oracle_q)
+        log("the oracle's quantized truth ratios recomputed (the reference stage's file was missing)")
 
     def test_run(method: str, knob: float, lr: float, seed: int, probe: bool) -> None:
         key = {"stage": "test", "split": test_split, "method": method, "knob": knob, "lr": lr, "seed": seed,
@@ -766,17 +798,34 @@ def compare(profile: Profile, stages: Sequence[str], csv_path: Path, runs_dir: P
     return ledger
 
 
-def _save_quant_ratios(runs_dir: Path, role: str, ratios: dict[int, list[float]]) -> None:
+def _quant_path(runs_dir: Path, folder: Path, role: str, split: str) -> Path:
+    """Where a reference model's quantized truth ratios are kept: per build and split, so one runs folder can
+    serve several builds without mixing them."""
+    return runs_dir / f"{folder.name}_{role}_{split}_quantized_truth_ratios.json"
+
+
+def _oracle_quant_ratios(folder: Path, split: str, profile: Profile) -> dict[int, list[float]]:
+    from blur_lightning.data.rows import load_rows
+    from blur_lightning.evals.removal import quantization_probe
+    from blur_lightning.models.loading import load_causal_lm, load_tokenizer
+
+    model, tokenizer = load_causal_lm(str(folder / "oracle")), load_tokenizer(str(folder / "oracle"))
+    model.eval()
+    rows = load_rows(str(folder / "data" / f"{split}_perturbed.jsonl"))
+    quant = quantization_probe(model, tokenizer, rows, bits=profile.bits, reference_ratios=None)
+    return {b: r["truth_ratios"] for b, r in quant.items()}
+
+
+def _save_quant_ratios(path: Path, ratios: dict[int, list[float]]) -> None:
     import json
 
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    (runs_dir / f"{role}_quantized_truth_ratios.json").write_text(json.dumps({str(b): r for b, r in ratios.items()}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({str(b): r for b, r in ratios.items()}))
 
 
-def _load_quant_ratios(runs_dir: Path, role: str) -> dict[int, list[float]] | None:
+def _load_quant_ratios(path: Path) -> dict[int, list[float]] | None:
     import json
 
-    path = runs_dir / f"{role}_quantized_truth_ratios.json"
     if not path.exists():
         return None
     return {int(b): r for b, r in json.loads(path.read_text()).items()}

@@ -249,12 +249,14 @@ def oracle_section(rows: list[dict[str, str]]) -> list[str]:
         return []
     recipe = full[-1]["recipe"]
     mine = [r for r in full if r["recipe"] == recipe]
-    ledger = oracle_comparison.Ledger(RESULTS_DIR / "oracle_comparison.csv", recipe, oracle_comparison.FULL, mine)
+    validation, test = _splits(mine, ("validation10", "forget10"))
+    ledger = oracle_comparison.Ledger(RESULTS_DIR / "oracle_comparison.csv", recipe, oracle_comparison.FULL, mine,
+                                      splits=(validation, test))  # fmt: skip
     return [
-        "### Fictitious forget10: BLUR and the baselines against the retain oracle",
+        f"### Fictitious {test}: BLUR and the baselines against the retain oracle",
         "",
         f"`benchmarks/oracle_comparison.py`, build `{recipe}` ({_provenance(mine)}); forget quality and utility: mean "
-        "[95% bootstrap CI over seeds], the rest: mean ± sd; hyperparameters chosen on validation10; "
+        f"[95% bootstrap CI over seeds], the rest: mean ± sd; hyperparameters chosen on {validation}; "
         "the probe columns (relearning, 4 bits) over the probed seeds "
         "(the profile's probe_seeds: all of BLUR's, the baselines' first); "
         "plot `benchmarks/results/oracle_pareto.png`.",
@@ -272,9 +274,7 @@ def oracle_large_section(rows: list[dict[str, str]]) -> list[str]:
         return []
     recipe = large[-1]["recipe"]
     mine = [r for r in large if r["recipe"] == recipe]
-    splits = sorted({r["split"] for r in mine})
-    validation = next(s for s in splits if s.startswith("validation"))
-    test = next(s for s in splits if s.startswith("forget"))
+    validation, test = _splits(mine, ("validation25", "forget25"))
     ledger = oracle_comparison.Ledger(RESULTS_DIR / "oracle_comparison_large.csv", recipe, oracle_comparison.LARGE,
                                       mine, splits=(validation, test))  # fmt: skip
     validation_rows = [r for r in mine if r["stage"] == "validation"]
@@ -296,6 +296,15 @@ def oracle_large_section(rows: list[dict[str, str]]) -> list[str]:
         "",
         oracle_comparison.summary(ledger, 0.95, None),
     ]
+
+
+def _splits(rows: list[dict[str, str]], default: tuple[str, str]) -> tuple[str, str]:
+    """(validation, test) split names of a comparison's rows (a build's held-out share names them); `default`
+    for one the rows do not hold yet (the reference stage writes validation first)."""
+    names = {r["split"] for r in rows}
+    validation = next((s for s in sorted(names) if s.startswith("validation")), default[0])
+    test = next((s for s in sorted(names) if s.startswith("forget")), default[1])
+    return validation, test
 
 
 def _fmt3(value: str) -> str:

@@ -251,7 +251,11 @@ def test_a_larger_heldout_share_gives_forget_and_validation_splits_of_that_size(
     assert oracle | validation | forget == set(range(80)) and split["retain75"] == list(range(60))
     assert set(split["forget01"]) <= set(split["forget05"]) <= set(split["forget10"]) <= forget
     assert set(split["retain_perturbed"]) <= oracle and len(split["retain_perturbed"]) == len(split["forget10"]) == 8
-    assert FX.split_people(80) == {k: v for k, v in FX.split_people(80, 10).items()}  # the default is 10
+    default = FX.split_people(80)  # the default share: the splits as before the field existed
+    assert default["forget10"] == list(range(72, 80)) and "forget25" not in default
+    assert default["validation10"] == list(range(64, 72)) and default["oracle_retain"] == list(range(64))
+    with pytest.raises(ValueError, match="leaves nobody for the oracle"):
+        FX.split_people(4, heldout_percent=40)
     for bad in (5, 50):
         with pytest.raises(ValueError, match="heldout_percent: expected 10..49"):
             FX.split_people(80, heldout_percent=bad)

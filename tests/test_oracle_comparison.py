@@ -185,11 +185,29 @@ def test_the_goals_are_read_from_every_seed(tmp_path):
         ledger.add(key, values)
     text = OC.summary(OC.Ledger(tmp_path / "c.csv", "p80-x", OC.LARGE, splits=("validation25", "forget25")), 0.95,
                       None)  # fmt: skip
-    assert "1. forget quality >= 0.1 with utility >= 95 % of the target's on every seed: met by blur gamma 1" in text
-    assert "yes: blur gamma 1 vs w 1: Δ utility +3.0 [3.0, 3.0] points" in text
-    assert "blur gamma 1: largest gap +5.0 points over 5 seeds (within 10)" in text
+    assert ("1. forget quality >= 0.1 with utility >= 95 % of the target's on every seed: met by blur gamma 1 lr "
+            "0.0001 (chosen on validation; 5 of 5 seeds)") in text  # fmt: skip
+    assert "yes: blur gamma 1 vs w 1: Δ utility +3.0 [3.0, 3.0] points (chosen on validation; 5 of 5 seeds)" in text
+    assert "blur gamma 1: largest gap +5.0 points, within 10 (chosen on validation; 5 of 5 seeds)" in text
     # a seed under the utility floor loses goal 1
     ledger.add(test | {"method": "blur", "seed": 5}, {"forget_quality": 0.5, "model_utility": 0.3})
     again = OC.summary(OC.Ledger(tmp_path / "c.csv", "p80-x", OC.LARGE, splits=("validation25", "forget25")), 0.95,
                        None)  # fmt: skip
     assert "on every seed: not met by any BLUR setting." in again
+
+
+def test_the_nearest_twin_is_nearest_on_a_log_scale_and_other_budgets_stay_out(tmp_path):
+    def point(fq):
+        return {"forget_quality_ci": OC.Interval(fq, None, None, 1)}
+
+    twins = [point(1e-8), point(1e-15)]
+    assert OC._nearest(point(1e-9), twins) is twins[0]  # a linear distance would pick 1e-15
+    ledger = OC.Ledger(tmp_path / "c.csv", "p80-x", OC.LARGE, splits=("validation25", "forget25"))
+    key = {"stage": "validation", "split": "validation25", "method": "blur", "knob": 1.0, "lr": 1e-4, "seed": 0}
+    ledger.add(key | {"steps": 40}, {"forget_quality": 0.9, "model_utility": 0.5})  # another step budget
+    ledger.add(key | {"steps": 20, "knob": 0.3}, {"forget_quality": float("nan"), "model_utility": 0.6})  # diverged
+    ledger.add(key | {"steps": 20, "knob": 0.1}, {"forget_quality": 0.01, "model_utility": 0.1})
+    ledger.add({"stage": "reference", "split": "validation25", "method": "target", "steps": 0}, {"model_utility": 0.5})
+    again = OC.Ledger(tmp_path / "c.csv", "p80-x", OC.LARGE, splits=("validation25", "forget25"))
+    assert len(again.rows) == 3  # the 40-step row is another setting
+    assert OC.choose(again, "blur", 0.95) == (0.1, 1e-4)  # neither the 40-step row nor the NaN one

@@ -289,6 +289,9 @@ def split_people(n: int, heldout_percent: int = 10) -> dict[str, list[int]]:
         splits[f"retain{100 - percent}"] = list(range(n - k))
     splits["retain_perturbed"] = list(range(len(splits["forget10"])))
     k = len(splits[f"forget{heldout_percent:02d}"])
+    if heldout_percent != 10 and n - 2 * k < 1:  # found here, not after the target's fine-tune
+        raise ValueError(f"heldout_percent: {heldout_percent} % of {n} people in each of forget and validation "
+                         f"leaves nobody for the oracle; use more people or a smaller share")  # fmt: skip
     splits[f"validation{heldout_percent:02d}"] = list(range(max(0, n - 2 * k), n - k))
     splits["oracle_retain"] = list(range(max(0, n - 2 * k)))
     return splits
