@@ -354,11 +354,15 @@ def _num(row: dict[str, str] | None, column: str) -> float | None:
 
 
 # ============================================================================ selection and summary
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)  # 0.0 is a value (a forget quality can be 0)
+
+
 def choose(ledger: Ledger, method: str, floor: float) -> tuple[float, float] | None:
     """(knob, lr) of `method` chosen on the validation split (module docstring), or None before any run."""
     target = ledger.find(stage="reference", split=ledger.validation_split, method="target")
     runs = [r for r in ledger.rows if r["stage"] == "validation" and r["method"] == method
-            and all(math.isfinite(_num(r, c) or math.nan) for c in CI_COLUMNS)]  # a diverged run is never chosen
+            and all(_finite(_num(r, c)) for c in CI_COLUMNS)]  # a diverged run is never chosen
     if not runs or target is None:
         return None
     bar = floor * float(target["model_utility"])

@@ -206,7 +206,7 @@ def test_the_nearest_twin_is_nearest_on_a_log_scale_and_other_budgets_stay_out(t
     key = {"stage": "validation", "split": "validation25", "method": "blur", "knob": 1.0, "lr": 1e-4, "seed": 0}
     ledger.add(key | {"steps": 40}, {"forget_quality": 0.9, "model_utility": 0.5})  # another step budget
     ledger.add(key | {"steps": 20, "knob": 0.3}, {"forget_quality": float("nan"), "model_utility": 0.6})  # diverged
-    ledger.add(key | {"steps": 20, "knob": 0.1}, {"forget_quality": 0.01, "model_utility": 0.1})
+    ledger.add(key | {"steps": 20, "knob": 0.1}, {"forget_quality": 0.0, "model_utility": 0.1})  # 0 is a value
     ledger.add({"stage": "reference", "split": "validation25", "method": "target", "steps": 0}, {"model_utility": 0.5})
     again = OC.Ledger(tmp_path / "c.csv", "p80-x", OC.LARGE, splits=("validation25", "forget25"))
     assert len(again.rows) == 3  # the 40-step row is another setting
