@@ -240,24 +240,34 @@ def demo_section(rows: list[dict[str, str]]) -> list[str]:
     return lines
 
 
+def _comparison(rows: list[dict[str, str]], profile_name: str, default_splits: tuple[str, str]):
+    """The newest recipe's rows of one oracle_comparison.py profile as a Ledger, or None without any."""
+    import oracle_comparison
+
+    picked = [r for r in rows if r["profile"] == profile_name]
+    if not picked:
+        return None
+    recipe = picked[-1]["recipe"]
+    mine = [r for r in picked if r["recipe"] == recipe]
+    splits = _splits(mine, default_splits)
+    csv_name = "oracle_comparison_large.csv" if profile_name == "large" else "oracle_comparison.csv"
+    return oracle_comparison.Ledger(RESULTS_DIR / csv_name, recipe, oracle_comparison.PROFILES[profile_name], mine,
+                                    splits=splits)  # fmt: skip
+
+
 def oracle_section(rows: list[dict[str, str]]) -> list[str]:
     """The fictitious benchmark's comparison (oracle_comparison.py): the newest recipe's full profile."""
     import oracle_comparison
 
-    full = [r for r in rows if r["profile"] == "full"]
-    if not full:
+    ledger = _comparison(rows, "full", ("validation10", "forget10"))
+    if ledger is None:
         return []
-    recipe = full[-1]["recipe"]
-    mine = [r for r in full if r["recipe"] == recipe]
-    validation, test = _splits(mine, ("validation10", "forget10"))
-    ledger = oracle_comparison.Ledger(RESULTS_DIR / "oracle_comparison.csv", recipe, oracle_comparison.FULL, mine,
-                                      splits=(validation, test))  # fmt: skip
     return [
-        f"### Fictitious {test}: BLUR and the baselines against the retain oracle",
+        f"### Fictitious {ledger.test_split}: BLUR and the baselines against the retain oracle",
         "",
-        f"`benchmarks/oracle_comparison.py`, build `{recipe}` ({_provenance(mine)}); forget quality and utility: mean "
-        f"[95% bootstrap CI over seeds], the rest: mean ± sd; hyperparameters chosen on {validation}; "
-        "the probe columns (relearning, 4 bits) over the probed seeds "
+        f"`benchmarks/oracle_comparison.py`, build `{ledger.recipe}` ({_provenance(ledger.rows)}); forget quality and "
+        f"utility: mean [95% bootstrap CI over seeds], the rest: mean ± sd; hyperparameters chosen on "
+        f"{ledger.validation_split}; the probe columns (relearning, 4 bits) over the probed seeds "
         "(the profile's probe_seeds: all of BLUR's, the baselines' first); "
         "plot `benchmarks/results/oracle_pareto.png`.",
         "",
@@ -269,25 +279,21 @@ def oracle_large_section(rows: list[dict[str, str]]) -> list[str]:
     """Issue 21's larger fictitious benchmark (oracle_comparison.py --recipe large): what its CSV holds so far."""
     import oracle_comparison
 
-    large = [r for r in rows if r["profile"] == "large"]
-    if not large:
+    ledger = _comparison(rows, "large", ("validation25", "forget25"))
+    if ledger is None:
         return []
-    recipe = large[-1]["recipe"]
-    mine = [r for r in large if r["recipe"] == recipe]
-    validation, test = _splits(mine, ("validation25", "forget25"))
-    ledger = oracle_comparison.Ledger(RESULTS_DIR / "oracle_comparison_large.csv", recipe, oracle_comparison.LARGE,
-                                      mine, splits=(validation, test))  # fmt: skip
-    validation_rows = [r for r in mine if r["stage"] == "validation"]
+    validation = ledger.validation_split
     target = ledger.find(stage="reference", split=validation, method="target")
     target_mu = target["model_utility"] if target else ""
     body = [[r["method"], r["knob"], r["lr"], _fmt3(r["forget_quality"]), _fmt3(r["model_utility"]),
-             _pct(_num(r["forget_acc"]))] for r in validation_rows]  # fmt: skip
+             _pct(_num(r["forget_acc"]))] for r in ledger.rows if r["stage"] == "validation"]  # fmt: skip
     return [
-        f"### Fictitious {test}: the larger benchmark (issue 21; resumable, partial until every setting has run)",
+        f"### Fictitious {ledger.test_split}: the larger benchmark (issue 21; resumable, partial until every setting "
+        "has run)",
         "",
-        f"`benchmarks/oracle_comparison.py --recipe large`, build `{recipe}` ({_provenance(mine)}); forget quality and "
-        f"utility: mean [95% bootstrap CI over seeds]; hyperparameters chosen on {validation}; plot "
-        "`benchmarks/results/oracle_pareto_large.png`.",
+        f"`benchmarks/oracle_comparison.py --recipe large`, build `{ledger.recipe}` ({_provenance(ledger.rows)}); "
+        f"forget quality and utility: mean [95% bootstrap CI over seeds]; hyperparameters chosen on {validation}; "
+        "plot `benchmarks/results/oracle_pareto_large.png`.",
         "",
         f"Validation runs ({validation}, seed 0; the target's utility there {_fmt3(target_mu)}, the selection floor "
         f"95 % of it):",
