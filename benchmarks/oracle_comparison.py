@@ -613,20 +613,27 @@ def goals(blur: Sequence[dict[str, Any]], points: Sequence[dict[str, Any]], targ
             met.append(f"{b['method']} gamma {b['knob']:g} lr {b['lr']:g} ({_tag(b, len(fq), expected)})")
     out.append("1. forget quality >= 0.1 with utility >= 95 % of the target's on every seed: "
                + (f"met by {'; '.join(met)}." if met else "not met by any BLUR setting."))  # fmt: skip
-    separated = []
+    separated, compared = [], 0
     for b in blur:
         twins = [p for p in points if p["method"] == METHODS[b["method"]].twin]
         if not twins:
             continue
         nearest = _nearest(b, twins)
         mu, seeds = paired(b, nearest, "model_utility")
-        if mu is not None and mu.has_interval and (mu.lo > 0 or mu.hi < 0):  # type: ignore[operator]
+        if mu is None or not mu.has_interval:
+            continue
+        compared += 1
+        if mu.lo > 0 or mu.hi < 0:  # type: ignore[operator]
             scale = 100 / target_mu if target_mu else 100.0
             separated.append(f"{b['method']} gamma {b['knob']:g} vs w {nearest['knob']:g}: Δ utility "
                              f"{scale * mu.mean:+.1f} [{scale * mu.lo:.1f}, {scale * mu.hi:.1f}] points "
                              f"({_tag(b, len(seeds), expected)})")  # fmt: skip
+    # "no pair separated" claims a comparison: with fewer than 2 matched seeds there is no interval to read
+    verdict = (f"yes: {'; '.join(separated)}." if separated
+               else f"no pair separated ({compared} compared)." if compared
+               else "no pair with 2 or more matched seeds yet.")  # fmt: skip
     out.append("2. paired utility difference from the weighted sum at the nearest forget quality outside the 95 % CI: "
-               + (f"yes: {'; '.join(separated)}." if separated else "no pair separated."))  # fmt: skip
+               + verdict)  # fmt: skip
     gaps = []
     for b in blur:
         held = b["by_seed"]["held_back_acc_after"]
@@ -646,6 +653,7 @@ def plot(points: Sequence[dict[str, Any]], target, oracle, path: Path, split: st
     import matplotlib.pyplot as plt
 
     target_mu = _num(target, "model_utility") or 1.0
+    floor = fq_floor(points, target, oracle)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     markers = {"blur": "o", "graddiff": "s", "npo_sum": "^", "simnpo": "D", "blur_adam": "P", "blur_sgd": "v",
                "npo_sum_sgd": "<"}  # fmt: skip
@@ -655,9 +663,9 @@ def plot(points: Sequence[dict[str, Any]], target, oracle, path: Path, split: st
         if not ps:
             continue
         xs = [p["model_utility"][0] / target_mu for p in ps]
-        ys = [max(p["forget_quality"][0], 1e-12) for p in ps]
+        ys = [max(p["forget_quality"][0], floor) for p in ps]
         xerr = _bars([p["model_utility_ci"] for p in ps], 1 / target_mu)
-        yerr = _bars([p["forget_quality_ci"] for p in ps], 1.0, floor=1e-12)
+        yerr = _bars([p["forget_quality_ci"] for p in ps], 1.0, floor=floor)
         ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker=markers[method], capsize=3, label=TITLES[method],
                     linestyle="-" if len(ps) > 1 else "none")  # fmt: skip
         if method in blur_family():
@@ -665,20 +673,32 @@ def plot(points: Sequence[dict[str, Any]], target, oracle, path: Path, split: st
                 ax.annotate(f"γ={p['knob']:g}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     for ref, marker, label in ((oracle, "*", "retain oracle"), (target, "X", "target")):
         if ref is not None and _num(ref, "model_utility") is not None:
-            fq = max(_num(ref, "forget_quality") or 1e-12, 1e-12)
+            fq = max(_num(ref, "forget_quality") or floor, floor)
             ax.scatter([_num(ref, "model_utility") / target_mu], [fq], marker=marker, s=120, color="k", label=label)
     ax.axhline(0.1, color="grey", linestyle=":", linewidth=1)
     ax.axvline(0.95, color="grey", linestyle=":", linewidth=1)
     ax.set_yscale("log")
     ax.set_xlabel("model utility / target's")
-    ax.set_ylabel("forget quality (KS p-value vs oracle)")
+    ax.set_ylabel(f"forget quality (KS p-value vs oracle; 0 drawn at {floor:.0e})")
     ax.set_title(f"Fictitious {split}: forget quality against utility (mean, 95% bootstrap CI over seeds)",
                  fontsize=10)  # fmt: skip
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def fq_floor(points: Sequence[dict[str, Any]], *refs: dict[str, Any] | None) -> float:
+    """The log axis's lowest drawn forget quality: a tenth of the smallest positive value in the points, their
+    intervals' lower ends and the references, so that only a p-value of exactly 0 sits on it. A fixed floor
+    hides the result: on 80 questions the target scores 2e-18 and 20 steps of unlearning 1e-15, and a floor
+    of 1e-12 drew them on one line."""
+    values = [p["forget_quality_ci"].mean for p in points if p["forget_quality_ci"] is not None]
+    values += [p["forget_quality_ci"].lo for p in points if p["forget_quality_ci"] is not None]
+    values += [_num(ref, "forget_quality") for ref in refs]
+    positive = [v for v in values if v is not None and v > 0]
+    return min(positive) / 10 if positive else 1e-12
 
 
 def _bars(stats: Sequence[Interval], scale: float, floor: float | None = None) -> list[list[float]]:

@@ -147,7 +147,7 @@ def test_the_twin_table_pairs_blur_and_npo_sum_by_seed(tmp_path):
     assert "gamma 0.3 vs w 1: seeds 1, 2 have no partner run, left out." in twin
     # the goals: utility 90-94 % of the target's misses goal 1; the paired utility interval holds 0 (goal 2)
     assert "1. forget quality >= 0.1 with utility >= 95 % of the target's on every seed: not met" in text
-    assert "at the nearest forget quality outside the 95 % CI: no pair separated." in text
+    assert "at the nearest forget quality outside the 95 % CI: no pair separated (1 compared)." in text
     # unpaired, the two forget-quality intervals overlap; only the pairing separates them
     assert "| 3 | 0.4 [0.2, 0.7] |" in text and "| 3 | 0.3 [0.1, 0.6] |" in text
 
@@ -211,3 +211,25 @@ def test_the_nearest_twin_is_nearest_on_a_log_scale_and_other_budgets_stay_out(t
     again = OC.Ledger(tmp_path / "c.csv", "p80-x", OC.LARGE, splits=("validation25", "forget25"))
     assert len(again.rows) == 3  # the 40-step row is another setting
     assert OC.choose(again, "blur", 0.95) == (0.1, 1e-4)  # neither the 40-step row nor the NaN one
+
+
+def test_the_plot_floor_sits_under_every_positive_forget_quality():
+    # 80-question runs: the target at 2.45e-18, unlearned runs near 1e-15; a fixed 1e-12 floor drew both on one line
+    def point(mean, lo):
+        return {"forget_quality_ci": OC.Interval(mean, lo, None if lo is None else 2 * mean, 2)}
+
+    target, oracle = {"forget_quality": "2.45e-18"}, {"forget_quality": "1"}
+    assert OC.fq_floor([point(1.4e-15, 3e-16), point(0.2, 0.0)], target, oracle) == pytest.approx(2.45e-19)
+    assert OC.fq_floor([point(1e-15, 3e-16)], None, None) == pytest.approx(3e-17)
+    assert OC.fq_floor([point(0.0, None), {"forget_quality_ci": None}], {"forget_quality": ""}) == 1e-12
+
+
+def test_goal_two_says_when_no_pair_has_an_interval_yet():
+    def point(method, knob, mu):
+        by_seed = {"forget_quality": {0: 1e-15}, "model_utility": {0: mu}, "held_back_acc_after": {}}
+        fq = OC.Interval(1e-15, None, None, 1)
+        return {"method": method, "knob": knob, "lr": 3e-5, "chosen": True, "forget_quality_ci": fq, "by_seed": by_seed}
+
+    blur = point("blur", 0.3, 0.33)
+    text = "\n".join(OC.goals([blur], [blur, point("npo_sum", 3.0, 0.34)], 0.36, 0.0))
+    assert "95 % CI: no pair with 2 or more matched seeds yet." in text
