@@ -46,6 +46,7 @@ SCRIPTS = {
     "results_page.py": "test_results_page",
     "metric_costs.py": "test_metric_costs",
     "fictitious_privacy.py": "test_fictitious_privacy",
+    "projection_share.py": "test_projection_share",
 }
 
 
@@ -343,6 +344,42 @@ def test_oracle_comparison_on_a_larger_heldout_share(tmp_path, random_model):
     assert config["data"]["forget_path"].endswith("forget25.jsonl")
     assert "BLUR in AdamW's metric (projection_metric adam) minus its weighted-sum twin" in out
     assert "Goals (issue 21), as measured:" in out
+    # the projection's share of d, read from these runs' own logs (4 steps each)
+    runs = [tmp_path / "runs" / f"test_{m}_k1_lr0.0001_s0" for m in ("blur", "blur_adam", "npo_sum")]
+    run_script("projection_share.py", *runs, "--csv", tmp_path / "shares.csv", timeout=60)
+    shares = {r["run"]: r for r in read_csv(tmp_path / "shares.csv")}
+    assert [(shares[p.name]["mode"], shares[p.name]["steps"]) for p in runs] == [
+        ("forget_lower", "4"), ("forget_lower", "4"), ("penalty", "4")]  # fmt: skip
+    assert float(shares["test_npo_sum_k1_lr0.0001_s0"]["share_max"]) == 0.0
+    # in the identity metric coef - gamma = -<g_r, g_f> / ||g_f||^2: the share from coef equals the one from dot_rf
+    metrics = read_csv(runs[0] / "metrics.csv")
+    from_dot = [abs(float(r["train/dot_rf"])) / float(r["train/sq_forget"]) ** 0.5 / float(r["train/direction_norm"])
+                for r in metrics if r.get("train/coef")]  # fmt: skip
+    assert float(shares[runs[0].name]["share_max"]) == pytest.approx(max(from_dot), rel=1e-4)
+
+
+@pytest.mark.timeout(60)
+def test_projection_share(tmp_path):
+    # Two logged steps of a gamma-0.3 BLUR run: coef 0.4 with ||g_f|| 10 and ||d|| 2 is a correction of
+    # 0.1 * 10 / 2 = 50 % of the step; coef 0.3 is none. An evaluation row (no train/coef) is skipped.
+    head = "step,train/coef,train/sq_forget,train/sq_retain,train/direction_norm,train/cosine,fictitious/model_utility"
+    run = tmp_path / "blur_run"
+    run.mkdir()
+    (run / "metrics.csv").write_text(f"{head}\n0,0.4,100,4,2,-0.5,\n1,0.3,100,1,3.1,0.0,\n1,,,,,,0.4\n")
+    (run / "hparams.yaml").write_text("gamma: 0.3\nmode: forget_lower\n")
+    out = run_script("projection_share.py", run, "--csv", tmp_path / "s.csv", timeout=50)
+    (row,) = read_csv(tmp_path / "s.csv")
+    shares = (float(row["share_median"]), float(row["share_max"]))
+    assert row["steps"] == "2" and shares == (pytest.approx(0.25), pytest.approx(0.5))
+    assert (float(row["gf_over_gr_median"]), float(row["coef_min"]), float(row["coef_max"])) == (7.5, 0.3, 0.4)
+    assert "| blur_run | forget_lower | 0.3 | 2 | 0.3..0.4 | 7.5 | 25 % (50 %) | -0.25 |" in out
+    # a folder without its hyperparameters: a clear error naming the file, no partial CSV
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "metrics.csv").write_text(head + "\n")
+    proc = subprocess.run([sys.executable, "benchmarks/projection_share.py", tmp_path / "bare", "--csv",
+                           tmp_path / "t.csv"], cwd=REPO, capture_output=True, text=True, timeout=50)  # fmt: skip
+    assert proc.returncode != 0 and f"{tmp_path / 'bare' / 'hparams.yaml'}: not found" in proc.stderr
+    assert not (tmp_path / "t.csv").exists()
 
 
 @pytest.mark.timeout(60)
