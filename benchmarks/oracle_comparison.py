@@ -440,6 +440,9 @@ def _ci(stat: Interval | None, scale: float = 1.0, digits: int = 3, percent: boo
         return "-"
     k = 100 * scale if percent else scale
     form = (lambda v: f"{k * v:.1f}") if percent else (lambda v: f"{k * v:.{digits}g}")
+    largest = max(abs(k * v) for v in (stat.mean, stat.lo, stat.hi) if v is not None)
+    if percent and 0 < largest < 0.05:  # "+0.0 [-0.0, 0.0]" hides whether twins differ at all: show 2 digits
+        form = lambda v: f"{k * v:.2g}"  # noqa: E731
     if not stat.has_interval:
         return f"{form(stat.mean)} [1 seed: no CI]"
     return f"{form(stat.mean)} [{form(stat.lo)}, {form(stat.hi)}]"

@@ -233,3 +233,12 @@ def test_goal_two_says_when_no_pair_has_an_interval_yet():
     blur = point("blur", 0.3, 0.33)
     text = "\n".join(OC.goals([blur], [blur, point("npo_sum", 3.0, 0.34)], 0.36, 0.0))
     assert "95 % CI: no pair with 2 or more matched seeds yet." in text
+
+
+def test_utility_differences_under_a_twentieth_of_a_point_keep_two_digits():
+    # the large benchmark's twins differed by +3.2e-5 utility (0.009 points of the target's 0.360): ".1f" printed
+    # "+0.0 [-0.0, 0.0]", which hides whether the two methods differ at all
+    tiny = OC.Interval(3.2e-5, -2.7e-5, 8.7e-5, 5)
+    assert OC._signed(tiny, 1 / 0.36, percent=True) == "+0.0089 [-0.0075, 0.024]"
+    assert OC._signed(OC.Interval(0.01, 0.005, 0.02, 5), 1 / 0.36, percent=True) == "+2.8 [1.4, 5.6]"
+    assert OC._ci(OC.Interval(0.0, 0.0, 0.0, 5), percent=True) == "0.0 [0.0, 0.0]"
