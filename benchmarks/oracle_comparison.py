@@ -697,8 +697,8 @@ def fq_floor(points: Sequence[dict[str, Any]], *refs: dict[str, Any] | None) -> 
     intervals' lower ends and the references, so that only a p-value of exactly 0 sits on it. A fixed floor
     hides the result: on 80 questions the target scores 2e-18 and 20 steps of unlearning 1e-15, and a floor
     of 1e-12 drew them on one line."""
-    values = [p["forget_quality_ci"].mean for p in points if p["forget_quality_ci"] is not None]
-    values += [p["forget_quality_ci"].lo for p in points if p["forget_quality_ci"] is not None]
+    intervals = [p["forget_quality_ci"] for p in points if p["forget_quality_ci"] is not None]
+    values = [v for ci in intervals for v in (ci.mean, ci.lo)]
     values += [_num(ref, "forget_quality") for ref in refs]
     positive = [v for v in values if v is not None and v > 0]
     return min(positive) / 10 if positive else 1e-12
@@ -812,9 +812,8 @@ def compare(profile: Profile, stages: Sequence[str], csv_path: Path, runs_dir: P
                 if chosen is not None:
                     probed = (profile.probe_seeds or {}).get(method, len(profile.seeds))
                     test_run(method, *chosen, seed, probe=seed in profile.seeds[:probed])
-    if "test" in stages:  # the fronts: the swept methods' other knobs at their chosen lr
-        for method in methods:
-            chosen = choose(ledger, method, floor)
+        # the fronts: the swept methods' other knobs at their chosen lr (test rows do not move a choice)
+        for method, chosen in chosen_of.items():
             if chosen is None or not METHODS[method].sweep_on_test:
                 continue
             for knob in profile.knobs_of(method):

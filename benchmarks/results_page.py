@@ -240,8 +240,9 @@ def demo_section(rows: list[dict[str, str]]) -> list[str]:
     return lines
 
 
-def _comparison(rows: list[dict[str, str]], profile_name: str, default_splits: tuple[str, str]):
-    """The newest recipe's rows of one oracle_comparison.py profile as a Ledger, or None without any."""
+def _comparison(rows: list[dict[str, str]], csv_name: str, profile_name: str, default_splits: tuple[str, str]):
+    """The newest recipe's rows of one oracle_comparison.py profile (from RESULTS_DIR/`csv_name`) as a Ledger, or
+    None without any."""
     import oracle_comparison
 
     picked = [r for r in rows if r["profile"] == profile_name]
@@ -250,7 +251,6 @@ def _comparison(rows: list[dict[str, str]], profile_name: str, default_splits: t
     recipe = picked[-1]["recipe"]
     mine = [r for r in picked if r["recipe"] == recipe]
     splits = _splits(mine, default_splits)
-    csv_name = "oracle_comparison_large.csv" if profile_name == "large" else "oracle_comparison.csv"
     return oracle_comparison.Ledger(RESULTS_DIR / csv_name, recipe, oracle_comparison.PROFILES[profile_name], mine,
                                     splits=splits)  # fmt: skip
 
@@ -259,7 +259,7 @@ def oracle_section(rows: list[dict[str, str]]) -> list[str]:
     """The fictitious benchmark's comparison (oracle_comparison.py): the newest recipe's full profile."""
     import oracle_comparison
 
-    ledger = _comparison(rows, "full", ("validation10", "forget10"))
+    ledger = _comparison(rows, "oracle_comparison.csv", "full", ("validation10", "forget10"))
     if ledger is None:
         return []
     return [
@@ -279,7 +279,7 @@ def oracle_large_section(rows: list[dict[str, str]]) -> list[str]:
     """Issue 21's larger fictitious benchmark (oracle_comparison.py --recipe large): what its CSV holds so far."""
     import oracle_comparison
 
-    ledger = _comparison(rows, "large", ("validation25", "forget25"))
+    ledger = _comparison(rows, "oracle_comparison_large.csv", "large", ("validation25", "forget25"))
     if ledger is None:
         return []
     validation = ledger.validation_split
@@ -314,7 +314,8 @@ def _splits(rows: list[dict[str, str]], default: tuple[str, str]) -> tuple[str, 
 
 
 def _fmt3(value: str) -> str:
-    return f"{float(value):.3g}" if value not in ("", None) else "-"
+    number = _num(value)
+    return "-" if number is None else f"{number:.3g}"
 
 
 SECTIONS: dict[str, Callable[[list[dict[str, str]]], list[str]]] = {
