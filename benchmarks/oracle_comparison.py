@@ -85,9 +85,15 @@ class Method:
     twin: str | None = None  # the weighted sum of the same losses and optimizer, paired with it by seed
 
 
-# SGD's lrs: AdamW at 1e-4 moves each of SmolLM2's 1.35e8 weights by ~1e-4 at first (a step of norm ~1.2); NPO's
-# forget gradient starts near norm 80, so plain SGD takes a like first step at ~1.5e-2.
-SGD_LRS = (1e-2, 3e-2)
+# SGD's lrs, from the step sizes: AdamW's first steps at 3e-5 move each of SmolLM2's 1.35e8 weights by ~3e-5 (a
+# step of norm ~0.35; at 1e-4, ~1.2, broke utility). On forget25 NPO's forget gradient has norm ~5 at the first
+# step and 0.4-22 after (measured, blur_sgd gamma 0.1 at lr 1e-2, the first grid: its |d| of 0.06-2.2 made steps
+# of 1e-3 to 2e-2 and the NPO loss moved from 13.863 to 13.856 in 20 steps, nothing unlearnt). Under SGD BLUR at
+# gamma with lr eta takes nearly the step of the sum at weight 1/gamma with lr eta * gamma (d_sum = g_f + w g_r), so
+# the sum's grid is BLUR's times 0.3: BLUR gamma 0.3 at lr 1 faces the sum at w 3 and lr 0.3, gamma 1 at 0.3 faces
+# w 1 at 0.3.
+BLUR_SGD_LRS = (0.3, 1.0)
+SUM_SGD_LRS = (0.1, 0.3)
 METHODS: dict[str, Method] = {
     "blur": Method("npo", "forget_lower", (0.1, 0.3, 1.0), sweep_on_test=True, twin="npo_sum"),
     "graddiff": Method("ga", "penalty", (1.0,)),
@@ -95,9 +101,15 @@ METHODS: dict[str, Method] = {
     "simnpo": Method("simnpo", "penalty", (1.0,)),
     "blur_adam": Method("npo", "forget_lower", (0.1, 0.3, 1.0), sweep_on_test=True, metric="adam", twin="npo_sum"),
     "blur_sgd": Method(
-        "npo", "forget_lower", (0.1, 0.3, 1.0), sweep_on_test=True, optimizer="sgd", lrs=SGD_LRS, twin="npo_sum_sgd"
+        "npo",
+        "forget_lower",
+        (0.1, 0.3, 1.0),
+        sweep_on_test=True,
+        optimizer="sgd",
+        lrs=BLUR_SGD_LRS,
+        twin="npo_sum_sgd",
     ),
-    "npo_sum_sgd": Method("npo", "penalty", (0.3, 1.0, 3.0), sweep_on_test=True, optimizer="sgd", lrs=SGD_LRS),
+    "npo_sum_sgd": Method("npo", "penalty", (0.3, 1.0, 3.0), sweep_on_test=True, optimizer="sgd", lrs=SUM_SGD_LRS),
 }
 TITLES = {
     "blur": "BLUR (forget_lower, NPO + NLL)",
@@ -361,8 +373,11 @@ def _finite(value: float | None) -> bool:
 def choose(ledger: Ledger, method: str, floor: float) -> tuple[float, float] | None:
     """(knob, lr) of `method` chosen on the validation split (module docstring), or None before any run."""
     target = ledger.find(stage="reference", split=ledger.validation_split, method="target")
-    runs = [r for r in ledger.rows if r["stage"] == "validation" and r["method"] == method
-            and all(_finite(_num(r, c)) for c in CI_COLUMNS)]  # a diverged run is never chosen
+    runs = [
+        r
+        for r in ledger.rows
+        if r["stage"] == "validation" and r["method"] == method and all(_finite(_num(r, c)) for c in CI_COLUMNS)
+    ]  # a diverged run is never chosen
     if not runs or target is None:
         return None
     bar = floor * float(target["model_utility"])

@@ -160,7 +160,11 @@ def test_sgd_and_adam_metric_runs_change_only_the_optimizer_and_the_metric(tmp_p
     adam = OC.run_config(folder, tmp_path / "r", "blur_adam", 1.0, 1e-4, 1, "validation25", OC.LARGE)["model"]
     assert adam["projection_metric"] == "adam" and adam["optimizer"]["class_path"] == "torch.optim.AdamW"
     assert adam["optimizer"]["init_args"]["lr"] == 1e-4
-    assert OC.LARGE.lrs_of("blur_sgd") == OC.SGD_LRS and OC.LARGE.lrs_of("blur") == OC.LARGE.lrs
+    assert (
+        OC.LARGE.lrs_of("blur_sgd") == OC.BLUR_SGD_LRS
+        and OC.LARGE.lrs_of("npo_sum_sgd") == OC.SUM_SGD_LRS
+        and OC.LARGE.lrs_of("blur") == OC.LARGE.lrs
+    )
 
 
 def test_the_goals_are_read_from_every_seed(tmp_path):
@@ -176,8 +180,12 @@ def test_the_goals_are_read_from_every_seed(tmp_path):
     test = {"stage": "test", "split": "forget25", "lr": 1e-4, "steps": 20, "knob": 1.0}
     for seed, fq in enumerate((0.2, 0.3, 0.4, 0.25, 0.35)):
         # BLUR keeps 3 points more utility than its twin on every seed, at the same forget quality
-        rows.append((test | {"method": "blur", "seed": seed},
-                     {"forget_quality": fq, "model_utility": 0.49 - seed / 1000, "held_back_acc_after": 0.15}))
+        rows.append(
+            (
+                test | {"method": "blur", "seed": seed},
+                {"forget_quality": fq, "model_utility": 0.49 - seed / 1000, "held_back_acc_after": 0.15},
+            )
+        )
         rows.append((test | {"method": "npo_sum", "seed": seed},
                      {"forget_quality": fq, "model_utility": 0.475 - seed / 1000}))  # fmt: skip
     ledger = OC.Ledger(tmp_path / "c.csv", "p80-x", OC.LARGE, splits=("validation25", "forget25"))
