@@ -85,15 +85,15 @@ class Method:
     twin: str | None = None  # the weighted sum of the same losses and optimizer, paired with it by seed
 
 
-# SGD's lrs, from the step sizes: AdamW's first steps at 3e-5 move each of SmolLM2's 1.35e8 weights by ~3e-5 (a
-# step of norm ~0.35; at 1e-4, ~1.2, broke utility). On forget25 NPO's forget gradient has norm ~5 at the first
-# step and 0.4-22 after (measured, blur_sgd gamma 0.1 at lr 1e-2, the first grid: its |d| of 0.06-2.2 made steps
-# of 1e-3 to 2e-2 and the NPO loss moved from 13.863 to 13.856 in 20 steps, nothing unlearnt). Under SGD BLUR at
-# gamma with lr eta takes nearly the step of the sum at weight 1/gamma with lr eta * gamma (d_sum = g_f + w g_r), so
-# the sum's grid is BLUR's times 0.3: BLUR gamma 0.3 at lr 1 faces the sum at w 3 and lr 0.3, gamma 1 at 0.3 faces
-# w 1 at 0.3.
-BLUR_SGD_LRS = (0.3, 1.0)
-SUM_SGD_LRS = (0.1, 0.3)
+# SGD's lrs, measured on forget25 (blur_sgd gamma 0.1, validation25). NPO's forget gradient has norm ~5 at the first
+# step and 0.4-35 after, and SGD steps along it rather than spreading the step over every weight as AdamW does, so
+# what sets the pace is lr * gamma (the forget part's step per unit of |g_f|): at 1e-3 (lr 1e-2) the NPO loss moved
+# from 13.863 to 13.856 in 20 steps, nothing unlearnt; at 3e-2 (lr 0.3) one spike of |g_f| = 35 at step 2 sent it to
+# 1e-6 at step 3, after which the retain loss climbed to 1e15 and d went non-finite by step 17. The grid keeps lr *
+# gamma between: BLUR at gammas 0.3 and 1 (LARGE's knobs), the sum (d = g_f + w g_r) at weights 1 and 3, both at lrs
+# 1e-2 and 3e-2. Under SGD BLUR at gamma with lr eta takes nearly the step of the sum at w = 1/gamma with lr
+# eta * gamma, so gamma 1 faces w 1 at the same lr and gamma 0.3 at lr 3e-2 faces w 3 at 1e-2.
+SGD_LRS = (1e-2, 3e-2)
 METHODS: dict[str, Method] = {
     "blur": Method("npo", "forget_lower", (0.1, 0.3, 1.0), sweep_on_test=True, twin="npo_sum"),
     "graddiff": Method("ga", "penalty", (1.0,)),
@@ -106,10 +106,10 @@ METHODS: dict[str, Method] = {
         (0.1, 0.3, 1.0),
         sweep_on_test=True,
         optimizer="sgd",
-        lrs=BLUR_SGD_LRS,
+        lrs=SGD_LRS,
         twin="npo_sum_sgd",
     ),
-    "npo_sum_sgd": Method("npo", "penalty", (0.3, 1.0, 3.0), sweep_on_test=True, optimizer="sgd", lrs=SUM_SGD_LRS),
+    "npo_sum_sgd": Method("npo", "penalty", (0.3, 1.0, 3.0), sweep_on_test=True, optimizer="sgd", lrs=SGD_LRS),
 }
 TITLES = {
     "blur": "BLUR (forget_lower, NPO + NLL)",
@@ -177,8 +177,8 @@ QUICK = Profile("quick", ("blur", "npo_sum"), (3e-5,), (0,), 4, 10, 2, (4,), kno
 _BASELINES = ("npo_sum", "npo_sum_sgd", "simnpo", "graddiff")
 LARGE = Profile("large", ("blur", "npo_sum", "blur_adam", "blur_sgd", "npo_sum_sgd", "simnpo", "graddiff"),
                 (3e-5, 1e-4), (0, 1, 2, 3, 4), 20, 40, 10, (4,),
-                knobs={"npo_sum": (1.0, 3.0), "npo_sum_sgd": (1.0, 3.0)}, probe_seeds=dict.fromkeys(_BASELINES, 1),
-                recipe="large")  # fmt: skip
+                knobs={"npo_sum": (1.0, 3.0), "blur_sgd": (0.3, 1.0), "npo_sum_sgd": (1.0, 3.0)},
+                probe_seeds=dict.fromkeys(_BASELINES, 1), recipe="large")  # fmt: skip
 QUICK_LARGE = dataclasses.replace(QUICK, name="quick_large", methods=("blur", "blur_adam", "npo_sum"),
                                   knobs={"blur": (1.0,), "blur_adam": (1.0,), "npo_sum": (1.0,)}, lrs=(1e-4,),
                                   recipe="large")  # fmt: skip

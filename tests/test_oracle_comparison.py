@@ -161,8 +161,8 @@ def test_sgd_and_adam_metric_runs_change_only_the_optimizer_and_the_metric(tmp_p
     assert adam["projection_metric"] == "adam" and adam["optimizer"]["class_path"] == "torch.optim.AdamW"
     assert adam["optimizer"]["init_args"]["lr"] == 1e-4
     assert (
-        OC.LARGE.lrs_of("blur_sgd") == OC.BLUR_SGD_LRS
-        and OC.LARGE.lrs_of("npo_sum_sgd") == OC.SUM_SGD_LRS
+        OC.LARGE.lrs_of("blur_sgd") == OC.SGD_LRS
+        and OC.LARGE.lrs_of("npo_sum_sgd") == OC.SGD_LRS
         and OC.LARGE.lrs_of("blur") == OC.LARGE.lrs
     )
 
