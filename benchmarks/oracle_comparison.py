@@ -83,17 +83,21 @@ class Method:
     metric: str = "identity"  # BLUR's projection_metric
     lrs: tuple[float, ...] | None = None  # its own lr grid (SGD's are not AdamW's); None: the profile's
     twin: str | None = None  # the weighted sum of the same losses and optimizer, paired with it by seed
+    clip: float | None = None  # d clipped to this global norm (direction kept); None: the config's (no clipping)
 
 
-# SGD's lrs, measured on forget25 (blur_sgd gamma 0.1, validation25). NPO's forget gradient has norm ~5 at the first
-# step and 0.4-35 after, and SGD steps along it rather than spreading the step over every weight as AdamW does, so
-# what sets the pace is lr * gamma (the forget part's step per unit of |g_f|): at 1e-3 (lr 1e-2) the NPO loss moved
-# from 13.863 to 13.856 in 20 steps, nothing unlearnt; at 3e-2 (lr 0.3) one spike of |g_f| = 35 at step 2 sent it to
-# 1e-6 at step 3, after which the retain loss climbed to 1e15 and d went non-finite by step 17. The grid keeps lr *
-# gamma between: BLUR at gammas 0.3 and 1 (LARGE's knobs), the sum (d = g_f + w g_r) at weights 1 and 3, both at lrs
-# 1e-2 and 3e-2. Under SGD BLUR at gamma with lr eta takes nearly the step of the sum at w = 1/gamma with lr
-# eta * gamma, so gamma 1 faces w 1 at the same lr and gamma 0.3 at lr 3e-2 faces w 3 at 1e-2.
-SGD_LRS = (1e-2, 3e-2)
+# SGD, measured on forget25's validation split (blur_sgd, 2026-12-05). NPO's forget gradient has norm ~5 at the
+# first step and 0.4-130 after, and plain SGD steps along it instead of spreading the step over every weight as
+# AdamW does, so the run has no safe lr: with lr * gamma 1e-3 (gamma 0.1, lr 1e-2) the NPO loss moved from 13.863
+# to 13.856 in 20 steps, nothing unlearnt; at 3e-3 (gamma 0.3, lr 1e-2) a spike of ||g_f|| = 132 at step 16 sent
+# the forget loss to 4e-4 and utility to 0 (forget quality 0.022); at 9e-3 (lr 3e-2) and 3e-2 (gamma 0.1, lr 0.3)
+# the same sooner (utility 0, forget quality 0.92: a destroyed model's truth ratios look like the oracle's; at lr
+# 0.3 d went non-finite by step 17). So the SGD rows clip d to norm 1, the HF Trainer's default max_grad_norm that
+# TOFU's forget.py and open-unlearning run under; clipping keeps d's direction, so <step, g_f> is still a positive
+# multiple of gamma ||g_f||^2. A clipped step is at most lr long: 0.03 and 0.1 for this grid, below the 0.16 that
+# began the collapse above (step 15 of gamma 0.3 at lr 1e-2, ||d|| 15.6).
+SGD_LRS = (3e-2, 1e-1)
+SGD_CLIP = 1.0
 METHODS: dict[str, Method] = {
     "blur": Method("npo", "forget_lower", (0.1, 0.3, 1.0), sweep_on_test=True, twin="npo_sum"),
     "graddiff": Method("ga", "penalty", (1.0,)),
@@ -107,9 +111,12 @@ METHODS: dict[str, Method] = {
         sweep_on_test=True,
         optimizer="sgd",
         lrs=SGD_LRS,
+        clip=SGD_CLIP,
         twin="npo_sum_sgd",
     ),
-    "npo_sum_sgd": Method("npo", "penalty", (0.3, 1.0, 3.0), sweep_on_test=True, optimizer="sgd", lrs=SGD_LRS),
+    "npo_sum_sgd": Method(
+        "npo", "penalty", (0.3, 1.0, 3.0), sweep_on_test=True, optimizer="sgd", lrs=SGD_LRS, clip=SGD_CLIP
+    ),
 }
 TITLES = {
     "blur": "BLUR (forget_lower, NPO + NLL)",
@@ -263,6 +270,8 @@ def run_config(folder: Path, run_dir: Path, method: str, knob: float, lr: float,
         config["model"]["optimizer"]["init_args"]["lr"] = lr
     else:
         raise ValueError(f"method {method}: optimizer {spec.optimizer!r}, expected 'adamw' or 'sgd'")
+    if spec.clip is not None:  # by the global norm of d (folded into the projection's coefficients, exact)
+        config["model"].update({"gradient_clip_val": spec.clip, "gradient_clip_algorithm": "norm"})
     config["data"].update({"forget_path": str(folder / "data" / f"{split}.jsonl"),
                            "retain_path": str(folder / "data" / "oracle_retain.jsonl"), "seed": seed})  # fmt: skip
     return config

@@ -157,9 +157,11 @@ def test_sgd_and_adam_metric_runs_change_only_the_optimizer_and_the_metric(tmp_p
     sgd = OC.run_config(folder, tmp_path / "r", "blur_sgd", 0.3, 1e-2, 1, "validation25", OC.LARGE)["model"]
     assert sgd["optimizer"] == {"class_path": "torch.optim.SGD", "init_args": {"lr": 1e-2}}  # no momentum
     assert (sgd["mode"], sgd["gamma"], sgd["projection_metric"]) == ("forget_lower", 0.3, "identity")
+    assert (sgd["gradient_clip_val"], sgd["gradient_clip_algorithm"]) == (OC.SGD_CLIP, "norm")
     adam = OC.run_config(folder, tmp_path / "r", "blur_adam", 1.0, 1e-4, 1, "validation25", OC.LARGE)["model"]
     assert adam["projection_metric"] == "adam" and adam["optimizer"]["class_path"] == "torch.optim.AdamW"
     assert adam["optimizer"]["init_args"]["lr"] == 1e-4
+    assert adam.get("gradient_clip_val") is None  # AdamW's rows keep the config's (no clipping)
     assert (
         OC.LARGE.lrs_of("blur_sgd") == OC.SGD_LRS
         and OC.LARGE.lrs_of("npo_sum_sgd") == OC.SGD_LRS
