@@ -530,6 +530,11 @@ def summary(ledger: Ledger, floor: float, plot_path: Path | None) -> str:
         "Other columns: mean ± sd over seeds. CI: percentile bootstrap of the mean over seeds "
         "(10000 resamples; with 3-5 seeds a coarse, rather narrow interval).",
     ]
+    tested = {p["method"] for p in points}
+    waiting = {m: c for m in METHODS if m not in tested and (c := choose(ledger, m, floor)) is not None}
+    if waiting:  # a method missing from the table must say so, not vanish (a run stopped after validation)
+        named = [f"{TITLES[m]} (chosen gamma / w {knob:g}, lr {lr:g})" for m, (knob, lr) in waiting.items()]
+        lines.append("Validated, not yet on the test split: " + "; ".join(named) + ".")
     family = blur_family()
     complete = [p for p in points if p["forget_quality_ci"] and p["model_utility_ci"]]
     blur = [p for p in complete if p["method"] in family]

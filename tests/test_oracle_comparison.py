@@ -79,6 +79,7 @@ def test_the_summary_reads_the_ledger(tmp_path):
         ({"stage": "reference", "split": "validation10", "method": "target", "steps": 0}, {"model_utility": 0.5}),
         _val("blur", 0.3, 1e-5, 0.3, 0.49),
         _val("graddiff", 1.0, 1e-5, 0.3, 0.49),
+        _val("simnpo", 1.0, 3e-5, 0.2, 0.48),  # validated, never tested: named under the table, not dropped
     ]  # fmt: skip
     for seed, (fq_b, fq_g) in enumerate(((0.4, 0.1), (0.6, 0.2), (0.5, 0.15))):
         test = {"stage": "test", "split": "forget10", "knob": None, "lr": 1e-5, "seed": seed, "steps": 20}
@@ -93,6 +94,7 @@ def test_the_summary_reads_the_ledger(tmp_path):
     )
     assert "10.0 ± 0.0" in text  # the removal gap: 20 % held back after relearning, the oracle's 10 %
     assert "- GradDiff (GA + NLL): Dominated by BLUR at gamma 0.3: Δ forget quality +0.35 [0.3, 0.4]" in text
+    assert "Validated, not yet on the test split: SimNPO + NLL weighted sum (chosen gamma / w 1, lr 3e-05)." in text
     assert (tmp_path / "plot.png").stat().st_size > 0
 
 
