@@ -184,12 +184,8 @@ def test_the_goals_are_read_from_every_seed(tmp_path):
     test = {"stage": "test", "split": "forget25", "lr": 1e-4, "steps": 20, "knob": 1.0}
     for seed, fq in enumerate((0.2, 0.3, 0.4, 0.25, 0.35)):
         # BLUR keeps 3 points more utility than its twin on every seed, at the same forget quality
-        rows.append(
-            (
-                test | {"method": "blur", "seed": seed},
-                {"forget_quality": fq, "model_utility": 0.49 - seed / 1000, "held_back_acc_after": 0.15},
-            )
-        )
+        rows.append((test | {"method": "blur", "seed": seed},
+                     {"forget_quality": fq, "model_utility": 0.49 - seed / 1000, "held_back_acc_after": 0.15}))
         rows.append((test | {"method": "npo_sum", "seed": seed},
                      {"forget_quality": fq, "model_utility": 0.475 - seed / 1000}))  # fmt: skip
     ledger = OC.Ledger(tmp_path / "c.csv", "p80-x", OC.LARGE, splits=("validation25", "forget25"))
