@@ -250,3 +250,37 @@ def test_utility_differences_under_a_twentieth_of_a_point_keep_two_digits():
     assert OC._signed(tiny, 1 / 0.36, percent=True) == "+0.0089 [-0.0075, 0.024]"
     assert OC._signed(OC.Interval(0.01, 0.005, 0.02, 5), 1 / 0.36, percent=True) == "+2.8 [1.4, 5.6]"
     assert OC._ci(OC.Interval(0.0, 0.0, 0.0, 5), percent=True) == "0.0 [0.0, 0.0]"
+
+
+def test_a_resumed_run_reruns_a_chosen_test_run_that_lacks_its_probes(tmp_path, monkeypatch):
+    # The CSV holds seed 0 probed and seed 1 unprobed (an earlier profile probed one seed); the current profile
+    # probes both: seed 1 is run again and its row replaced, seed 0 and the other profile's row stay as they were.
+    folder = tmp_path / "build"
+    folder.mkdir()
+    (folder / "build.json").write_text('{"recipe": {"heldout_percent": 10}}')
+    profile = OC.dataclasses.replace(OC.QUICK, seeds=(0, 1), probe_seeds=None)
+    runs_dir = tmp_path / "runs"
+    OC._save_quant_ratios(OC._quant_path(runs_dir, folder, "oracle", "forget10"), {4: [0.5]})
+    csv_path = tmp_path / "c.csv"
+    OC.Ledger(csv_path, folder.name, OC.FULL).add(_val("blur", 0.3, 3e-5, 0.2, 0.4)[0], {"forget_quality": 0.2})
+    ledger = OC.Ledger(csv_path, folder.name, profile, splits=("validation10", "forget10"))
+    ledger.add({"stage": "reference", "split": "validation10", "method": "target", "steps": 0}, {"model_utility": 0.5})
+    ledger.add(_val("blur", 0.3, 3e-5, 0.2, 0.49)[0] | {"steps": 4}, {"forget_quality": 0.2, "model_utility": 0.49})
+    test = {"stage": "test", "split": "forget10", "method": "blur", "knob": 0.3, "lr": 3e-5, "steps": 4}
+    ledger.add(test | {"seed": 0}, {"forget_quality": 0.1, "model_utility": 0.5, "held_back_acc_after": 0.25})
+    ledger.add(test | {"seed": 1}, {"forget_quality": 0.1, "model_utility": 0.5})
+    calls = []
+
+    def fake_unlearn(folder, run_dir, method, knob, lr, seed, split, profile, probe, oracle_q):
+        calls.append((method, seed, probe))
+        return {"forget_quality": 0.3, "model_utility": 0.45, "forget_acc": 0.5, "held_back_acc_after": 0.5}
+
+    monkeypatch.setattr(OC, "unlearn", fake_unlearn)
+    OC.compare(profile, ["test"], csv_path, runs_dir, 0.95, folder, ["blur"])
+    assert calls == [("blur", 1, True)]
+    rows = OC._read(csv_path)
+    assert [r["profile"] for r in rows].count("full") == 1  # another profile's row is kept
+    tests = [(r["seed"], r["forget_quality"], r["held_back_acc_after"]) for r in rows if r["stage"] == "test"]
+    assert tests == [("0", "0.1", "0.25"), ("1", "0.3", "0.5")]
+    OC.compare(profile, ["test"], csv_path, runs_dir, 0.95, folder, ["blur"])  # now nothing is left to run
+    assert calls == [("blur", 1, True)]
