@@ -331,30 +331,34 @@ class Ledger:
                 return row
         return None
 
-    def add(self, key: dict[str, Any], values: dict[str, Any]) -> dict[str, str]:
+    def add(self, key: dict[str, Any], values: dict[str, Any],
+            replacing: dict[str, str] | None = None) -> dict[str, str]:  # fmt: skip
+        """Append a finished run; `replacing` (a row this ledger holds) leaves the CSV in the same write, so a run
+        interrupted at any point keeps one of the two rows (the file is rewritten through a temporary one)."""
         row = {c: "" for c in COLUMNS}
         row.update({"date": today(), "commit": git_commit(), "device": device_name(torch.device("cpu")),
                     "recipe": self.recipe, "profile": self.profile.name})  # fmt: skip
         row.update({k: _fmt(v) for k, v in {**key, **values}.items() if k in COLUMNS})
-        new = not self.path.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            if new:
+        if replacing is None:
+            new = not self.path.exists()
+            with self.path.open("a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=COLUMNS)
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
+        else:
+            kept = _read(self.path)  # other recipes' and profiles' rows too, as they are
+            kept.remove(replacing)  # ValueError if the file no longer holds it: never replace a row silently
+            tmp = self.path.with_suffix(".tmp")
+            with tmp.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=COLUMNS)
                 writer.writeheader()
-            writer.writerow(row)
+                writer.writerows([*kept, row])
+            tmp.replace(self.path)
+            self.rows.remove(replacing)
         self.rows.append(row)
         return row
-
-    def drop(self, row: dict[str, str]) -> None:
-        """Take one row out of the CSV (rewritten whole; other recipes' and profiles' rows kept as they are)."""
-        kept = _read(self.path)
-        kept.remove(row)  # ValueError if the file no longer holds it: never drop a row silently
-        with self.path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(kept)
-        self.rows.remove(row)
 
 
 def _read(path: Path) -> list[dict[str, str]]:
@@ -814,14 +818,12 @@ def compare(profile: Profile, stages: Sequence[str], csv_path: Path, runs_dir: P
         held = ledger.find(**key)
         # a run the profile now probes but an earlier (smaller) profile did not is run again, probes and all: the
         # unlearned model is not kept, and a row without its probes would otherwise be skipped for good
-        if held is not None and not (probe and _num(held, "held_back_acc_after") is None):
+        if held is not None and (not probe or held["held_back_acc_after"]):
             return
         run_dir = runs_dir / f"test_{method}_k{knob:g}_lr{lr:g}_s{seed}"
         row = unlearn(folder, run_dir, method, knob, lr, seed, test_split, profile, probe, oracle_q)
         row.pop("_quant_ratios", None)
-        if held is not None:
-            ledger.drop(held)
-        ledger.add(key, row)
+        ledger.add(key, row, replacing=held)
         log(f"test {method} knob {knob:g} lr {lr:g} seed {seed}: FQ {row['forget_quality']:.3g}, "
             f"MU {row['model_utility']:.3g}, forget acc {row['forget_acc']:.2f}"
             + (" (run again for its probes)" if held is not None else ""))  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -258,7 +259,7 @@ def test_a_resumed_run_reruns_a_chosen_test_run_that_lacks_its_probes(tmp_path, 
     folder = tmp_path / "build"
     folder.mkdir()
     (folder / "build.json").write_text('{"recipe": {"heldout_percent": 10}}')
-    profile = OC.dataclasses.replace(OC.QUICK, seeds=(0, 1), probe_seeds=None)
+    profile = dataclasses.replace(OC.QUICK, seeds=(0, 1), probe_seeds=None)
     runs_dir = tmp_path / "runs"
     OC._save_quant_ratios(OC._quant_path(runs_dir, folder, "oracle", "forget10"), {4: [0.5]})
     csv_path = tmp_path / "c.csv"
